@@ -1,0 +1,144 @@
+"""Text preparation for T3: upstream's punctuation normalisation and sentence-aware chunking.
+
+T3 speaks one text chunk per request (up to `max_new_tokens` speech tokens, 40 s); long inputs are split at
+sentence ends into chunks of at most `max_chunk_chars`, each normalised with `punc_norm` exactly as upstream
+`ChatterboxTTS.generate` normalises its whole input. An input that fits in one chunk becomes exactly
+`[punc_norm(text)]`, so a short request sends T3 the same text upstream would.
+
+Splitting order for an over-long sentence: clause punctuation (, ; :), then whitespace, then a hard cut.
+Pure Python, no torch.
+"""
+from __future__ import annotations
+
+import re
+
+DEFAULT_MAX_CHUNK_CHARS = 300
+
+_PUNC_TO_REPLACE = [
+    ("...", ", "),
+    ("…", ", "),
+    (":", ","),
+    (" - ", ", "),
+    (";", ", "),
+    ("—", "-"),
+    ("–", "-"),
+    (" ,", ","),
+    ("“", "\""),
+    ("”", "\""),
+    ("‘", "'"),
+    ("’", "'"),
+]
+_SENTENCE_ENDERS = (".", "!", "?", "-", ",")
+
+# Abbreviations whose period does not end a sentence.
+_ABBREVIATIONS = frozenset({
+    "mr", "mrs", "ms", "dr", "prof", "sr", "jr", "st", "vs", "etc", "e.g", "i.e", "no", "fig", "mt", "inc", "ltd",
+    "co", "jan", "feb", "mar", "apr", "jun", "jul", "aug", "sep", "sept", "oct", "nov", "dec", "approx", "dept", "a.m", "p.m", "u.s",
+})
+# A sentence ends after . ! ? (optionally followed by closing quotes/brackets) and whitespace, or at a newline.
+# "..." and "…" are pauses inside a sentence (punc_norm turns them into commas), so they do not end one.
+_SENTENCE_END = re.compile(r"[.!?]+[\"'”’)\]]*(?=\s)|\n+")
+_INLINE_SPACE = re.compile(r"[^\S\n]+")
+_CLAUSE_END = re.compile(r"[,;:—–](?=\s)|\s-\s")
+
+
+def punc_norm(text: str) -> str:
+    """Byte-for-byte the same as upstream chatterbox.tts.punc_norm (chatterbox-tts 0.1.7)."""
+    if len(text) == 0:
+        return "You need to add some text for me to talk."
+
+    # Capitalise first letter
+    if text[0].islower():
+        text = text[0].upper() + text[1:]
+
+    # Remove multiple space chars
+    text = " ".join(text.split())
+
+    # Replace uncommon/llm punc
+    for old_char_sequence, new_char in _PUNC_TO_REPLACE:
+        text = text.replace(old_char_sequence, new_char)
+
+    # Add full stop if no ending punc
+    text = text.rstrip(" ")
+    if not any(text.endswith(p) for p in _SENTENCE_ENDERS):
+        text += "."
+
+    return text
+
+
+def _is_abbreviation(text: str, end: int) -> bool:
+    """True when the period ending at `end` closes an abbreviation ("Dr.") or an initial ("J.")."""
+    if end == 0 or text[end - 1] != ".":
+        return False
+    start = end - 1
+    while start > 0 and (text[start - 1].isalpha() or text[start - 1] == "."):
+        start -= 1
+    word = text[start:end - 1]
+    is_initial = len(word) == 1 and word.isupper()  # "J. R. R. Tolkien"
+    return is_initial or word.lower() in _ABBREVIATIONS
+
+
+def split_sentences(text: str) -> list[str]:
+    """Sentences with their end punctuation, whitespace trimmed, empty ones dropped."""
+    sentences, start = [], 0
+    for match in _SENTENCE_END.finditer(text):
+        end = match.end()
+        marks = match.group().rstrip("\"'”’)]")
+        if ".." in marks or (marks == "." and _is_abbreviation(text, match.start() + 1)):
+            continue  # an ellipsis is a pause, an abbreviation's period is not an end
+        piece = text[start:end].strip()
+        if piece:
+            sentences.append(piece)
+        start = end
+    tail = text[start:].strip()
+    if tail:
+        sentences.append(tail)
+    return sentences
+
+
+def _split_long(sentence: str, max_chars: int) -> list[str]:
+    """Cuts one over-long sentence at clause punctuation, then whitespace, then anywhere."""
+    pieces: list[str] = []
+    rest = sentence
+    while len(rest) > max_chars:
+        window = rest[:max_chars + 1]
+        cut = 0
+        for match in _CLAUSE_END.finditer(window):
+            if match.end() <= max_chars:
+                cut = match.end()
+        if cut < max_chars // 3:  # no clause break in a useful place: the last space
+            space = window.rfind(" ", 0, max_chars + 1)
+            cut = space if space > 0 else max_chars
+        pieces.append(rest[:cut].strip())
+        rest = rest[cut:].strip()
+    if rest:
+        pieces.append(rest)
+    return [p for p in pieces if p]
+
+
+def chunk_text(text: str, max_chunk_chars: int = DEFAULT_MAX_CHUNK_CHARS) -> list[str]:
+    """Normalised text chunks for T3, each at most ~`max_chunk_chars` before normalisation, in order.
+
+    Whole sentences are packed greedily; a sentence longer than the limit is split at clauses or words.
+    Returns [] for blank input (the caller rejects it)."""
+    if max_chunk_chars < 20:
+        raise ValueError(f"max_chunk_chars={max_chunk_chars} is too small to hold a sentence; use >= 20 "
+                         f"(default {DEFAULT_MAX_CHUNK_CHARS})")
+    if not text.strip():
+        return []
+    if len(" ".join(text.split())) <= max_chunk_chars:
+        return [punc_norm(text)]
+    text = _INLINE_SPACE.sub(" ", text)
+    chunks: list[str] = []
+    current = ""
+    for sentence in split_sentences(text):
+        for piece in _split_long(sentence, max_chunk_chars) if len(sentence) > max_chunk_chars else [sentence]:
+            candidate = f"{current} {piece}" if current else piece
+            if len(candidate) <= max_chunk_chars:
+                current = candidate
+            else:
+                chunks.append(current)
+                current = piece
+    if current:
+        chunks.append(current)
+    return [punc_norm(chunk) for chunk in chunks]

@@ -1,0 +1,93 @@
+"""Text chunking and punctuation normalisation (pure Python; upstream parity where upstream is importable)."""
+from __future__ import annotations
+
+import ast
+import importlib.util
+import random
+from pathlib import Path
+
+import pytest
+
+from serve_app.serving.chunking import chunk_text, punc_norm, split_sentences
+
+SAMPLES = [
+    "", "hello", "hello world", "  lots   of   space  ", "Wait... what?", "A: b; c — d – e", "ellipsis…",
+    "“quoted” and ‘single’", "no ending", "Ends with comma,", "ends with dash -", "Trailing spaces   ",
+    "x - y", "one ,two", "ünïcödé text", "Mixed!? punctuation...", "\ttabs\nand\nnewlines\n",
+]
+
+
+def upstream_punc_norm():
+    """Upstream's function, taken from chatterbox/tts.py's source without importing it (that pulls in torch)."""
+    spec = importlib.util.find_spec("chatterbox")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("chatterbox-tts not installed")
+    source = (Path(list(spec.submodule_search_locations)[0]) / "tts.py").read_text()
+    node = next(n for n in ast.parse(source).body if isinstance(n, ast.FunctionDef) and n.name == "punc_norm")
+    namespace: dict = {}
+    exec(compile(ast.Module(body=[node], type_ignores=[]), "chatterbox/tts.py", "exec"), namespace)
+    return namespace["punc_norm"]
+
+
+def test_punc_norm_matches_upstream():
+    upstream = upstream_punc_norm()
+    rng = random.Random(0)
+    alphabet = "abc XYZ.,;:!?-—–…“”‘’'\"\n\t"
+    fuzz = ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 40))) for _ in range(500)]
+    for text in SAMPLES + fuzz:
+        assert punc_norm(text) == upstream(text), repr(text)
+
+
+def test_short_input_is_exactly_one_punc_norm_chunk():
+    text = "hello there... how are you: fine"
+    assert chunk_text(text) == [punc_norm(text)]
+
+
+def test_blank_input_gives_no_chunks():
+    assert chunk_text("   \n ") == []
+
+
+def test_sentences_split_at_ends_not_at_abbreviations_or_ellipses():
+    text = "Dr. Smith arrived at 3.5 p.m. today. He said... nothing! Was it J. R. R. Tolkien? Yes, e.g. him."
+    assert split_sentences(text) == [
+        "Dr. Smith arrived at 3.5 p.m. today.", "He said... nothing!", "Was it J. R. R. Tolkien?", "Yes, e.g. him."]
+
+
+def test_closing_quotes_stay_with_their_sentence():
+    assert split_sentences('He said "stop." Then he left.') == ['He said "stop."', "Then he left."]
+
+
+def test_long_text_packs_whole_sentences():
+    sentences = [f"This is sentence number {i} of the test." for i in range(40)]
+    chunks = chunk_text(" ".join(sentences), max_chunk_chars=120)
+    assert all(len(c) <= 121 for c in chunks)  # punc_norm may add one period
+    # no sentence is cut, and nothing is lost or reordered
+    assert " ".join(chunks) == " ".join(sentences)
+    assert len(chunks) == pytest.approx(len(" ".join(sentences)) / 120, abs=2)
+
+
+def test_overlong_sentence_splits_at_clauses_then_words():
+    clause = "and then the quick brown fox jumped over the lazy dog"
+    sentence = ", ".join([clause] * 12) + "."
+    chunks = chunk_text(sentence, max_chunk_chars=100)
+    assert len(chunks) > 1 and all(len(c) <= 101 for c in chunks)
+    assert all(c.endswith((",", ".")) for c in chunks)  # cut at a clause, each normalised
+    words = " ".join(["supercalifragilistic"] * 40)  # no punctuation at all
+    chunks = chunk_text(words, max_chunk_chars=100)
+    assert all(len(c) <= 101 for c in chunks)
+    assert " ".join(c.rstrip(".") for c in chunks).lower() == words
+
+
+def test_each_chunk_is_normalised():
+    text = "first sentence here; with stuff. " * 20
+    for chunk in chunk_text(text, max_chunk_chars=80):
+        assert chunk[0].isupper() and ";" not in chunk and chunk.endswith(".")
+
+
+def test_newlines_end_sentences():
+    assert split_sentences("Title\nBody text here") == ["Title", "Body text here"]
+
+
+def test_tiny_limit_is_rejected_with_a_fix():
+    with pytest.raises(ValueError, match="max_chunk_chars"):
+        chunk_text("x", max_chunk_chars=5)
