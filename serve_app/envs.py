@@ -1,0 +1,42 @@
+"""Every CHATTERBOX_* environment variable, declared once, typed and documented.
+
+Call sites do `from serve_app.envs import get_envs` and read attributes; nothing else reads os.environ for
+CHATTERBOX_* settings.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Envs(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CHATTERBOX_", extra="ignore")
+
+    checkpoint: str | None = Field(
+        None,
+        description="Where weights come from: a local folder in the upstream layout, 'hub' (ResembleAI/chatterbox "
+        "at the pinned revision), or unset (hub if reachable, else a random-weight checkpoint, announced loudly).",
+    )
+    preset: str = Field("full", description="Architecture of a random-weight checkpoint: 'full' or 'tiny'.")
+    multilingual: bool = Field(False, description="Use the multilingual model (23 languages).")
+    hub_revision: str | None = Field(None, description="Override the pinned Hugging Face revision.")
+    cache_dir: Path = Field(
+        Path.home() / ".cache" / "chatterbox-serve",
+        description="Where random-weight checkpoints and pre-quantized weights are written.",
+    )
+    device: str = Field("auto", description="'auto' (CUDA when present, else CPU), 'cpu' or 'cuda'.")
+    quantization: str | None = Field(
+        None, description="Quantization strategy, e.g. 'mixed' or 'mixed,t3=int8' (see `chatterbox-serve quant`)."
+    )
+    watermark: bool = Field(True, description="Apply the Perth watermark to generated audio, as upstream does.")
+    api_keys: str | None = Field(None, description="Comma-separated Bearer API keys; unset means no auth.")
+    voices_dir: Path | None = Field(None, description="Where enrolled voices are stored (default: cache_dir/voices).")
+    log_level: str = Field("INFO", description="Python log level.")
+
+
+@lru_cache(maxsize=1)
+def get_envs() -> Envs:
+    return Envs()
