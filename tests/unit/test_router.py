@@ -1,0 +1,339 @@
+"""POST /v1/audio/speech over fake stages: formats, streaming, SSE, speed, pipelining, cancellation, errors."""
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+
+import httpx
+import numpy as np
+import pytest
+from ray.serve._private.common import DeploymentID
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from router_fakes import SAMPLE_RATES, TOLERANCE_S, FakeS3Gen, FakeT3, Stack, decode_any, tokens_for
+
+from serve_app.serving.contracts import BUILTIN_VOICE, SAMPLES_PER_TOKEN
+
+pytestmark = pytest.mark.anyio
+ALL_FORMATS = ["mp3", "opus", "aac", "flac", "wav", "pcm"]
+TEXT = "Hello there. This is a test of the speech router, with two sentences!"
+LONG_TEXT = " ".join(f"Sentence number {i} is here to make the input long enough." for i in range(12))
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+
+
+def client(stack: Stack, **kwargs) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=stack.app), base_url="http://test", **kwargs)
+
+
+async def speech(stack: Stack, **body) -> httpx.Response:
+    body.setdefault("model", "chatterbox")
+    async with client(stack) as c:
+        return await c.post("/v1/audio/speech", json=body)
+
+
+def assert_error(response: httpx.Response, status: int, param=None, code=None) -> dict:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+    if param is not None:
+        assert body["error"]["param"] == param
+    if code is not None:
+        assert body["error"]["code"] == code
+    return body["error"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("fmt", ALL_FORMATS)
+async def test_every_format_decodes_to_the_vocoded_length(fmt, stream):
+    stack = Stack(max_chunk_chars=40)  # TEXT becomes two chunks: one crossfade
+    response = await speech(stack, input=TEXT, response_format=fmt, stream=stream)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith({"mp3": "audio/mpeg", "opus": "audio/ogg", "aac": "audio/aac",
+                                                        "flac": "audio/flac", "wav": "audio/wav",
+                                                        "pcm": "audio/pcm"}[fmt])
+    samples, sr = decode_any(response.content, fmt)
+    assert sr == SAMPLE_RATES[fmt]
+    expected_s = stack.expected_samples(TEXT) / 24_000
+    assert len(stack.t3.jobs) >= 2  # several chunks, crossfaded
+    assert abs(samples.size / sr - expected_s) <= TOLERANCE_S[fmt] + 1e-9, (samples.size / sr, expected_s)
+
+
+async def test_pcm_is_exact_and_the_tone_survives():
+    stack = Stack()
+    response = await speech(stack, input=TEXT, response_format="pcm")
+    assert len(response.content) == 2 * tokens_for(stack.t3.jobs[0].text) * SAMPLES_PER_TOKEN
+    samples, _ = decode_any(response.content, "pcm")
+    assert np.abs(samples).max() == pytest.approx(0.3, abs=0.01)
+    assert "content-length" in response.headers and "x-request-id" in response.headers
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("speed", [0.5, 2.0])
+async def test_speed_scales_duration(speed, stream):
+    stack = Stack()
+    normal = decode_any((await speech(stack, input=TEXT, response_format="wav", stream=stream)).content, "wav")[0]
+    changed = decode_any((await speech(stack, input=TEXT, response_format="wav", speed=speed,
+                                       stream=stream)).content, "wav")[0]
+    assert changed.size / normal.size == pytest.approx(1 / speed, rel=0.03)
+
+
+async def test_sse_events_carry_the_audio_then_usage():
+    stack = Stack(max_chunk_chars=40)
+    response = await speech(stack, input=TEXT, response_format="pcm", stream_format="sse")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+    events = [json.loads(line[len("data: "):]) for line in response.text.split("\n\n") if line.startswith("data: ")]
+    assert [e["type"] for e in events[:-1]] == ["speech.audio.delta"] * (len(events) - 1)
+    assert len(events) > 2  # audio arrived in several deltas
+    audio = b"".join(base64.b64decode(e["audio"]) for e in events[:-1])
+    assert len(audio) == 2 * stack.expected_samples(TEXT)
+    done = events[-1]
+    total_tokens = sum(tokens_for(j.text) for j in stack.t3.jobs)
+    assert done == {"type": "speech.audio.done", "usage": {"input_tokens": len(TEXT), "output_tokens": total_tokens,
+                                                           "total_tokens": len(TEXT) + total_tokens}}
+
+
+async def test_streaming_sends_growing_prefixes_with_state():
+    stack = Stack(first_chunk_tokens=10, stream_chunk_tokens=20)
+    await speech(stack, input=TEXT, response_format="pcm", stream=True)
+    jobs = stack.s3gen.jobs
+    assert len(jobs) >= 3
+    assert not jobs[0].finalize and jobs[0].stream_state is None and len(jobs[0].speech_tokens) >= 10
+    for prev, job in zip(jobs, jobs[1:]):
+        assert job.speech_tokens[:len(prev.speech_tokens)] == prev.speech_tokens  # a growing prefix
+        assert job.stream_state is not None
+    assert jobs[-1].finalize and len(jobs[-1].speech_tokens) == tokens_for(stack.t3.jobs[0].text)
+
+
+async def test_one_shot_vocodes_each_chunk_once():
+    stack = Stack(max_chunk_chars=40)
+    await speech(stack, input=TEXT, response_format="wav")
+    assert len(stack.s3gen.jobs) == len(stack.t3.jobs) >= 2 and all(j.finalize for j in stack.s3gen.jobs)
+    assert all(j.stream_state is None for j in stack.s3gen.jobs)
+
+
+async def test_t3_of_the_next_chunk_runs_while_this_chunk_is_vocoded():
+    stack = Stack(t3=FakeT3(step_delay_s=0.001), s3gen=FakeS3Gen(delay_s=0.05), max_chunk_chars=80)
+    await speech(stack, input=LONG_TEXT, response_format="pcm")
+    t3_start = {rid: t for what, rid, t in stack.t3.events if what == "t3_start"}
+    vocode_end = {rid: t for what, rid, t in stack.s3gen.events if what == "vocode_end"}
+    ids = sorted(t3_start, key=t3_start.get)
+    assert len(ids) >= 4
+    for this, nxt in zip(ids, ids[1:]):
+        assert t3_start[nxt] < vocode_end[this]
+    # and never more than lookahead_chunks=1 ahead: chunk k+2 starts only after chunk k's vocode began
+    vocode_start = {rid: t for what, rid, t in stack.s3gen.events if what == "vocode_start"}
+    for k in range(len(ids) - 2):
+        assert t3_start[ids[k + 2]] >= vocode_start[ids[k]]
+
+
+async def test_text_reaches_t3_normalised_with_params():
+    stack = Stack()
+    await speech(stack, input="hello there... friend", voice="alloy", seed=7, exaggeration=0.9, cfg_weight=0.2,
+                 temperature=0.5, response_format="wav")
+    job = stack.t3.jobs[0]  # upstream punc_norm leaves two spaces where "..." was
+    assert job.text == "Hello there,  friend." and job.voice_id == BUILTIN_VOICE
+    assert (job.params.seed, job.params.exaggeration, job.params.cfg_weight, job.params.temperature) == (
+        7, 0.9, 0.2, 0.5)
+    assert stack.s3gen.jobs[0].seed == 7
+
+
+async def test_enrolled_voice_wins_over_openai_name():
+    stack = Stack()
+    from serve_app.serving.contracts import VoiceInfo
+
+    stack.voices.voices["alloy"] = VoiceInfo("alloy", "my alloy", 0, 5.0)
+    await speech(stack, input="hi", voice={"id": "alloy"}, response_format="pcm")
+    assert stack.t3.jobs[0].voice_id == "alloy"
+
+
+async def test_watermarker_is_applied():
+    marks = []
+
+    def watermark(audio):
+        marks.append(audio.size)
+        return audio * 0.5
+
+    stack = Stack(watermarker=watermark)
+    data = (await speech(stack, input=TEXT, response_format="pcm")).content
+    assert marks and np.abs(decode_any(data, "pcm")[0]).max() == pytest.approx(0.15, abs=0.01)
+    marks.clear()
+    data = (await speech(stack, input=TEXT, response_format="pcm", stream=True)).content
+    assert sum(marks) == len(data) // 2 and min(marks[:-1] or [24_000]) >= 12_000  # blocks of >= 0.5 s
+
+
+async def test_random_weights_header_and_metrics():
+    stack = Stack(is_random_weights=True, checkpoint_source="random:tiny")
+    response = await speech(stack, input=TEXT, response_format="wav", stream=True)
+    assert response.headers["x-chatterbox-random-weights"] == "true"
+    assert len(stack.metrics.values("time_to_first_audio_seconds")) == 1
+    assert stack.metrics.values("requests_total") == [(1, {"route": "speech", "status": "200"})]
+    (duration, tags), = stack.metrics.values("request_duration_seconds")
+    assert tags == {"route": "speech", "stream": "true", "status": "200"}
+    audio_s = sum(v for v, _ in stack.metrics.values("audio_seconds_total"))
+    assert audio_s == pytest.approx(stack.expected_samples(TEXT) / 24_000, rel=1e-3)
+
+
+# -- errors -----------------------------------------------------------------------------------------------------------
+
+async def test_validation_errors_are_422_in_the_one_shape():
+    stack = Stack()
+    assert_error(await speech(stack, input="hi", speed=5), 422, param="speed", code="validation_error")
+    assert_error(await speech(stack, input="hi", response_format="ogg"), 422, param="response_format")
+    async with client(stack) as c:
+        err = assert_error(await c.post("/v1/audio/speech", content=b"{not json",
+                                        headers={"content-type": "application/json"}), 422)
+        assert err["type"] == "invalid_request_error"
+
+
+async def test_input_limits_are_400():
+    stack = Stack(max_input_chars=50)
+    assert_error(await speech(stack, input="x" * 51), 400, param="input", code="input_too_long")
+    assert_error(await speech(stack, input="   \n "), 400, param="input", code="empty_input")
+    assert_error(await speech(stack, input="hola", language="es"), 400, param="language")
+
+
+async def test_unknown_voice_and_model_are_404():
+    stack = Stack()
+    err = assert_error(await speech(stack, input="hi", voice="nobody"), 404, param="voice", code="voice_not_found")
+    assert err["type"] == "not_found_error"
+    assert_error(await speech(stack, input="hi", model="gpt-5"), 404, param="model", code="model_not_found")
+    assert (await speech(stack, input="hi", model="tts-1", response_format="pcm")).status_code == 200
+
+
+async def test_unknown_route_is_404_in_the_one_shape():
+    async with client(Stack()) as c:
+        assert_error(await c.get("/v1/nothing"), 404)
+        assert_error(await c.get("/v1/audio/speech"), 405)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_backpressure_is_429_with_retry_after(stream):
+    stack = Stack(t3=FakeT3(raise_on_start=BackPressureError(num_queued_requests=5, max_queued_requests=5)))
+    response = await speech(stack, input=TEXT, stream=stream)
+    assert_error(response, 429, code="backpressure")
+    assert response.headers["retry-after"] == "1"
+
+
+@pytest.mark.parametrize("stream_format", ["audio", "sse"])
+async def test_unavailable_stage_is_503(stream_format):
+    exc = DeploymentUnavailableError(DeploymentID(name="S3GenStage", app_name="chatterbox"))
+    stack = Stack(s3gen=FakeS3Gen(raise_exc=exc))
+    response = await speech(stack, input=TEXT, stream_format=stream_format)
+    assert_error(response, 503, code="stage_unavailable")
+    assert "retry-after" in response.headers
+    assert stack.metrics.values("requests_total") == [(1, {"route": "speech", "status": "503"})]
+
+
+async def test_sse_stream_ends_with_an_error_event_after_audio():
+    stack = Stack(t3=FakeT3(fail_on_chunk=1), max_chunk_chars=40, lookahead_chunks=0)
+    response = await speech(stack, input=TEXT, response_format="pcm", stream_format="sse")
+    assert response.status_code == 200
+    events = [json.loads(line[6:]) for line in response.text.split("\n\n") if line.startswith("data: ")]
+    assert events[0]["type"] == "speech.audio.delta"
+    assert events[-1]["type"] == "error"
+    assert set(events[-1]["error"]) == {"message", "type", "param", "code"}
+    assert events[-1]["error"]["code"] == "t3_error"
+
+
+async def test_api_keys():
+    stack = Stack(api_keys=["secret-1", "secret-2"])
+    assert_error(await speech(stack, input="hi"), 401, code="missing_api_key")
+    async with client(stack, headers={"Authorization": "Bearer wrong"}) as c:
+        err = assert_error(await c.post("/v1/audio/speech", json={"input": "hi"}), 401, code="invalid_api_key")
+        assert err["type"] == "authentication_error"
+        assert (await c.get("/healthz")).status_code == 200  # probes need no key
+    async with client(stack, headers={"Authorization": "Bearer secret-2"}) as c:
+        assert (await c.post("/v1/audio/speech", json={"input": "hi", "response_format": "pcm"})).status_code == 200
+        assert (await c.get("/v1/models")).status_code == 200
+
+
+# -- cancellation -----------------------------------------------------------------------------------------------------
+
+async def run_asgi_until(app, body: dict, disconnect_after_body_chunks: int | None, disconnect_after_s: float | None):
+    """Drives the ASGI app by hand so the client can disconnect mid-request."""
+    payload = json.dumps(body).encode()
+    sent: list[dict] = []
+    disconnect = asyncio.Event()
+    body_sent = False
+
+    async def receive():
+        nonlocal body_sent
+        if not body_sent:
+            body_sent = True
+            return {"type": "http.request", "body": payload, "more_body": False}
+        if disconnect_after_s is not None:
+            await asyncio.sleep(disconnect_after_s)
+            return {"type": "http.disconnect"}
+        await disconnect.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+        chunks = [m for m in sent if m["type"] == "http.response.body" and m.get("body")]
+        if disconnect_after_body_chunks is not None and len(chunks) >= disconnect_after_body_chunks:
+            disconnect.set()
+
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": "/v1/audio/speech", "raw_path": b"/v1/audio/speech",
+             "query_string": b"", "root_path": "", "headers": [(b"content-type", b"application/json"),
+                                                              (b"content-length", str(len(payload)).encode())],
+             "server": ("test", 80), "client": ("test", 1234)}
+    await asyncio.wait_for(app(scope, receive, send), timeout=10)
+    return sent
+
+
+async def test_disconnect_cancels_a_one_shot_request():
+    stack = Stack(t3=FakeT3(step_delay_s=0.05))
+    sent = await run_asgi_until(stack.app, {"input": LONG_TEXT, "response_format": "wav"}, None, 0.2)
+    await asyncio.sleep(0.05)
+    assert stack.t3.cancelled, "T3 streams were not cancelled"
+    assert not stack.t3.completed
+    assert sent[0]["status"] == 499
+
+
+async def test_disconnect_cancels_a_stream():
+    stack = Stack(t3=FakeT3(step_delay_s=0.02), first_chunk_tokens=5, stream_chunk_tokens=5, max_chunk_chars=80)
+    await run_asgi_until(stack.app, {"input": LONG_TEXT, "response_format": "pcm", "stream": True}, 2, None)
+    await asyncio.sleep(0.05)
+    assert stack.t3.cancelled, "T3 streams were not cancelled"
+    assert len(stack.t3.jobs) < 12  # stopped early: not every chunk of LONG_TEXT was started
+    assert stack.metrics.values("requests_total")[-1][1]["status"] == "499"
+
+
+async def test_closing_the_pipeline_cancels_running_t3_streams():
+    stack = Stack(t3=FakeT3(step_delay_s=0.01), max_chunk_chars=80)
+    from serve_app.serving.contracts import SynthesisParams
+
+    gen = stack.router.pipeline.run("req-x", ["A first chunk of text here.", "A second chunk of text here."],
+                                    BUILTIN_VOICE, SynthesisParams(), streaming=True)
+    await gen.__anext__()
+    await gen.aclose()
+    assert sorted(stack.t3.cancelled) == ["req-x-0", "req-x-1"]
+
+
+# -- the real OpenAI SDK ----------------------------------------------------------------------------------------------
+
+async def test_openai_sdk_speech():
+    openai = pytest.importorskip("openai")
+    stack = Stack(api_keys=["sk-test"], max_chunk_chars=40)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=stack.app)) as http_client:
+        sdk = openai.AsyncOpenAI(api_key="sk-test", base_url="http://test/v1", http_client=http_client)
+        response = await sdk.audio.speech.create(model="tts-1", voice="alloy", input=TEXT, response_format="wav",
+                                                 speed=1.0, extra_body={"exaggeration": 0.7, "seed": 3})
+        samples, sr = decode_any(response.content, "wav")
+        assert sr == 24_000 and samples.size == stack.expected_samples(TEXT)
+        assert stack.t3.jobs[0].params.exaggeration == 0.7
+        async with sdk.audio.speech.with_streaming_response.create(
+                model="chatterbox", voice="default", input=TEXT, response_format="pcm",
+                extra_body={"stream": True}) as streamed:
+            data = b"".join([chunk async for chunk in streamed.iter_bytes()])
+        assert len(data) == 2 * stack.expected_samples(TEXT)
+        with pytest.raises(openai.NotFoundError) as info:
+            await sdk.audio.speech.create(model="tts-1", voice="nobody", input="hi")
+        assert info.value.body["code"] == "voice_not_found" if isinstance(info.value.body, dict) else True
+        models = await sdk.models.list()
+        assert [m.id for m in models.data] == ["chatterbox"]
