@@ -1,0 +1,1 @@
+"""Inference engines: plain torch, no ray/fastapi/pydantic."""

@@ -1,0 +1,97 @@
+"""Engine configuration: a frozen dataclass validated once, with errors that name the fix."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+DTYPES = ("fp32", "fp16", "bf16")
+
+# Upstream T3 vocabulary (chatterbox T3Config): speech tokens 0..6560 are audio codes.
+START_SPEECH_TOKEN = 6561
+STOP_SPEECH_TOKEN = 6562
+NUM_AUDIO_TOKENS = 6561  # tokens >= this are never returned to callers
+START_TEXT_TOKEN = 255
+STOP_TEXT_TOKEN = 0
+
+
+def default_graph_batch_sizes(max_batch_requests: int) -> tuple[int, ...]:
+    """nano-vllm's buckets: 1, 2, 4, 8, then every 16, always ending at max_batch_requests."""
+    sizes = [b for b in (1, 2, 4, 8) if b < max_batch_requests]
+    sizes += list(range(16, max_batch_requests, 16))
+    sizes.append(max_batch_requests)
+    return tuple(sorted(set(sizes)))
+
+
+def default_graph_seq_lens(max_seq_len: int) -> tuple[int, ...]:
+    """KV-length buckets: 256, 512, 1024, ... capped at max_seq_len (decode attends over the bucket only)."""
+    lens, n = [], 256
+    while n < max_seq_len:
+        lens.append(n)
+        n *= 2
+    lens.append(max_seq_len)
+    return tuple(lens)
+
+
+@dataclass(frozen=True)
+class T3EngineConfig:
+    """Static sizes of the engine. Requests are counted in requests; each uses two cache rows (cond, uncond)."""
+
+    max_batch_requests: int = 64
+    # cond (34) + text (<= ~300 incl. SOT/EOT) + 2 BOS + 1000 speech tokens fits in 1536.
+    max_seq_len: int = 1536
+    dtype: str = "bf16"
+    quant: Any = None  # quant.spec.QuantSpec | None; applied to the Llama backbone (T3.tfmr)
+    enforce_eager: bool = False
+    graph_batch_sizes: tuple[int, ...] | None = None  # None: default_graph_batch_sizes(max_batch_requests)
+    graph_seq_lens: tuple[int, ...] | None = None  # None: default_graph_seq_lens(max_seq_len)
+    max_prefill_requests: int = 16  # admitted (and prefilled together) per step
+    device: str = "cuda"
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype={self.dtype!r} is not supported; use one of {DTYPES}")
+        if self.max_batch_requests < 1:
+            raise ValueError(f"max_batch_requests={self.max_batch_requests} must be >= 1")
+        if self.max_prefill_requests < 1:
+            raise ValueError(f"max_prefill_requests={self.max_prefill_requests} must be >= 1")
+        if self.max_seq_len < 64:
+            raise ValueError(f"max_seq_len={self.max_seq_len} is too small; T3 prompts alone take ~40+ positions")
+        sizes = self.batch_buckets
+        if sizes[-1] < self.max_batch_requests:
+            raise ValueError(
+                f"max_batch_requests={self.max_batch_requests} exceeds the largest graph batch size ({sizes[-1]}); "
+                "add it to graph_batch_sizes or set enforce_eager=True"
+            )
+        if self.seq_buckets[-1] < self.max_seq_len:
+            raise ValueError(
+                f"max_seq_len={self.max_seq_len} exceeds the largest graph_seq_lens entry ({self.seq_buckets[-1]}); "
+                "add it to graph_seq_lens"
+            )
+
+    @property
+    def batch_buckets(self) -> tuple[int, ...]:
+        return tuple(sorted(self.graph_batch_sizes or default_graph_batch_sizes(self.max_batch_requests)))
+
+    @property
+    def seq_buckets(self) -> tuple[int, ...]:
+        return tuple(sorted(self.graph_seq_lens or default_graph_seq_lens(self.max_seq_len)))
+
+    @property
+    def max_rows(self) -> int:
+        return 2 * self.max_batch_requests
+
+
+def graphs_unsupported_reason(quant: Any) -> str | None:
+    """Why a quantization spec cannot run under CUDA graphs, or None when it can."""
+    if quant is None:
+        return None
+    method = getattr(quant, "method", "none")
+    if method == "int8" and float(getattr(quant, "int8_threshold", 0.0)) > 0.0:
+        return (
+            f"bitsandbytes int8 with int8_threshold={quant.int8_threshold} splits outlier columns with "
+            "data-dependent shapes and host syncs, which CUDA graphs cannot capture; use int8_threshold=0.0 "
+            "or set enforce_eager=True"
+        )
+    if method == "dynamic_int8":
+        return "dynamic_int8 (torch dynamic quantization) runs on CPU only; set enforce_eager=True"
+    return None

@@ -1,0 +1,132 @@
+"""The T3 Llama backbone in plain torch (gpt-fast style) over a static, slot-addressed KV cache.
+
+Weights are not copied: the forward calls the upstream `LlamaModel`'s own projection modules, so a
+quantization pass that swapped them for bitsandbytes layers (quant.apply) is picked up unchanged.
+Math follows HF Llama exactly: RMSNorm in fp32, llama3-scaled RoPE (rotate-half), SDPA with scale D^-0.5,
+SiLU-gated MLP, final norm.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # x: [..., C] -> [..., C], computed in fp32 like HF LlamaRMSNorm
+    dtype = x.dtype
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: [R, H, T, D], cos/sin: [R, 1, T, D] (already in x's dtype) -> [R, H, T, D]
+    return x * cos + rotate_half(x) * sin
+
+
+def rope_tables(tfmr_config, max_seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin: [max_seq_len, D] fp32, from a freshly built HF rotary module (fp32 inv_freq, llama3 scaling)."""
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    rotary = LlamaRotaryEmbedding(tfmr_config)  # built on CPU in fp32, untouched by any dtype cast of the model
+    inv_freq = rotary.inv_freq.float()  # [D/2]
+    pos = torch.arange(max_seq_len, dtype=torch.float32)  # [S]
+    freqs = pos[:, None] * inv_freq[None, :]  # [S, D/2], the same fp32 products HF forms
+    emb = torch.cat((freqs, freqs), dim=-1)  # [S, D]
+    return emb.cos() * rotary.attention_scaling, emb.sin() * rotary.attention_scaling
+
+
+class KVCache(nn.Module):
+    """Per layer K and V of [num_rows, H, max_seq_len, D]; row 2s is slot s's cond row, 2s+1 its uncond row."""
+
+    def __init__(self, num_layers: int, num_rows: int, num_heads: int, max_seq_len: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str):
+        super().__init__()
+        shape = (num_layers, num_rows, num_heads, max_seq_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    @property
+    def num_bytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
+
+
+class LlamaBackbone(nn.Module):
+    """Prefill (rows of whole prompts, written into chosen cache rows) and decode (one token for rows [0, R))."""
+
+    def __init__(self, tfmr: nn.Module, max_seq_len: int):
+        super().__init__()
+        cfg = tfmr.config
+        self.layers = tfmr.layers
+        self.norm = tfmr.norm
+        self.num_layers = cfg.num_hidden_layers
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        if self.num_kv_heads != self.num_heads:
+            raise ValueError("grouped-query attention is not supported: T3's Llama uses num_key_value_heads == num_attention_heads")
+        self.max_seq_len = max_seq_len
+        cos, sin = rope_tables(cfg, max_seq_len)
+        self.register_buffer("cos", cos, persistent=False)  # [S, D] fp32
+        self.register_buffer("sin", sin, persistent=False)  # [S, D] fp32
+
+    def _qkv(self, attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        # x: [R, T, C], cos/sin: [R, 1, T, D] -> q, k, v: [R, H, T, D] (q, k rotated)
+        R, T, _ = x.shape
+        q = attn.q_proj(x).view(R, T, self.num_heads, self.head_dim).transpose(1, 2)
+        k = attn.k_proj(x).view(R, T, self.num_heads, self.head_dim).transpose(1, 2)
+        v = attn.v_proj(x).view(R, T, self.num_heads, self.head_dim).transpose(1, 2)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def _mlp(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        # x: [R, T, C] -> [R, T, C]
+        mlp = layer.mlp
+        return mlp.down_proj(F.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
+
+    def prefill(self, x: torch.Tensor, rows: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        # x: [R, T, C] prompt embeddings (right-padded), rows: [R] int64 cache rows -> hidden [R, T, C] after final norm
+        # Positions are 0..T-1 for every row; padding sits after each row's prompt, so causal attention keeps real
+        # positions exact, and padded K/V beyond a row's length are masked by decode and later overwritten.
+        R, T, _ = x.shape
+        cos = self.cos[:T].to(x.dtype)[None, None]  # [1, 1, T, D]
+        sin = self.sin[:T].to(x.dtype)[None, None]
+        h = x
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            a_in = rms_norm(h, layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
+            q, k, v = self._qkv(attn, a_in, cos, sin)  # [R, H, T, D]
+            cache.k[i, rows, :, :T] = k
+            cache.v[i, rows, :, :T] = v
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [R, H, T, D]
+            h = h + attn.o_proj(o.transpose(1, 2).reshape(R, T, -1))
+            m_in = rms_norm(h, layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon)
+            h = h + self._mlp(layer, m_in)
+        return rms_norm(h, self.norm.weight, self.norm.variance_epsilon)
+
+    def decode(self, x: torch.Tensor, pos: torch.Tensor, kv_len: int, cache: KVCache) -> torch.Tensor:
+        # x: [R, C] one token per cache row 0..R-1, pos: [R] int64 its RoPE position -> hidden [R, C] after final norm
+        # Attends over cache positions [0, kv_len) with key j visible iff j <= pos[r]. No host sync.
+        R, C = x.shape
+        cos = self.cos[pos].to(x.dtype)[:, None, None]  # [R, 1, 1, D]
+        sin = self.sin[pos].to(x.dtype)[:, None, None]
+        row_idx = torch.arange(R, device=x.device)  # [R]
+        mask = (torch.arange(kv_len, device=x.device)[None, :] <= pos[:, None])[:, None, None, :]  # [R, 1, 1, L]
+        h = x[:, None, :]  # [R, 1, C]
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            a_in = rms_norm(h, layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
+            q, k, v = self._qkv(attn, a_in, cos, sin)  # [R, H, 1, D]
+            k_cache, v_cache = cache.k[i], cache.v[i]  # [rows, H, S, D]
+            k_cache[row_idx, :, pos] = k[:, :, 0]  # write [R, H, D] at each row's own position
+            v_cache[row_idx, :, pos] = v[:, :, 0]
+            o = F.scaled_dot_product_attention(q, k_cache[:R, :, :kv_len], v_cache[:R, :, :kv_len], attn_mask=mask)
+            h = h + attn.o_proj(o.transpose(1, 2).reshape(R, 1, -1))  # o: [R, H, 1, D]
+            m_in = rms_norm(h, layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon)
+            h = h + self._mlp(layer, m_in)
+        return rms_norm(h[:, 0], self.norm.weight, self.norm.variance_epsilon)
