@@ -117,8 +117,14 @@ class _AudioOut:
 class SpeechRouter:
     def __init__(self, t3_handle: Any, s3gen_handle: Any, voice_handle: Any,
                  settings: RouterSettings | dict | None = None, *, watermarker: Any = _DEFAULT,
-                 metrics: Any = None):
-        self.settings = settings if isinstance(settings, RouterSettings) else RouterSettings(**(settings or {}))
+                 metrics: Any = None, **overrides: Any):
+        """Handles: Ray DeploymentHandles or fakes with the methods of contracts.py plus `memory_report()`.
+        settings: a RouterSettings or its fields as a dict; `overrides` (RouterSettings fields) win over it.
+        watermarker: float32 audio -> float32 audio, None for none; default: Perth when settings.watermark.
+        metrics: an object with serve_app.serving.metrics.Metrics' attributes; default: get_metrics()."""
+        if isinstance(settings, RouterSettings):
+            settings = settings.model_dump()
+        self.settings = RouterSettings(**{**(settings or {}), **overrides})
         self.t3 = StageClient(t3_handle, "t3")
         self.s3gen = StageClient(s3gen_handle, "s3gen")
         self.voices = StageClient(voice_handle, "voice")
@@ -130,6 +136,7 @@ class SpeechRouter:
         ))
         self.watermarker = default_watermarker(self.settings.watermark) if watermarker is _DEFAULT else watermarker
         self._metrics = metrics
+        self._broken_metrics: set[str] = set()
         if self.settings.is_random_weights:
             logger.warning("Serving RANDOM weights (%s): audio is noise; responses carry %s: true",
                            self.settings.checkpoint_source, RANDOM_WEIGHTS_HEADER)
@@ -147,8 +154,10 @@ class SpeechRouter:
     def record(self, name: str, method: str, value: float, **tags: str) -> None:
         try:
             getattr(getattr(self.metrics, name), method)(value, tags=tags)
-        except Exception:  # noqa: BLE001 - metrics never fail a request
-            logger.debug("metric %s not recorded", name, exc_info=True)
+        except Exception:  # noqa: BLE001 - metrics never fail a request, but a broken one is reported once
+            if name not in self._broken_metrics:
+                self._broken_metrics.add(name)
+                logger.warning("metric %s could not be recorded", name, exc_info=True)
 
     def record_request(self, route: str, status: int, started_at: float, stream: bool | None = None) -> None:
         self.record("requests_total", "inc", 1, route=route, status=str(status))
@@ -332,12 +341,14 @@ class SpeechRouter:
                               params: SynthesisParams, stats: PipelineStats) -> AsyncIterator[bytes]:
         out = _AudioOut(req.response_format, req.speed, self.watermarker)
         pieces = self.pipeline.run(request_id, chunks, voice_id, params, streaming=True, stats=stats)
+        # Perth runs torch on the CPU: keep it (and the encoder with it) off the event loop.
+        offload = self.watermarker is not None
         try:
             async for piece in pieces:
-                data = out.push(piece)
+                data = await asyncio.to_thread(out.push, piece) if offload else out.push(piece)
                 if data:
                     yield data
-            data = out.finish()
+            data = await asyncio.to_thread(out.finish) if offload else out.finish()
             if data:
                 yield data
         finally:
