@@ -88,6 +88,19 @@ def default_watermarker(enabled: bool) -> Watermarker | None:
     return PerthWatermarker(enabled=True, sample_rate=SAMPLE_RATE).apply
 
 
+def _apply_watermark(watermarker: Watermarker, audio: np.ndarray, context: np.ndarray | None = None) -> np.ndarray:
+    """Watermarks `audio`; a piece too short for Perth's STFT is marked together with the audio before it."""
+    if audio.size == 0:
+        return audio
+    if audio.size < WATERMARK_BLOCK_SAMPLES and context is not None and context.size:
+        return watermarker(np.concatenate([context, audio]))[-audio.size:]
+    try:
+        return watermarker(audio)
+    except Exception:  # noqa: BLE001 - only a clip shorter than Perth's window gets here
+        logger.warning("audio of %d samples too short to watermark; sent unmarked", audio.size, exc_info=True)
+        return audio
+
+
 class _AudioOut:
     """Pipeline audio -> tempo change -> watermark -> encoded bytes, piece by piece."""
 
@@ -96,6 +109,7 @@ class _AudioOut:
         self.encoder = AudioEncoder(fmt, streaming=True)
         self.watermarker = watermarker
         self._pending = np.zeros(0, np.float32)
+        self._context = np.zeros(0, np.float32)  # the last unmarked samples already sent, for a short tail
         self.num_samples = 0
 
     def _encode(self, samples: np.ndarray, final: bool) -> bytes:
@@ -103,7 +117,9 @@ class _AudioOut:
             self._pending = np.concatenate([self._pending, samples])
             if self._pending.size < WATERMARK_BLOCK_SAMPLES and not final:
                 return b""
-            samples, self._pending = self.watermarker(self._pending), np.zeros(0, np.float32)
+            raw, self._pending = self._pending, np.zeros(0, np.float32)
+            samples = _apply_watermark(self.watermarker, raw, self._context)
+            self._context = np.concatenate([self._context, raw])[-WATERMARK_BLOCK_SAMPLES:]
         self.num_samples += samples.size
         return self.encoder.encode(samples)
 
@@ -332,8 +348,8 @@ class SpeechRouter:
 
     def _finish_file(self, audio: np.ndarray, speed: float, fmt: str) -> bytes:
         audio = change_speed(audio, speed)
-        if self.watermarker is not None and audio.size:
-            audio = self.watermarker(audio)
+        if self.watermarker is not None:
+            audio = _apply_watermark(self.watermarker, audio)
         self.record("audio_seconds_total", "inc", audio.size / SAMPLE_RATE, stage="router")
         return encode_audio(audio, fmt)
 
