@@ -33,7 +33,8 @@ _SENTENCE_ENDERS = (".", "!", "?", "-", ",")
 # Abbreviations whose period does not end a sentence.
 _ABBREVIATIONS = frozenset({
     "mr", "mrs", "ms", "dr", "prof", "sr", "jr", "st", "vs", "etc", "e.g", "i.e", "no", "fig", "mt", "inc", "ltd",
-    "co", "jan", "feb", "mar", "apr", "jun", "jul", "aug", "sep", "sept", "oct", "nov", "dec", "approx", "dept", "a.m", "p.m", "u.s",
+    "co", "jan", "feb", "mar", "apr", "jun", "jul", "aug", "sep", "sept", "oct", "nov", "dec", "approx", "dept",
+    "a.m", "p.m", "u.s",
 })
 # A sentence ends after . ! ? (optionally followed by closing quotes/brackets) and whitespace, or at a newline.
 # "..." and "…" are pauses inside a sentence (punc_norm turns them into commas), so they do not end one.

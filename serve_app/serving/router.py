@@ -1,14 +1,18 @@
-"""The HTTP-facing router: OpenAI-compatible speech API over the T3, S3Gen and voice stages.
+"""The speech router: OpenAI-compatible speech API logic over the T3, S3Gen and voice stages.
 
 `SpeechRouter` is a plain class (no Ray decorators): stage handles, settings, the watermarker and metrics come in
-through its constructor, so tests pass fakes. `build_app(router)` returns the FastAPI app whose thin routes call
-it. A Ray Serve ingress wraps both with the late-bound form of `@serve.ingress`:
+through its constructor, so tests pass fakes. `api.build_app(router)` returns the FastAPI app whose thin routes
+call it. A Ray Serve ingress wraps both with the late-bound form of `@serve.ingress` (Ray 2.60 calls
+`__serve_build_asgi_app__` on the replica after `__init__`):
+
+    from serve_app.serving.api import build_app
+    from serve_app.serving.router import SpeechRouter
 
     @serve.deployment
     @serve.ingress()
     class SpeechIngress:
         def __init__(self, t3, s3gen, voice, settings: dict):
-            self.router = SpeechRouter(t3, s3gen, voice, RouterSettings(**settings))
+            self.router = SpeechRouter(t3, s3gen, voice, settings)
 
         def __serve_build_asgi_app__(self):
             return build_app(self.router)
@@ -23,18 +27,13 @@ import base64
 import hmac
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import numpy as np
-from fastapi import APIRouter, FastAPI, File, Form, Request, UploadFile
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from fastapi.routing import APIRoute
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from fastapi.responses import Response, StreamingResponse
 
-from serve_app.serving.audio import AudioEncoder, TimeStretcher, change_speed, decode_upload, encode_audio, to_wav_bytes
+from serve_app.serving.audio import AudioEncoder, change_speed, decode_upload, encode_audio, to_wav_bytes
 from serve_app.serving.chunking import chunk_text
 from serve_app.serving.contracts import BUILTIN_VOICE, SAMPLE_RATE, SynthesisParams, VoiceInfo
 from serve_app.serving.errors import (
@@ -65,69 +64,19 @@ from serve_app.serving.protocol import (
 )
 from serve_app.serving.router_settings import RouterSettings
 from serve_app.serving.stage_client import StageClient
+from serve_app.serving.streaming import (
+    AudioOut,
+    apply_watermark,
+    cancel_on_disconnect,
+    default_watermarker,
+    prime,
+)
 
 logger = logging.getLogger(__name__)
 
-Watermarker = Callable[[np.ndarray], np.ndarray]  # float32 [N] at 24 kHz -> float32 [N]
 _DEFAULT = object()
-WATERMARK_BLOCK_SAMPLES = SAMPLE_RATE // 2  # streamed audio is watermarked in blocks of >= 0.5 s
 RANDOM_WEIGHTS_HEADER = "X-Chatterbox-Random-Weights"
 STATUS_CLIENT_CLOSED = 499  # nginx's convention for "client closed the request", used in logs and metrics
-
-
-class ClientDisconnected(Exception):
-    pass
-
-
-def default_watermarker(enabled: bool) -> Watermarker | None:
-    """Perth, as upstream applies it; None when disabled. Importing perth pulls in torch: only when enabled."""
-    if not enabled:
-        return None
-    from serve_app.serving.watermark import Watermarker as PerthWatermarker
-
-    return PerthWatermarker(enabled=True, sample_rate=SAMPLE_RATE).apply
-
-
-def _apply_watermark(watermarker: Watermarker, audio: np.ndarray, context: np.ndarray | None = None) -> np.ndarray:
-    """Watermarks `audio`; a piece too short for Perth's STFT is marked together with the audio before it."""
-    if audio.size == 0:
-        return audio
-    if audio.size < WATERMARK_BLOCK_SAMPLES and context is not None and context.size:
-        return watermarker(np.concatenate([context, audio]))[-audio.size:]
-    try:
-        return watermarker(audio)
-    except Exception:  # noqa: BLE001 - only a clip shorter than Perth's window gets here
-        logger.warning("audio of %d samples too short to watermark; sent unmarked", audio.size, exc_info=True)
-        return audio
-
-
-class _AudioOut:
-    """Pipeline audio -> tempo change -> watermark -> encoded bytes, piece by piece."""
-
-    def __init__(self, fmt: str, speed: float, watermarker: Watermarker | None):
-        self.stretcher = TimeStretcher(speed)
-        self.encoder = AudioEncoder(fmt, streaming=True)
-        self.watermarker = watermarker
-        self._pending = np.zeros(0, np.float32)
-        self._context = np.zeros(0, np.float32)  # the last unmarked samples already sent, for a short tail
-        self.num_samples = 0
-
-    def _encode(self, samples: np.ndarray, final: bool) -> bytes:
-        if self.watermarker is not None:
-            self._pending = np.concatenate([self._pending, samples])
-            if self._pending.size < WATERMARK_BLOCK_SAMPLES and not final:
-                return b""
-            raw, self._pending = self._pending, np.zeros(0, np.float32)
-            samples = _apply_watermark(self.watermarker, raw, self._context)
-            self._context = np.concatenate([self._context, raw])[-WATERMARK_BLOCK_SAMPLES:]
-        self.num_samples += samples.size
-        return self.encoder.encode(samples)
-
-    def push(self, samples: np.ndarray) -> bytes:
-        return self._encode(self.stretcher.push(samples), final=False)
-
-    def finish(self) -> bytes:
-        return self._encode(self.stretcher.flush(), final=True) + self.encoder.finish()
 
 
 class SpeechRouter:
@@ -318,7 +267,7 @@ class SpeechRouter:
                     len(chunks), voice_id, req.response_format, req.is_streaming)
         if not req.is_streaming:
             synth = self._synthesize_file(req, request_id, chunks, voice_id, params)
-            body = await (synth if is_disconnected is None else _cancel_on_disconnect(synth, is_disconnected))
+            body = await (synth if is_disconnected is None else cancel_on_disconnect(synth, is_disconnected))
             self.record("time_to_first_audio_seconds", "observe", time.monotonic() - started_at, route="speech",
                         stream="false")
             self.record_request("speech", 200, started_at, stream=False)
@@ -328,8 +277,8 @@ class SpeechRouter:
         # first (backpressure 429, unavailable 503, unknown voice in a stage) still get their HTTP status.
         stats = PipelineStats()
         encoded = self._stream_encoded(req, request_id, chunks, voice_id, params, stats)
-        primed = _prime(encoded)
-        first = await (primed if is_disconnected is None else _cancel_on_disconnect(primed, is_disconnected))
+        primed = prime(encoded)
+        first = await (primed if is_disconnected is None else cancel_on_disconnect(primed, is_disconnected))
         self.record("time_to_first_audio_seconds", "observe", time.monotonic() - started_at, route="speech",
                     stream="true")
         if req.stream_format == "sse":
@@ -349,13 +298,13 @@ class SpeechRouter:
     def _finish_file(self, audio: np.ndarray, speed: float, fmt: str) -> bytes:
         audio = change_speed(audio, speed)
         if self.watermarker is not None:
-            audio = _apply_watermark(self.watermarker, audio)
+            audio = apply_watermark(self.watermarker, audio)
         self.record("audio_seconds_total", "inc", audio.size / SAMPLE_RATE, stage="router")
         return encode_audio(audio, fmt)
 
     async def _stream_encoded(self, req: SpeechRequest, request_id: str, chunks: list[str], voice_id: str,
                               params: SynthesisParams, stats: PipelineStats) -> AsyncIterator[bytes]:
-        out = _AudioOut(req.response_format, req.speed, self.watermarker)
+        out = AudioOut(req.response_format, req.speed, self.watermarker)
         pieces = self.pipeline.run(request_id, chunks, voice_id, params, streaming=True, stats=stats)
         # Perth runs torch on the CPU: keep it (and the encoder with it) off the event loop.
         offload = self.watermarker is not None
@@ -420,155 +369,6 @@ def _delta_event(data: bytes) -> str:
     return f"data: {SpeechAudioDeltaEvent(audio=base64.b64encode(data).decode()).model_dump_json()}\n\n"
 
 
-async def _prime(stream: AsyncIterator[bytes]) -> bytes | None:
-    """The stream's first item (None when it is empty); on failure the stream is closed and the error raised."""
-    try:
-        return await stream.__anext__()
-    except StopAsyncIteration:
-        return None
-    except BaseException:
-        await stream.aclose()
-        raise
-
-
 def _voice_object(info: VoiceInfo) -> VoiceObject:
     return VoiceObject(id=info.voice_id, name=info.name, created_at=info.created_at, duration_s=info.duration_s,
                        builtin=info.builtin)
-
-
-async def _cancel_on_disconnect(coro, is_disconnected: Callable[[], Any]):
-    """Runs `coro`; if the client goes away first, cancels it (and with it every stage call) and raises."""
-    work = asyncio.ensure_future(coro)
-    watcher = asyncio.ensure_future(is_disconnected())
-    try:
-        done, _ = await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        if work in done:
-            return work.result()
-        work.cancel()
-        await asyncio.gather(work, return_exceptions=True)
-        raise ClientDisconnected()
-    finally:
-        for task in (work, watcher):
-            if not task.done():
-                task.cancel()
-
-
-def _wait_for_disconnect(request: Request) -> Callable[[], Any]:
-    """After the body is read, the next ASGI message is http.disconnect (vLLM's listen_for_disconnect)."""
-    async def wait() -> None:
-        while True:
-            message = await request.receive()
-            if message["type"] == "http.disconnect":
-                return
-    return wait
-
-
-def error_response(exc: BaseException, request_id: str | None = None) -> JSONResponse:
-    api_error = to_api_error(exc)
-    headers = dict(api_error.headers)
-    if request_id:
-        headers["X-Request-Id"] = request_id
-    return JSONResponse(api_error.body.model_dump(), status_code=api_error.status_code, headers=headers)
-
-
-def _route_class(router: SpeechRouter) -> type[APIRoute]:
-    class ApiRoute(APIRoute):
-        """Every route: request id, Bearer auth on /v1/*, errors through the one mapping, request counting."""
-
-        def get_route_handler(self) -> Callable:
-            handler = super().get_route_handler()
-            path = self.path
-            route_name = self.name
-
-            async def wrapped(request: Request) -> Response:
-                request_id = request.headers.get("x-request-id") or f"speech-{uuid.uuid4().hex}"
-                request.state.request_id = request_id
-                request.state.started_at = time.monotonic()
-                try:
-                    if path.startswith("/v1/"):
-                        router.check_api_key(request.headers.get("authorization"))
-                    response = await handler(request)
-                except ClientDisconnected:
-                    router.record_request(route_name, STATUS_CLIENT_CLOSED, request.state.started_at, stream=False)
-                    return Response(status_code=STATUS_CLIENT_CLOSED)
-                except Exception as exc:  # noqa: BLE001 - the one error mapping decides
-                    response = error_response(exc, request_id)
-                    if route_name == "speech":
-                        router.record_request("speech", response.status_code, request.state.started_at, stream=False)
-                response.headers.setdefault("X-Request-Id", request_id)
-                if router.settings.is_random_weights:
-                    response.headers.setdefault(RANDOM_WEIGHTS_HEADER, "true")
-                if route_name != "speech":
-                    router.record_request(route_name, response.status_code, request.state.started_at)
-                return response
-
-            return wrapped
-
-    return ApiRoute
-
-
-def build_app(router: SpeechRouter) -> FastAPI:
-    """The FastAPI app over `router`. Routes are thin: parse, call the router, return its model."""
-    app = FastAPI(title="Chatterbox TTS", version="0.1.0",
-                  description="OpenAI-compatible text-to-speech served by Chatterbox on Ray Serve.")
-    api = APIRouter(route_class=_route_class(router))
-
-    @api.post("/v1/audio/speech", name="speech", response_class=Response,
-              responses={200: {"content": {"audio/mpeg": {}, "text/event-stream": {}}}})
-    async def create_speech(body: SpeechRequest, request: Request) -> Response:
-        return await router.create_speech(body, request.state.request_id, request.state.started_at,
-                                          _wait_for_disconnect(request))
-
-    @api.get("/v1/models", name="models")
-    async def list_models() -> ModelList:
-        return router.list_models()
-
-    @api.get("/v1/models/{model_id}", name="model")
-    async def get_model(model_id: str) -> ModelCard:
-        return router.get_model(model_id)
-
-    @api.post("/v1/voices", name="voices_create")
-    async def create_voice(request: Request, file: UploadFile = File(...), name: str | None = Form(None)) -> VoiceObject:
-        declared = int(request.headers.get("content-length") or 0)
-        if declared > router.settings.max_voice_upload_bytes + 64 * 1024:  # multipart overhead allowance
-            raise PayloadTooLargeError(f"The upload is {declared} bytes; the limit is "
-                                       f"{router.settings.max_voice_upload_bytes} bytes.", param="file",
-                                       code="file_too_large")
-        data = await file.read(router.settings.max_voice_upload_bytes + 1)
-        return await router.enroll_voice(data, file.content_type, name)
-
-    @api.get("/v1/voices", name="voices_list")
-    async def list_voices() -> VoiceList:
-        return await router.list_voices()
-
-    @api.delete("/v1/voices/{voice_id}", name="voices_delete")
-    async def delete_voice(voice_id: str) -> VoiceDeleted:
-        return await router.delete_voice(voice_id)
-
-    @api.get("/v1/config", name="config")
-    async def get_config() -> dict:
-        return router.config()
-
-    @api.get("/v1/memory", name="memory")
-    async def get_memory() -> MemoryReport:
-        return await router.memory()
-
-    @api.get("/healthz", name="healthz")
-    async def healthz() -> HealthResponse:
-        return HealthResponse(status="ok")
-
-    @api.get("/readyz", name="readyz")
-    async def readyz() -> HealthResponse:
-        return await router.ready()
-
-    app.include_router(api)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(exc)  # unknown route (404), wrong method (405)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(exc)
-
-    return app

@@ -21,7 +21,8 @@ from serve_app.serving.contracts import (
     VocodeResult,
     VoiceInfo,
 )
-from serve_app.serving.router import SpeechRouter, build_app
+from serve_app.serving.api import build_app
+from serve_app.serving.router import SpeechRouter
 from serve_app.serving.router_settings import RouterSettings
 
 
