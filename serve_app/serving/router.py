@@ -372,3 +372,10 @@ def _delta_event(data: bytes) -> str:
 def _voice_object(info: VoiceInfo) -> VoiceObject:
     return VoiceObject(id=info.voice_id, name=info.name, created_at=info.created_at, duration_s=info.duration_s,
                        builtin=info.builtin)
+
+
+def build_app(router: SpeechRouter) -> Any:
+    """The FastAPI app over `router` (see api.build_app; re-exported here for `from .router import build_app`)."""
+    from serve_app.serving.api import build_app as build_fastapi_app
+
+    return build_fastapi_app(router)
