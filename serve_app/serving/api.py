@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serve_app.serving.errors import PayloadTooLargeError, to_api_error
+from serve_app.serving.errors import to_api_error
 from serve_app.serving.protocol import (
     HealthResponse,
     MemoryReport,
@@ -64,6 +64,8 @@ def _route_class(router: SpeechRouter) -> type[APIRoute]:
                 try:
                     if path.startswith("/v1/"):
                         router.check_api_key(request.headers.get("authorization"))
+                    # before FastAPI reads (and spools) the body
+                    router.check_body_size(route_name, request.headers.get("content-length"))
                     response = await handler(request)
                 except ClientDisconnected:
                     router.record_request(route_name, STATUS_CLIENT_CLOSED, request.state.started_at, stream=False)
@@ -105,13 +107,7 @@ def build_app(router: SpeechRouter) -> FastAPI:
         return router.get_model(model_id)
 
     @api.post("/v1/voices", name="voices_create")
-    async def create_voice(request: Request, file: UploadFile = File(...),
-                           name: str | None = Form(None)) -> VoiceObject:
-        declared = int(request.headers.get("content-length") or 0)
-        if declared > router.settings.max_voice_upload_bytes + 64 * 1024:  # multipart overhead allowance
-            raise PayloadTooLargeError(f"The upload is {declared} bytes; the limit is "
-                                       f"{router.settings.max_voice_upload_bytes} bytes.", param="file",
-                                       code="file_too_large")
+    async def create_voice(file: UploadFile = File(...), name: str | None = Form(None)) -> VoiceObject:
         data = await file.read(router.settings.max_voice_upload_bytes + 1)
         return await router.enroll_voice(data, file.content_type, name)
 

@@ -76,6 +76,8 @@ logger = logging.getLogger(__name__)
 
 _DEFAULT = object()
 RANDOM_WEIGHTS_HEADER = "X-Chatterbox-Random-Weights"
+MAX_JSON_BODY_BYTES = 1024 * 1024  # a 4096-character input with every knob is far below this
+MULTIPART_OVERHEAD_BYTES = 64 * 1024
 STATUS_CLIENT_CLOSED = 499  # nginx's convention for "client closed the request", used in logs and metrics
 
 
@@ -140,6 +142,22 @@ class SpeechRouter:
             raise AuthenticationError("Missing API key: send 'Authorization: Bearer <key>'.", code="missing_api_key")
         if not any(hmac.compare_digest(key.strip().encode(), k.encode()) for k in self.settings.api_keys):
             raise AuthenticationError("Incorrect API key.", code="invalid_api_key")
+
+    def check_body_size(self, route_name: str, content_length: str | None) -> None:
+        """Rejects an oversized body from its Content-Length, before it is read."""
+        try:
+            declared = int(content_length or 0)
+        except ValueError:
+            raise InvalidRequestError("Content-Length is not a number.", code="bad_content_length") from None
+        if route_name == "voices_create":
+            limit = self.settings.max_voice_upload_bytes + MULTIPART_OVERHEAD_BYTES
+            if declared > limit:
+                raise PayloadTooLargeError(f"The upload is {declared} bytes; the limit is "
+                                           f"{self.settings.max_voice_upload_bytes} bytes. Send a shorter clip.",
+                                           param="file", code="file_too_large")
+        elif declared > MAX_JSON_BODY_BYTES:
+            raise PayloadTooLargeError(f"The request body is {declared} bytes; the limit is {MAX_JSON_BODY_BYTES}.",
+                                       code="body_too_large")
 
     # -- models, config, health -----------------------------------------------------------------------------------
 

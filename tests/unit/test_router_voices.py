@@ -186,3 +186,21 @@ def test_settings_as_model_dict_or_keywords():
         .max_chunk_chars == 200
     with pytest.raises(ValueError, match="max_chunk_charz"):
         SpeechRouter(*fakes, watermarker=None, max_chunk_charz=1)
+
+
+async def test_oversized_bodies_are_refused_before_reading():
+    stack = Stack(max_voice_upload_bytes=100_000)
+    async with client(stack) as c:
+        big = await c.post("/v1/voices", content=b"x" * 10, headers={"content-length": "5000000",
+                                                                    "content-type": "multipart/form-data; boundary=b"})
+        assert_error(big, 413, code="file_too_large")
+        huge_json = await c.post("/v1/audio/speech", content=b"{}", headers={"content-length": str(2 * 1024 * 1024),
+                                                                            "content-type": "application/json"})
+        assert_error(huge_json, 413, code="body_too_large")
+
+
+async def test_openapi_lists_every_route():
+    async with client(Stack()) as c:
+        paths = set((await c.get("/openapi.json")).json()["paths"])
+    assert {"/v1/audio/speech", "/v1/models", "/v1/voices", "/v1/voices/{voice_id}", "/healthz", "/readyz",
+            "/v1/config", "/v1/memory"} <= paths
