@@ -1,0 +1,19 @@
+"""`plan`: GPU fractions per stage follow the estimator, and `auto` trades precision for fit."""
+from quant.strategies import AUTO_ORDER
+from serve_app.planning import plan_stages
+
+
+def test_fractions_cover_the_estimate_and_pack():
+    used, plans = plan_stages(24, "mixed", concurrency=32)
+    assert used == "mixed"
+    assert {p.stage for p in plans} == {"t3", "s3gen", "voice"}
+    for p in plans:
+        assert p.num_gpus * 24 * 2**30 >= p.estimate_bytes          # the share holds the replica
+        assert round(p.num_gpus * 20) == p.num_gpus * 20             # multiples of 0.05
+        assert p.max_per_gpu * p.num_gpus <= 1.0
+
+
+def test_auto_gets_more_aggressive_on_smaller_cards():
+    big, _ = plan_stages(80, "auto", concurrency=32)
+    small, _ = plan_stages(12, "auto", concurrency=32)
+    assert AUTO_ORDER.index(small) > AUTO_ORDER.index(big)
