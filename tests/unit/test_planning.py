@@ -15,5 +15,5 @@ def test_fractions_cover_the_estimate_and_pack():
 
 def test_auto_gets_more_aggressive_on_smaller_cards():
     big, _ = plan_stages(80, "auto", concurrency=32)
-    small, _ = plan_stages(12, "auto", concurrency=32)
+    small, _ = plan_stages(8, "auto", concurrency=32)
     assert AUTO_ORDER.index(small) > AUTO_ORDER.index(big)
