@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Runs benchmark scripts on an offline GPU machine in one go: installs the carried wheels (.whl, built by
+# `make bench-wheels`), writes one full-size random-weight checkpoint, then runs each named bench against it.
+# Results (JSON + markdown) go to $OUT (or bench/results/), one file pair per bench.
+#   bench/device_run.sh t3 s3gen quant
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-bench/results}
+mkdir -p "$OUT"
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:$PWD
+fi
+export CHATTERBOX_WATERMARK=false HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1   # the wheel bundle drops Perth's model
+CKPT=${CKPT:-/tmp/chatterbox-full}
+python3 -m serve_app.cli make-checkpoint "$CKPT" --preset full 2>&1 | tail -2
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
+for b in "$@"; do
+  echo ">> bench_$b"
+  python3 -m "bench.bench_$b" --checkpoint "$CKPT" --out "$OUT" 2>&1 | tee "$OUT/bench_$b.log" | grep -v -i warning || true
+done
