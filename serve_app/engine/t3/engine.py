@@ -29,7 +29,7 @@ TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bflo
 _SEED_MASK = (1 << 63) - 1
 
 
-def _quantize_backbone(t3: nn.Module, config: T3EngineConfig) -> list[str]:
+def _quantize_backbone(t3: nn.Module, config: T3EngineConfig, device: torch.device) -> list[str]:
     spec = config.quant
     if spec is None or getattr(spec, "method", "none") == "none":
         return []
@@ -39,9 +39,9 @@ def _quantize_backbone(t3: nn.Module, config: T3EngineConfig) -> list[str]:
         raise ImportError(f"config.quant={spec!r} needs quant.apply.apply_quant, which failed to import: {e}") from e
     spec_dtype = getattr(spec, "dtype", config.dtype)
     if spec_dtype != config.dtype:
-        logger.warning("QuantSpec.dtype=%s differs from T3EngineConfig.dtype=%s; the engine runs in %s",
-                       spec_dtype, config.dtype, config.dtype)
-    replaced = apply_quant(t3.tfmr, spec)
+        raise ValueError(f"QuantSpec.dtype={spec_dtype!r} differs from T3EngineConfig.dtype={config.dtype!r}; "
+                         "set both to the same dtype")
+    replaced = apply_quant(t3.tfmr, spec, device=device, name="t3.tfmr")  # bnb quantizes where the weights land
     logger.info("quantized %d backbone layers with %s", len(replaced), spec)
     return replaced
 
@@ -62,7 +62,7 @@ class T3Engine:
             raise ValueError("T3Engine supports the Llama T3 backbone only (T3.is_gpt is True)")
 
         t3 = t3.eval().to(dtype=self.dtype)
-        self.quantized_layers = _quantize_backbone(t3, config)
+        self.quantized_layers = _quantize_backbone(t3, config, self.device)
         self.t3 = t3.to(self.device)
         hp = t3.hp
         self.vocab_size = hp.speech_tokens_dict_size
@@ -105,7 +105,7 @@ class T3Engine:
         if max_new < req.max_new_tokens:
             logger.warning("request %r: max_new_tokens %d capped to %d by max_seq_len=%d",
                            req.request_id, req.max_new_tokens, max_new, self.config.max_seq_len)
-        self.scheduler.add(Sequence(req.request_id, T, max_new, STOP_SPEECH_TOKEN))
+        self.scheduler.add(Sequence(req.request_id, T, max_new, -1 if req.ignore_stop else STOP_SPEECH_TOKEN))
         self.requests[req.request_id] = req
 
     def cancel(self, request_id: str) -> None:

@@ -13,25 +13,20 @@ from torch import nn
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # x: [..., C] -> [..., C], computed in fp32 like HF LlamaRMSNorm
-    dtype = x.dtype
-    x32 = x.float()
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x32.to(dtype)
+    # x: [..., C] -> [..., C]; normalized in fp32, cast back, then scaled: HF LlamaRMSNorm's order of operations
+    return weight * F.rms_norm(x.float(), (x.size(-1),), eps=eps).to(x.dtype)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: [R, H, T, D], cos/sin: [R, 1, T, D] (already in x's dtype) -> [R, H, T, D]
-    return x * cos + rotate_half(x) * sin
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    # x: [R, H, T, D], cos/sin_signed: [R, 1, T, D] (in x's dtype) -> [R, H, T, D]
+    # HF's x*cos + rotate_half(x)*sin with rotate_half(x) = cat(-x2, x1), written as
+    # cat(x2, x1) * cat(-sin1, sin2): the same products (negation is exact), fewer kernels.
+    swapped = x.unflatten(-1, (2, -1)).flip(-2).flatten(-2)  # cat(x2, x1)
+    return x * cos + swapped * sin_signed
 
 
 def rope_tables(tfmr_config, max_seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin: [max_seq_len, D] fp32, from a freshly built HF rotary module (fp32 inv_freq, llama3 scaling)."""
+    """cos, sin_signed: [max_seq_len, D] fp32 (sin_signed has its first half negated, see apply_rope), from a freshly built HF rotary module (fp32 inv_freq, llama3 scaling)."""
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
     rotary = LlamaRotaryEmbedding(tfmr_config)  # built on CPU in fp32, untouched by any dtype cast of the model
@@ -39,7 +34,9 @@ def rope_tables(tfmr_config, max_seq_len: int) -> tuple[torch.Tensor, torch.Tens
     pos = torch.arange(max_seq_len, dtype=torch.float32)  # [S]
     freqs = pos[:, None] * inv_freq[None, :]  # [S, D/2], the same fp32 products HF forms
     emb = torch.cat((freqs, freqs), dim=-1)  # [S, D]
-    return emb.cos() * rotary.attention_scaling, emb.sin() * rotary.attention_scaling
+    cos, sin = emb.cos() * rotary.attention_scaling, emb.sin() * rotary.attention_scaling
+    half = sin.size(-1) // 2
+    return cos, torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
 
 
 class KVCache(nn.Module):
@@ -74,7 +71,7 @@ class LlamaBackbone(nn.Module):
         self.max_seq_len = max_seq_len
         cos, sin = rope_tables(cfg, max_seq_len)
         self.register_buffer("cos", cos, persistent=False)  # [S, D] fp32
-        self.register_buffer("sin", sin, persistent=False)  # [S, D] fp32
+        self.register_buffer("sin", sin, persistent=False)  # [S, D] fp32, first half negated
 
     def _qkv(self, attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         # x: [R, T, C], cos/sin: [R, 1, T, D] -> q, k, v: [R, H, T, D] (q, k rotated)
@@ -116,7 +113,10 @@ class LlamaBackbone(nn.Module):
         cos = self.cos[pos].to(x.dtype)[:, None, None]  # [R, 1, 1, D]
         sin = self.sin[pos].to(x.dtype)[:, None, None]
         row_idx = torch.arange(R, device=x.device)  # [R]
-        mask = (torch.arange(kv_len, device=x.device)[None, :] <= pos[:, None])[:, None, None, :]  # [R, 1, 1, L]
+        visible = torch.arange(kv_len, device=x.device)[None, :] <= pos[:, None]  # [R, L]
+        # additive mask built once per step (a bool mask would be converted by SDPA in every layer)
+        mask = torch.zeros(R, 1, 1, kv_len, dtype=x.dtype, device=x.device)
+        mask.masked_fill_(~visible[:, None, None, :], float("-inf"))  # [R, 1, 1, L]
         h = x[:, None, :]  # [R, 1, C]
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn

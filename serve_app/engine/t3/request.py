@@ -33,6 +33,7 @@ class T3GenerationRequest:
     exaggeration: float = 0.5
     seed: int | None = None  # None: the engine draws one
     max_new_tokens: int = 1000  # counts every sampled token, the stop token included (as upstream)
+    ignore_stop: bool = False  # benchmarks: keep decoding past the stop token until max_new_tokens
 
     def validate(self) -> None:
         """Raise ValueError naming the bad field; never assert on user input."""
