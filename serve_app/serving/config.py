@@ -1,0 +1,283 @@
+"""The serve config: what `deploy/*.yaml` holds under `applications[0].args`, validated once.
+
+A deploy file is an ordinary Ray Serve config file (usable with `serve run deploy/cpu-tiny.yaml`, `serve deploy`
+and KubeRay's `serveConfigV2`); its application's `args` is a `ServeConfig`. Every per-deployment knob Ray
+Serve has for our stages (replicas or autoscaling, actor resources, admission limits, `user_config`) lives
+here, so the YAML is the single source of truth and is checked before anything starts.
+
+`user_config` sections are re-applied at runtime through each deployment's `reconfigure`, so batch sizes and
+wait timeouts can be tuned with `serve deploy` without restarting replicas.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+log = logging.getLogger(__name__)
+
+Device = Literal["auto", "cpu", "cuda"]
+Backend = Literal["upstream", "engine"]
+DType = Literal["float32", "float16", "bfloat16"]
+
+APP_IMPORT_PATH = "serve_app.serving.builder:app_builder"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CheckpointSettings(_Model):
+    source: str | None = Field(
+        None, description="Local folder in the upstream layout, 'hub', 'random', or null: CHATTERBOX_CHECKPOINT, "
+        "else hub if reachable, else random weights.")
+    preset: Literal["full", "tiny"] = Field("full", description="Architecture of a random-weight checkpoint.")
+    multilingual: bool = False
+    allow_random: bool = Field(True, description="Fall back to random weights when the hub is unreachable.")
+
+
+class AutoscalingSettings(_Model):
+    min_replicas: int = Field(1, ge=0)
+    initial_replicas: int | None = Field(None, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: float = Field(4.0, gt=0)
+    upscale_delay_s: float = Field(10.0, ge=0)
+    downscale_delay_s: float = Field(300.0, ge=0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscalingSettings:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"autoscaling_config: min_replicas={self.min_replicas} exceeds max_replicas="
+                             f"{self.max_replicas}; raise max_replicas or lower min_replicas")
+        return self
+
+
+class ActorOptions(_Model):
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+
+    @field_validator("num_gpus")
+    @classmethod
+    def _gpu_fraction(cls, v: float) -> float:
+        if v > 1 and v != int(v):
+            raise ValueError(f"num_gpus={v}: a replica uses a fraction of one GPU (<= 1) or whole GPUs; "
+                             "use e.g. 0.4 or 1")
+        return v
+
+
+class DeploymentSettings(_Model):
+    """Ray Serve deployment options common to every stage."""
+
+    num_replicas: int | None = Field(1, ge=1, description="Fixed replica count; null when autoscaling.")
+    autoscaling_config: AutoscalingSettings | None = None
+    ray_actor_options: ActorOptions = Field(default_factory=ActorOptions)
+    max_ongoing_requests: int = Field(16, ge=1, description="Requests one replica runs at once.")
+    max_queued_requests: int = Field(
+        64, ge=-1, description="Requests waiting for a replica before callers get a BackPressureError (-1: no cap).")
+    health_check_period_s: float = Field(10.0, gt=0)
+    graceful_shutdown_timeout_s: float = Field(20.0, ge=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _autoscaling_xor_replicas(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("autoscaling_config") is not None:
+            if data.get("num_replicas") not in (None, "auto"):
+                raise ValueError("set either num_replicas or autoscaling_config, not both; remove num_replicas "
+                                 "to autoscale")
+            data = {**data, "num_replicas": None}
+        return data
+
+    @property
+    def num_gpus(self) -> float:
+        return self.ray_actor_options.num_gpus
+
+    def to_options(self) -> dict[str, Any]:
+        """Keyword arguments for `Deployment.options(...)`."""
+        opts: dict[str, Any] = dict(
+            ray_actor_options=self.ray_actor_options.model_dump(),
+            max_ongoing_requests=self.max_ongoing_requests,
+            max_queued_requests=self.max_queued_requests,
+            health_check_period_s=self.health_check_period_s,
+            graceful_shutdown_timeout_s=self.graceful_shutdown_timeout_s,
+        )
+        if self.autoscaling_config is not None:
+            opts["autoscaling_config"] = self.autoscaling_config.model_dump(exclude_none=True)
+            opts["num_replicas"] = "auto"
+        else:
+            opts["num_replicas"] = self.num_replicas
+        return opts
+
+    def without_gpu(self) -> DeploymentSettings:
+        return self.model_copy(update={"ray_actor_options": self.ray_actor_options.model_copy(update={"num_gpus": 0})})
+
+
+class T3UserConfig(_Model):
+    max_batch_size: int = Field(8, ge=1, description="Requests decoded together (engine) or gathered per batch.")
+    batch_wait_timeout_s: float = Field(0.01, ge=0)
+
+
+class S3GenUserConfig(_Model):
+    max_batch_tokens: int = Field(4000, ge=1, description="Total speech tokens vocoded in one batch.")
+    batch_wait_timeout_s: float = Field(0.02, ge=0)
+
+
+class T3Settings(DeploymentSettings):
+    backend: Backend = "upstream"
+    dtype: DType = "float32"
+    user_config: T3UserConfig = Field(default_factory=T3UserConfig)
+    engine: dict[str, Any] = Field(default_factory=dict, description="Extra T3EngineConfig fields (engine backend).")
+    max_cached_voices: int = Field(64, ge=1)
+
+    @model_validator(mode="after")
+    def _admission(self) -> T3Settings:
+        if self.backend == "engine" and self.max_ongoing_requests < self.user_config.max_batch_size:
+            raise ValueError(f"t3.max_ongoing_requests={self.max_ongoing_requests} is below user_config."
+                             f"max_batch_size={self.user_config.max_batch_size}: the engine could never fill a "
+                             "batch; raise max_ongoing_requests")
+        return self
+
+
+class S3GenSettings(DeploymentSettings):
+    backend: Backend = "upstream"
+    dtype: DType = "float32"
+    user_config: S3GenUserConfig = Field(default_factory=S3GenUserConfig)
+    engine: dict[str, Any] = Field(default_factory=dict, description="Extra S3GenEngineConfig fields.")
+    max_cached_voices: int = Field(64, ge=1)
+
+
+class VoiceSettings(DeploymentSettings):
+    backend: Backend = "upstream"
+    voices_dir: Path | None = Field(None, description="Where enrolled voices live (null: CHATTERBOX_VOICES_DIR, "
+                                    "else <cache_dir>/voices).")
+    max_cached_voices: int = Field(256, ge=1)
+    max_reference_s: float = Field(30.0, gt=0, description="Longest reference clip accepted for enrollment.")
+
+
+class RouterSettings(DeploymentSettings):
+    settings: dict[str, Any] = Field(default_factory=dict, description="Passed to SpeechRouter as keyword "
+                                     "arguments (text chunking, limits, stream options).")
+    max_ongoing_requests: int = Field(64, ge=1)
+    max_queued_requests: int = Field(128, ge=-1)
+
+
+class ServeConfig(_Model):
+    checkpoint: CheckpointSettings = Field(default_factory=CheckpointSettings)
+    device: Device = Field("auto", description="'auto': CUDA where the cluster has GPUs, else CPU.")
+    quantization: str | None = Field(None, description="Strategy for GPU stages, e.g. 'mixed' or 'mixed,t3=int8' "
+                                     "(null: CHATTERBOX_QUANTIZATION).")
+    watermark: bool | None = Field(None, description="Perth watermark on generated audio (null: CHATTERBOX_WATERMARK).")
+    api_keys: list[str] | None = Field(None, description="Bearer keys; null: CHATTERBOX_API_KEYS; [] = no auth.")
+    app_name: str = "chatterbox"
+    route_prefix: str = "/"
+    t3: T3Settings = Field(default_factory=lambda: T3Settings(ray_actor_options=ActorOptions(num_cpus=1, num_gpus=0.4)))
+    s3gen: S3GenSettings = Field(
+        default_factory=lambda: S3GenSettings(ray_actor_options=ActorOptions(num_cpus=1, num_gpus=0.4)))
+    voice: VoiceSettings = Field(default_factory=lambda: VoiceSettings(
+        ray_actor_options=ActorOptions(num_cpus=1, num_gpus=0.1), max_ongoing_requests=4))
+    router: RouterSettings = Field(default_factory=lambda: RouterSettings(ray_actor_options=ActorOptions(num_cpus=1)))
+
+    @field_validator("route_prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        if not v.startswith("/"):
+            raise ValueError(f"route_prefix={v!r} must start with '/', e.g. '/' or '/tts'")
+        return v
+
+    @model_validator(mode="after")
+    def _router(self) -> ServeConfig:
+        if self.router.num_gpus:
+            raise ValueError("router.ray_actor_options.num_gpus must be 0: the router does no model work")
+        from .router_settings import RouterSettings
+
+        reserved = {"is_random_weights", "checkpoint_source", "multilingual", "watermark", "api_keys"}
+        if reserved & set(self.router.settings):
+            raise ValueError(f"router.settings may not set {sorted(reserved & set(self.router.settings))}: they "
+                             "come from the checkpoint and the top-level watermark/api_keys fields")
+        try:
+            RouterSettings(**self.router.settings)
+        except ValueError as e:
+            raise ValueError(f"router.settings: {e}") from None
+        return self
+
+    # -- resolution against the environment and the cluster --------------------------------------------
+
+    def with_env_defaults(self) -> ServeConfig:
+        """Fill null fields from CHATTERBOX_* env vars (explicit YAML values win)."""
+        from serve_app.envs import get_envs
+
+        envs = get_envs()
+        update: dict[str, Any] = {}
+        if self.checkpoint.source is None and envs.checkpoint:
+            update["checkpoint"] = self.checkpoint.model_copy(update={"source": envs.checkpoint})
+        if self.quantization is None and envs.quantization:
+            update["quantization"] = envs.quantization
+        if self.watermark is None:
+            update["watermark"] = envs.watermark
+        if self.api_keys is None:
+            update["api_keys"] = [k.strip() for k in (envs.api_keys or "").split(",") if k.strip()]
+        if self.voice.voices_dir is None:
+            voices_dir = envs.voices_dir or (Path(envs.cache_dir) / "voices")
+            update["voice"] = self.voice.model_copy(update={"voices_dir": Path(voices_dir)})
+        return self.model_copy(update=update)
+
+    def for_cluster(self, num_cluster_gpus: float) -> ServeConfig:
+        """Apply the device choice: without GPUs (or device=cpu) every stage asks for 0 GPUs, with a warning,
+        so no replica waits forever for a GPU that is not there."""
+        gpu_stages = {n: s for n, s in self.stages().items() if s.num_gpus > 0}
+        if self.device == "cuda" and num_cluster_gpus <= 0:
+            raise ValueError("device=cuda but the Ray cluster has no GPUs; use device: auto (falls back to CPU) "
+                             "or device: cpu")
+        if self.device == "cpu" or num_cluster_gpus <= 0:
+            if gpu_stages:
+                log.warning("%s: forcing num_gpus=0 for %s (asked for %s); stages run on CPU",
+                            "device=cpu" if self.device == "cpu" else "no GPU in the Ray cluster",
+                            ", ".join(gpu_stages), ", ".join(f"{n}={s.num_gpus}" for n, s in gpu_stages.items()))
+            return self.model_copy(update={n: s.without_gpu() for n, s in gpu_stages.items()} | {"device": "cpu"})
+        if self.device == "cuda" and not gpu_stages:
+            raise ValueError("device=cuda but no stage asks for a GPU; set ray_actor_options.num_gpus on t3/s3gen "
+                             "(e.g. 0.4) or use device: auto")
+        return self.model_copy(update={"device": "cuda" if gpu_stages else "cpu"})
+
+    def stages(self) -> dict[str, DeploymentSettings]:
+        return {"t3": self.t3, "s3gen": self.s3gen, "voice": self.voice}
+
+
+def stage_device(settings: DeploymentSettings) -> str:
+    """The torch device a stage's replicas use: CUDA exactly when the replica was given a GPU share."""
+    return "cuda" if settings.num_gpus > 0 else "cpu"
+
+
+# -- deploy files -----------------------------------------------------------------------------------------
+
+
+class DeployFile(_Model):
+    """The parts of a Ray Serve config file we read; the rest is passed through to Ray untouched."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    config: ServeConfig
+
+
+def load_deploy_file(path: str | Path) -> DeployFile:
+    """Read a Ray Serve config file whose (single) application is ours and validate its args."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"serve config {path} not found; pass one of deploy/*.yaml") from None
+    if not isinstance(raw, dict) or not raw.get("applications"):
+        raise ValueError(f"{path}: not a Ray Serve config file (no 'applications' list); see deploy/default.yaml")
+    apps = [a for a in raw["applications"] if a.get("import_path") == APP_IMPORT_PATH]
+    if len(apps) != 1:
+        raise ValueError(f"{path}: expected exactly one application with import_path: {APP_IMPORT_PATH}")
+    app = apps[0]
+    http = raw.get("http_options") or {}
+    args = dict(app.get("args") or {})
+    args.setdefault("app_name", app.get("name", "chatterbox"))
+    args.setdefault("route_prefix", app.get("route_prefix", "/"))
+    return DeployFile(host=http.get("host", "127.0.0.1"), port=int(http.get("port", 8000)),
+                      config=ServeConfig.model_validate(args))

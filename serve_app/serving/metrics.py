@@ -1,0 +1,81 @@
+"""Every chatterbox_* metric, declared once through `ray.serve.metrics` (exported by Ray's metrics agent).
+
+Names follow Prometheus conventions: `chatterbox_<stage>_<what>_<unit>`, base units, counters end in `_total`.
+Ray Serve adds `deployment`, `replica` and `application` tags to each series. Metric objects are created
+lazily on first use, inside the replica process (Ray metrics need a connected worker).
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+
+from ray.serve import metrics as serve_metrics
+
+LATENCY_BOUNDARIES_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120]
+STEP_BOUNDARIES_S = [0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1]
+BATCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+TOKEN_BOUNDARIES = [25, 50, 100, 250, 500, 1000, 2000, 4000, 8000, 16000]
+
+
+class Metrics:
+    """The project's metrics. Get the process-wide instance with `get_metrics()`."""
+
+    def __init__(self) -> None:
+        H, C, G = serve_metrics.Histogram, serve_metrics.Counter, serve_metrics.Gauge
+        # request level (router)
+        self.request_duration_seconds = H(
+            "chatterbox_request_duration_seconds", "Speech request wall time, end to end.",
+            boundaries=LATENCY_BOUNDARIES_S, tag_keys=("route", "stream", "status"))
+        self.time_to_first_audio_seconds = H(
+            "chatterbox_time_to_first_audio_seconds", "From request arrival to the first audio bytes.",
+            boundaries=LATENCY_BOUNDARIES_S, tag_keys=("route", "stream"))
+        self.audio_seconds_total = C(
+            "chatterbox_audio_seconds_total", "Seconds of audio produced.", tag_keys=("stage",))
+        self.requests_total = C(
+            "chatterbox_requests_total", "Requests finished, by outcome.", tag_keys=("route", "status"))
+        # T3
+        self.t3_request_seconds = H(
+            "chatterbox_t3_request_seconds", "T3 generation time for one text chunk.",
+            boundaries=LATENCY_BOUNDARIES_S, tag_keys=("backend",))
+        self.t3_step_seconds = H(
+            "chatterbox_t3_step_seconds", "One T3 engine decode step (all running requests).",
+            boundaries=STEP_BOUNDARIES_S, tag_keys=("backend",))
+        self.t3_batch_size = H(
+            "chatterbox_t3_batch_size", "Requests in a T3 batch or engine step.",
+            boundaries=BATCH_BOUNDARIES, tag_keys=("backend",))
+        self.t3_speech_tokens_total = C(
+            "chatterbox_t3_speech_tokens_total", "Speech tokens generated.", tag_keys=("backend",))
+        self.t3_queue_depth = G(
+            "chatterbox_t3_queue_depth", "T3 requests admitted to this replica and not finished.",
+            tag_keys=("backend",))
+        # S3Gen
+        self.s3gen_batch_seconds = H(
+            "chatterbox_s3gen_batch_seconds", "Time to vocode one S3Gen batch.",
+            boundaries=LATENCY_BOUNDARIES_S, tag_keys=("backend",))
+        self.s3gen_batch_size = H(
+            "chatterbox_s3gen_batch_size", "Jobs in one S3Gen batch.", boundaries=BATCH_BOUNDARIES,
+            tag_keys=("backend",))
+        self.s3gen_batch_tokens = H(
+            "chatterbox_s3gen_batch_tokens", "Speech tokens in one S3Gen batch.", boundaries=TOKEN_BOUNDARIES,
+            tag_keys=("backend",))
+        self.s3gen_queue_depth = G(
+            "chatterbox_s3gen_queue_depth", "Vocode jobs admitted to this replica and not finished.",
+            tag_keys=("backend",))
+        # voices
+        self.voice_enroll_seconds = H(
+            "chatterbox_voice_enroll_seconds", "Time to enroll one voice.", boundaries=LATENCY_BOUNDARIES_S)
+        self.voice_cache_lookups_total = C(
+            "chatterbox_voice_cache_lookups_total", "Conditionals cache lookups in a stage.", tag_keys=("stage", "result"))
+        # GPU memory (per replica; updated periodically)
+        self.gpu_memory_allocated_bytes = G(
+            "chatterbox_gpu_memory_allocated_bytes", "torch.cuda.memory_allocated of this replica.",
+            tag_keys=("stage",))
+        self.gpu_memory_reserved_bytes = G(
+            "chatterbox_gpu_memory_reserved_bytes", "torch.cuda.memory_reserved of this replica.", tag_keys=("stage",))
+        self.gpu_memory_budget_bytes = G(
+            "chatterbox_gpu_memory_budget_bytes", "This replica's share of its GPU (num_gpus x total memory).",
+            tag_keys=("stage",))
+
+
+@lru_cache(maxsize=1)
+def get_metrics() -> Metrics:
+    return Metrics()

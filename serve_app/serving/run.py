@@ -1,0 +1,64 @@
+"""`chatterbox-serve serve`: start a fresh private Ray, run the app from a deploy file, block until interrupted.
+
+Always starts a new single-node Ray instance with explicit loopback ports (local_ray.py): other Ray clusters
+may be running on the machine and are never joined or stopped. Ray's files go under RAY_TMPDIR (or Ray's
+default), the dashboard is off, and the Prometheus metrics port is explicit (CHATTERBOX_METRICS_PORT /
+`metrics_port`, default 8080) so a scraper knows where to look.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from .config import DeployFile, ServeConfig, load_deploy_file
+from .local_ray import start_local_ray
+
+log = logging.getLogger(__name__)
+
+DEFAULT_METRICS_PORT = 8080
+
+
+def run_app(config: ServeConfig, *, host: str, port: int, blocking: bool = False) -> Any:
+    """Serve `config` on a running Ray instance; returns the ingress handle."""
+    from ray import serve
+
+    from .builder import build_app, resolve_checkpoint_for, resolve_config
+
+    config = resolve_config(config)
+    checkpoint = resolve_checkpoint_for(config)
+    serve.start(http_options={"host": host, "port": port}, proxy_location="HeadOnly")
+    handle = serve.run(build_app(config, checkpoint=checkpoint, resolve=False), name=config.app_name,
+                       route_prefix=config.route_prefix, blocking=False)
+    log.info("serving %s on http://%s:%d%s", checkpoint.describe(), host, port, config.route_prefix)
+    if blocking:
+        wait_forever()
+    return handle
+
+
+def wait_forever() -> None:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.is_set():
+        time.sleep(0.5)
+
+
+def serve_main(config_path: str | Path, host: str | None = None, port: int | None = None, *,
+               num_cpus: int | None = None, num_gpus: int | None = None, metrics_port: int | None = None) -> None:
+    """Validate the deploy file, start Ray, run the app and block. CLI flags override the file's http_options."""
+    deploy: DeployFile = load_deploy_file(config_path)
+    metrics_port = metrics_port or int(os.environ.get("CHATTERBOX_METRICS_PORT", DEFAULT_METRICS_PORT))
+    local = start_local_ray(num_cpus=num_cpus, num_gpus=num_gpus, metrics_port=metrics_port)
+    try:
+        run_app(deploy.config, host=host or deploy.host, port=port or deploy.port, blocking=True)
+    finally:
+        from ray import serve
+
+        log.info("shutting down")
+        serve.shutdown()
+        local.stop()

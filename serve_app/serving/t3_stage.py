@@ -1,0 +1,111 @@
+"""T3 stage: text chunk -> streamed speech tokens. A thin shim over a `T3Backend` (see t3_backend.py).
+
+`T3Replica` is the plain class (construct it directly in tests, with a fake voice handle and backend);
+`T3Stage` is the Ray Serve deployment built from it. Handle method: `generate(job: T3Job)` streaming
+`TokenChunk`s (call with `handle.options(stream=True)`); cancelling the caller's generator cancels the
+request in the backend.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, AsyncIterator
+
+from ray import serve
+
+from .conds_cache import CondsCache
+from .config import T3Settings, T3UserConfig, stage_device
+from .contracts import T3Job, TokenChunk, VoiceConds
+from .metrics import get_metrics
+from .replica_device import ReplicaDevice
+from .stage_common import apply_quant_pass, describe_spec, quant_spec
+from .t3_backend import EngineT3Backend, T3Backend, UpstreamT3Backend
+
+log = logging.getLogger(__name__)
+
+
+def make_t3_backend(checkpoint: Any, settings: T3Settings, rd: ReplicaDevice, quantization: str | None) -> T3Backend:
+    """Load T3 and its tokenizer from the checkpoint and wrap them in the configured backend."""
+    from serve_app.model.loader import load_t3, load_text_tokenizer
+
+    t3 = load_t3(checkpoint, rd.device, rd.torch_dtype)
+    tokenizer = load_text_tokenizer(checkpoint)
+    spec = quant_spec(quantization, "t3", rd.device)
+    if settings.backend == "engine":
+        m = get_metrics()
+
+        def on_step(seconds: float, batch: int) -> None:
+            m.t3_step_seconds.observe(seconds, tags={"backend": "engine"})
+            m.t3_batch_size.observe(batch, tags={"backend": "engine"})
+
+        backend = EngineT3Backend.from_model(
+            t3, tokenizer, multilingual=checkpoint.multilingual, device=rd.device, dtype=rd.torch_dtype,
+            max_batch_size=settings.user_config.max_batch_size, quant=spec, extra=settings.engine, on_step=on_step)
+        rd.quantization["t3"] = describe_spec(spec)
+        return backend
+    rd.quantization["t3"] = apply_quant_pass(t3.tfmr, spec, "t3")
+    return UpstreamT3Backend(t3, tokenizer, multilingual=checkpoint.multilingual, dtype=rd.torch_dtype)
+
+
+class T3Replica:
+    def __init__(self, checkpoint: Any, voice_handle: Any, settings: T3Settings, quantization: str | None = None,
+                 backend: T3Backend | None = None) -> None:
+        self.settings = settings
+        self.rd = ReplicaDevice.setup("t3", stage_device(settings), settings.num_gpus, settings.dtype)
+        t0 = time.perf_counter()
+        self.backend = backend or make_t3_backend(checkpoint, settings, self.rd, quantization)
+        self._voice = voice_handle
+        self.conds = CondsCache(self._fetch_conds, self.backend.prepare_conds, settings.max_cached_voices, "t3")
+        self._metrics = get_metrics()
+        self._tags = {"backend": self.backend.name}
+        self._num_running = 0
+        log.info("T3 stage ready in %.1fs: backend=%s device=%s dtype=%s quantization=%s weights=%s",
+                 time.perf_counter() - t0, self.backend.name, self.rd.device, self.rd.dtype,
+                 self.rd.quantization.get("t3", "none"),
+                 checkpoint.describe() if hasattr(checkpoint, "describe") else checkpoint)
+
+    async def _fetch_conds(self, voice_id: str) -> VoiceConds:
+        return await self._voice.get_conds.remote(voice_id)
+
+    async def generate(self, job: T3Job) -> AsyncIterator[TokenChunk]:
+        conds = await self.conds.get(job.voice_id)
+        t0 = time.perf_counter()
+        num_tokens = 0
+        self._num_running += 1
+        self._metrics.t3_queue_depth.set(self._num_running, tags=self._tags)
+        try:
+            async for chunk in self.backend.generate(job, conds):
+                num_tokens += len(chunk.tokens)
+                yield chunk
+        finally:
+            self._num_running -= 1
+            self._metrics.t3_queue_depth.set(self._num_running, tags=self._tags)
+            self._metrics.t3_request_seconds.observe(time.perf_counter() - t0, tags=self._tags)
+            self._metrics.t3_speech_tokens_total.inc(num_tokens, tags=self._tags)
+            if self.backend.name == "upstream":
+                self._metrics.t3_batch_size.observe(1, tags=self._tags)
+
+    def reconfigure(self, user_config: dict) -> None:
+        cfg = T3UserConfig.model_validate(user_config or {})
+        set_batching = getattr(self.backend, "set_batching", None)
+        if set_batching is not None:
+            set_batching(cfg.max_batch_size, cfg.batch_wait_timeout_s)
+        log.info("T3 stage user_config: %s", cfg.model_dump())
+
+    def invalidate_voice(self, voice_id: str) -> None:
+        self.conds.invalidate(voice_id)
+
+    def memory_report(self) -> dict:
+        return {**self.rd.memory_report(), "backend": self.backend.name,
+                "num_unfinished": self.backend.num_unfinished(), "num_cached_voices": len(self.conds)}
+
+    def check_health(self) -> None:
+        self.rd.export_metrics()
+
+    def __del__(self) -> None:
+        close = getattr(getattr(self, "backend", None), "close", None)
+        if close is not None:
+            close()
+
+
+T3Stage = serve.deployment(T3Replica, name="T3Stage")
