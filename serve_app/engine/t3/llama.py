@@ -13,16 +13,33 @@ from torch import nn
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # x: [..., C] -> [..., C]; normalized in fp32, cast back, then scaled: HF LlamaRMSNorm's order of operations
-    return weight * F.rms_norm(x.float(), (x.size(-1),), eps=eps).to(x.dtype)
+    # x: [..., C] -> [..., C]. Normalizes and scales in fp32, rounds once. In fp32 this is HF LlamaRMSNorm
+    # bit for bit; in bf16/fp16 HF rounds before the weight multiply (a rounding apart, one fused kernel here).
+    return F.rms_norm(x, (x.size(-1),), weight, eps)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
-    # x: [R, H, T, D], cos/sin_signed: [R, 1, T, D] (in x's dtype) -> [R, H, T, D]
+    # x: [R, T, N, D] (N heads), cos/sin_signed: [R or 1, T, 1, D] in x's dtype -> [R, T, N, D]
     # HF's x*cos + rotate_half(x)*sin with rotate_half(x) = cat(-x2, x1), written as
     # cat(x2, x1) * cat(-sin1, sin2): the same products (negation is exact), fewer kernels.
     swapped = x.unflatten(-1, (2, -1)).flip(-2).flatten(-2)  # cat(x2, x1)
     return x * cos + swapped * sin_signed
+
+
+def _is_plain_linear(*mods: nn.Module) -> bool:
+    return all(type(m) is nn.Linear and m.bias is None for m in mods)
+
+
+def _fuse_rows(*mods: nn.Linear) -> torch.Tensor:
+    """Concatenate Linear weights along the output dim and make each module's weight a view of the result, so
+    one GEMM serves all of them and no memory is duplicated. -> [sum(out), in]"""
+    fused = torch.cat([m.weight.detach() for m in mods])
+    start = 0
+    for m in mods:
+        n = m.out_features
+        m.weight = nn.Parameter(fused[start:start + n], requires_grad=False)
+        start += n
+    return fused
 
 
 def rope_tables(tfmr_config, max_seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,38 +89,60 @@ class LlamaBackbone(nn.Module):
         cos, sin = rope_tables(cfg, max_seq_len)
         self.register_buffer("cos", cos, persistent=False)  # [S, D] fp32
         self.register_buffer("sin", sin, persistent=False)  # [S, D] fp32, first half negated
+        # Fused q|k|v and gate|up weights where the projections are plain nn.Linear (not quantized). The
+        # upstream modules keep working: their weights become views of the fused tensors.
+        self._qkv_weight: list[torch.Tensor | None] = []
+        self._gate_up_weight: list[torch.Tensor | None] = []
+        for layer in self.layers:
+            a, m = layer.self_attn, layer.mlp
+            self._qkv_weight.append(_fuse_rows(a.q_proj, a.k_proj, a.v_proj)
+                                    if _is_plain_linear(a.q_proj, a.k_proj, a.v_proj) else None)
+            self._gate_up_weight.append(_fuse_rows(m.gate_proj, m.up_proj)
+                                        if _is_plain_linear(m.gate_proj, m.up_proj) else None)
 
-    def _qkv(self, attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        # x: [R, T, C], cos/sin: [R, 1, T, D] -> q, k, v: [R, H, T, D] (q, k rotated)
+    def _qkv(self, i: int, attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        # x: [R, T, C], cos/sin: [R or 1, T, 1, D] -> q, k, v: [R, H, T, D] (q, k rotated; views)
         R, T, _ = x.shape
-        q = attn.q_proj(x).view(R, T, self.num_heads, self.head_dim).transpose(1, 2)
-        k = attn.k_proj(x).view(R, T, self.num_heads, self.head_dim).transpose(1, 2)
-        v = attn.v_proj(x).view(R, T, self.num_heads, self.head_dim).transpose(1, 2)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+        H, D = self.num_heads, self.head_dim
+        w = self._qkv_weight[i] if self._qkv_weight else None
+        if w is not None:
+            qkv = F.linear(x, w).view(R, T, 3 * H, D)  # one GEMM
+            qk = apply_rope(qkv[:, :, :2 * H], cos, sin)  # [R, T, 2H, D], q and k together
+            q, k, v = qk[:, :, :H], qk[:, :, H:], qkv[:, :, 2 * H:]
+        else:  # quantized (bnb) projections: one call each
+            q = apply_rope(attn.q_proj(x).view(R, T, H, D), cos, sin)
+            k = apply_rope(attn.k_proj(x).view(R, T, H, D), cos, sin)
+            v = attn.v_proj(x).view(R, T, H, D)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
-    def _mlp(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def _mlp(self, i: int, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         # x: [R, T, C] -> [R, T, C]
         mlp = layer.mlp
-        return mlp.down_proj(F.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
+        w = self._gate_up_weight[i] if self._gate_up_weight else None
+        if w is not None:
+            gate, up = F.linear(x, w).chunk(2, dim=-1)
+        else:
+            gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+        return mlp.down_proj(F.silu(gate) * up)
 
     def prefill(self, x: torch.Tensor, rows: torch.Tensor, cache: KVCache) -> torch.Tensor:
         # x: [R, T, C] prompt embeddings (right-padded), rows: [R] int64 cache rows -> hidden [R, T, C] after final norm
         # Positions are 0..T-1 for every row; padding sits after each row's prompt, so causal attention keeps real
         # positions exact, and padded K/V beyond a row's length are masked by decode and later overwritten.
         R, T, _ = x.shape
-        cos = self.cos[:T].to(x.dtype)[None, None]  # [1, 1, T, D]
-        sin = self.sin[:T].to(x.dtype)[None, None]
+        cos = self.cos[:T].to(x.dtype)[None, :, None]  # [1, T, 1, D]
+        sin = self.sin[:T].to(x.dtype)[None, :, None]
         h = x
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
             a_in = rms_norm(h, layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
-            q, k, v = self._qkv(attn, a_in, cos, sin)  # [R, H, T, D]
+            q, k, v = self._qkv(i, attn, a_in, cos, sin)  # [R, H, T, D]
             cache.k[i, rows, :, :T] = k
             cache.v[i, rows, :, :T] = v
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [R, H, T, D]
             h = h + attn.o_proj(o.transpose(1, 2).reshape(R, T, -1))
             m_in = rms_norm(h, layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon)
-            h = h + self._mlp(layer, m_in)
+            h = h + self._mlp(i, layer, m_in)
         return rms_norm(h, self.norm.weight, self.norm.variance_epsilon)
 
     def decode(self, x: torch.Tensor, pos: torch.Tensor, kv_len: int, cache: KVCache) -> torch.Tensor:
@@ -121,12 +160,12 @@ class LlamaBackbone(nn.Module):
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
             a_in = rms_norm(h, layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
-            q, k, v = self._qkv(attn, a_in, cos, sin)  # [R, H, 1, D]
+            q, k, v = self._qkv(i, attn, a_in, cos, sin)  # [R, H, 1, D]
             k_cache, v_cache = cache.k[i], cache.v[i]  # [rows, H, S, D]
             k_cache[row_idx, :, pos] = k[:, :, 0]  # write [R, H, D] at each row's own position
             v_cache[row_idx, :, pos] = v[:, :, 0]
             o = F.scaled_dot_product_attention(q, k_cache[:R, :, :kv_len], v_cache[:R, :, :kv_len], attn_mask=mask)
             h = h + attn.o_proj(o.transpose(1, 2).reshape(R, 1, -1))  # o: [R, H, 1, D]
             m_in = rms_norm(h, layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon)
-            h = h + self._mlp(layer, m_in)
+            h = h + self._mlp(i, layer, m_in)
         return rms_norm(h[:, 0], self.norm.weight, self.norm.variance_epsilon)
