@@ -77,6 +77,7 @@ class T3Engine:
             self.state = SlotState(config.max_batch_requests, self.vocab_size, self.device, START_SPEECH_TOKEN)
             self.vocab_hash = make_vocab_hash(self.vocab_size, self.device)  # [V]
             self.prefill_out = torch.zeros(config.max_prefill_requests, dtype=torch.int64, device=self.device)
+            self.logits = torch.zeros(config.max_rows, self.vocab_size, dtype=torch.float32, device=self.device)
         logger.info("T3 engine: %s %s, %d slots x %d positions, KV cache %.2f GiB, graphs=%s",
                     self.device, config.dtype, config.max_batch_requests, config.max_seq_len,
                     self.cache.num_bytes / 2**30, self.use_graphs)
@@ -86,7 +87,8 @@ class T3Engine:
         self._seed_rng = random.Random()
         self.graphs: DecodeGraphs | None = None
         if self.use_graphs:
-            self.graphs = DecodeGraphs(self._decode, config.batch_buckets, config.seq_buckets)
+            self.graphs = DecodeGraphs(self._decode_forward, self._decode_sample, config.batch_buckets,
+                                       config.seq_buckets)
             self.graphs.capture()
 
     # ---- public API -------------------------------------------------------------------------------------
@@ -135,7 +137,7 @@ class T3Engine:
             kv_len = pick_bucket(self.config.seq_buckets,
                                  max(s.prompt_len + max(s.num_generated, 1) for s in running))
             if self.graphs is not None:
-                self.graphs.replay(num_slots, kv_len)
+                self.graphs.run(num_slots, kv_len)
             else:
                 self._decode(num_slots, kv_len)
 
@@ -219,15 +221,24 @@ class T3Engine:
         return t.to(self.device)
 
     def _decode(self, num_slots: int, kv_len: int) -> None:
-        """One decode step for slots [0, num_slots) on static buffers; captured as a CUDA graph per bucket."""
+        """One decode step for slots [0, num_slots) on static buffers (what the full-step graphs capture)."""
+        self._decode_forward(num_slots, kv_len)
+        self._decode_sample(num_slots)
+
+    def _decode_forward(self, num_slots: int, kv_len: int) -> None:
+        """Backbone and speech head for the slots' last tokens -> self.logits[:2 * num_slots]."""
         st, t3, n = self.state, self.t3, num_slots
         x = t3.speech_emb(st.last_token[:n]) + t3.speech_pos_emb.emb(st.speech_pos[:n])  # [n, C]
         C = x.size(-1)
         x = x[:, None, :].expand(n, 2, C).reshape(2 * n, C)  # [2n, C] rows (cond, uncond) per slot
         pos = st.rope_pos[:n, None].expand(n, 2).reshape(2 * n)  # [2n]
         h = self.backbone.decode(x, pos, kv_len, self.cache)  # [2n, C]
-        logits = t3.speech_head(h).float()  # [2n, V]
-        new = sample_tokens(logits, st.seen[:n], st.sampling_view(n), self.vocab_hash)  # [n]
+        self.logits[:2 * n].copy_(t3.speech_head(h))  # [2n, V] float32
+
+    def _decode_sample(self, num_slots: int) -> None:
+        """Guidance, processing and sampling from self.logits; advances the active slots' state."""
+        st, n = self.state, num_slots
+        new = sample_tokens(self.logits[:2 * n], st.seen[:n], st.sampling_view(n), self.vocab_hash)  # [n]
         st.seen[:n].scatter_(1, new[:, None], True)
         act = st.active[:n]
         st.last_token[:n].copy_(new)

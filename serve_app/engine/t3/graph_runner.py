@@ -1,8 +1,12 @@
 """CUDA graphs of the decode step, one per (batch bucket, KV-length bucket), nano-vllm style.
 
-All graph inputs and outputs live in static buffers owned by the engine (SlotState, KVCache), so a replay
-needs no copies. Graphs are captured largest first into one shared memory pool; rows past the running
+All graph inputs and outputs live in static buffers owned by the engine (SlotState, KVCache, logits), so a
+replay needs no copies. Graphs are captured largest first into one shared memory pool; rows past the running
 requests are explicit padding rows (inactive slots at position 0).
+
+By default a graph holds the whole step (forward + sampling). Should capturing the sampler fail on some
+torch/CUDA build, the graphs are recaptured around the forward only and sampling runs eagerly after the
+replay (still no host sync), with a warning.
 """
 from __future__ import annotations
 
@@ -25,34 +29,62 @@ def pick_bucket(buckets: tuple[int, ...], n: int) -> int:
 
 
 class DecodeGraphs:
-    def __init__(self, decode_fn: Callable[[int, int], None], batch_buckets: tuple[int, ...],
-                 seq_buckets: tuple[int, ...]):
-        self.decode_fn = decode_fn  # decode_fn(num_slots, kv_len) runs one decode step on the static buffers
+    def __init__(self, forward_fn: Callable[[int, int], None], sample_fn: Callable[[int], None],
+                 batch_buckets: tuple[int, ...], seq_buckets: tuple[int, ...]):
+        self.forward_fn = forward_fn  # forward_fn(num_slots, kv_len): static buffers -> logits buffer
+        self.sample_fn = sample_fn  # sample_fn(num_slots): logits buffer -> sampled tokens, advanced state
         self.batch_buckets = batch_buckets
         self.seq_buckets = seq_buckets
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.pool = None
+        self.sampler_in_graph = True
+
+    def _step(self, nb: int, kv_len: int) -> None:
+        self.forward_fn(nb, kv_len)
+        if self.sampler_in_graph:
+            self.sample_fn(nb)
 
     @torch.inference_mode()
     def capture(self) -> None:
-        """Capture every (batch, kv_len) bucket, largest first. Requires all slots inactive (the warm-up and
-        capture runs do execute on the buffers; inactive slots are not advanced)."""
+        """Capture every bucket. Requires all slots inactive: warm-up and capture runs execute on the buffers
+        (inactive slots are not advanced)."""
+        try:
+            self._capture_all()
+        except Exception as e:  # capture failures surface as RuntimeError / torch.AcceleratorError
+            logger.warning("capturing the sampler in CUDA graphs failed (%s); recapturing the forward only, "
+                           "sampling runs eagerly after each replay", e)
+            torch.cuda.synchronize()
+            self.graphs, self.pool, self.sampler_in_graph = {}, None, False
+            torch.cuda.empty_cache()
+            try:
+                self._capture_all()
+            except Exception as e2:
+                raise RuntimeError(f"CUDA graph capture of the T3 decode step failed ({e2}); "
+                                   "set T3EngineConfig(enforce_eager=True)") from e2
+
+    def _capture_all(self) -> None:
         t0 = time.perf_counter()
         # One eager warm-up at the largest shape initializes cuBLAS/SDPA workspaces before any capture.
-        self.decode_fn(self.batch_buckets[-1], self.seq_buckets[-1])
+        self._step(self.batch_buckets[-1], self.seq_buckets[-1])
+        if not self.sampler_in_graph:
+            self.sample_fn(self.batch_buckets[-1])
         torch.cuda.synchronize()
         for nb in reversed(self.batch_buckets):
             for kv_len in reversed(self.seq_buckets):
-                self.decode_fn(nb, kv_len)  # warm-up at this shape
+                self._step(nb, kv_len)  # warm-up at this shape
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, self.pool):
-                    self.decode_fn(nb, kv_len)
+                    self._step(nb, kv_len)
                 if self.pool is None:
                     self.pool = graph.pool()
                 self.graphs[(nb, kv_len)] = graph
         torch.cuda.synchronize()
-        logger.info("captured %d decode graphs (batch %s x kv_len %s) in %.1f s", len(self.graphs),
-                    self.batch_buckets, self.seq_buckets, time.perf_counter() - t0)
+        logger.info("captured %d decode graphs (batch %s x kv_len %s, sampler in graph: %s) in %.1f s",
+                    len(self.graphs), self.batch_buckets, self.seq_buckets, self.sampler_in_graph,
+                    time.perf_counter() - t0)
 
-    def replay(self, nb: int, kv_len: int) -> None:
+    def run(self, nb: int, kv_len: int) -> None:
+        """One decode step for bucket (nb, kv_len): replay, plus eager sampling when it is not captured."""
         self.graphs[(nb, kv_len)].replay()
+        if not self.sampler_in_graph:
+            self.sample_fn(nb)

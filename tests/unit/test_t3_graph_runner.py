@@ -1,0 +1,106 @@
+"""DecodeGraphs plumbing on CPU with a fake CUDA graph API: buckets captured largest first into one pool,
+replay runs the captured shape, and the sampler-outside-the-graph fallback gives the same tokens."""
+import contextlib
+
+import pytest
+import torch
+
+from serve_app.engine.t3 import T3Conditioning, T3Engine, T3EngineConfig, T3GenerationRequest
+from serve_app.engine.t3 import graph_runner
+from serve_app.engine.t3.graph_runner import DecodeGraphs, pick_bucket
+
+
+class _FakeGraph:
+    current = None
+
+    def __init__(self):
+        self.calls = []  # what ran while "capturing"
+
+    def replay(self):
+        for fn, args in self.calls:
+            fn(*args)
+
+    def pool(self):
+        return "shared-pool"
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    pools = []
+
+    @contextlib.contextmanager
+    def graph(g, pool=None):
+        pools.append(pool)
+        _FakeGraph.current = g
+        try:
+            yield
+        finally:
+            _FakeGraph.current = None
+
+    monkeypatch.setattr(graph_runner.torch.cuda, "CUDAGraph", _FakeGraph)
+    monkeypatch.setattr(graph_runner.torch.cuda, "graph", graph)
+    monkeypatch.setattr(graph_runner.torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(graph_runner.torch.cuda, "empty_cache", lambda: None)
+    return pools
+
+
+def _recording(fn):
+    def wrapped(*args):
+        if _FakeGraph.current is not None:
+            _FakeGraph.current.calls.append((fn, args))
+        else:
+            fn(*args)
+    return wrapped
+
+
+def test_pick_bucket():
+    assert pick_bucket((1, 2, 4, 8), 3) == 4 and pick_bucket((1, 2, 4, 8), 8) == 8
+    with pytest.raises(ValueError):
+        pick_bucket((1, 2), 3)
+
+
+def test_capture_order_and_shared_pool(fake_cuda):
+    seen = []
+    g = DecodeGraphs(_recording(lambda n, L: seen.append((n, L))), _recording(lambda n: None), (1, 2, 4), (256, 512))
+    g.capture()
+    assert set(g.graphs) == {(n, L) for n in (1, 2, 4) for L in (256, 512)}
+    assert fake_cuda == [None] + ["shared-pool"] * 5  # first capture makes the pool, the rest share it
+    captured = [c[1] for gr in g.graphs.values() for c in gr.calls if len(c[1]) == 2]
+    assert captured == sorted(captured, reverse=True)  # largest first
+    seen.clear()
+    g.run(2, 512)
+    assert seen == [(2, 512)]
+
+
+def _cond(seed):
+    gen = torch.Generator().manual_seed(seed)
+    return T3Conditioning(torch.randn(1, 256, generator=gen), torch.randint(0, 6561, (1, 150), generator=gen))
+
+
+def _reqs():
+    return [T3GenerationRequest("a", list(range(3, 20)), _cond(1), temperature=0.0, max_new_tokens=12),
+            T3GenerationRequest("b", list(range(30, 40)), _cond(2), seed=4, max_new_tokens=9)]
+
+
+@pytest.mark.parametrize("sampler_fails", [False, True])
+def test_engine_with_fake_graphs_matches_eager(fake_cuda, sampler_fails):
+    from serve_app.model.presets import build_t3, get_preset
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    t3 = build_t3(get_preset("tiny")).eval()
+    cfg = T3EngineConfig(max_batch_requests=2, max_seq_len=256, dtype="fp32", device="cpu")
+    eager = T3Engine(t3, cfg).generate(_reqs())
+
+    engine = T3Engine(t3, cfg)
+    recorded_sample = _recording(engine._decode_sample)
+
+    def sample(n):
+        if sampler_fails and _FakeGraph.current is not None:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        recorded_sample(n)
+
+    engine.graphs = DecodeGraphs(_recording(engine._decode_forward), sample, cfg.batch_buckets, cfg.seq_buckets)
+    engine.graphs.capture()
+    assert engine.graphs.sampler_in_graph is (not sampler_fails)
+    assert engine.generate(_reqs()) == eager
