@@ -168,6 +168,8 @@ def kuberay_errors(obj: dict[str, Any]) -> list[str]:
         errors.append(f"workerGroupSpecs: group names must be unique, got {names}")
     for g in groups:
         lo, hi = g.get("minReplicas", 0), g.get("maxReplicas", 2**31 - 1)
+        if not all(isinstance(n, int) for n in (lo, hi, g.get("replicas", lo))):
+            continue  # the schema reports the type
         if lo > hi:
             errors.append(f"workerGroupSpecs[{g.get('groupName')}]: minReplicas={lo} exceeds maxReplicas={hi}")
         if "replicas" in g and not lo <= g["replicas"] <= hi:
