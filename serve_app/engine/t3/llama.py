@@ -10,6 +10,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+# Decode attention (one query per row over a masked static cache): the memory-efficient kernel takes the
+# additive mask and is capturable; math is the fallback (and what CPUs run). Pinned so the kernel choice,
+# and with it graph-vs-eager equality, does not depend on heuristics.
+DECODE_SDPA_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -151,12 +157,19 @@ class LlamaBackbone(nn.Module):
         R, C = x.shape
         cos = self.cos[pos].to(x.dtype)[:, None, None]  # [R, 1, 1, D]
         sin = self.sin[pos].to(x.dtype)[:, None, None]
-        row_idx = torch.arange(R, device=x.device)  # [R]
         visible = torch.arange(kv_len, device=x.device)[None, :] <= pos[:, None]  # [R, L]
         # additive mask built once per step (a bool mask would be converted by SDPA in every layer)
         mask = torch.zeros(R, 1, 1, kv_len, dtype=x.dtype, device=x.device)
         mask.masked_fill_(~visible[:, None, None, :], float("-inf"))  # [R, 1, 1, L]
         h = x[:, None, :]  # [R, 1, C]
+        with sdpa_kernel(DECODE_SDPA_BACKENDS):
+            h = self._decode_layers(h, pos, kv_len, cache, cos, sin, mask)
+        return rms_norm(h[:, 0], self.norm.weight, self.norm.variance_epsilon)
+
+    def _decode_layers(self, h, pos, kv_len, cache, cos, sin, mask):
+        # h: [R, 1, C], pos: [R], cos/sin: [R, 1, 1, D], mask: [R, 1, 1, L] -> h: [R, 1, C]
+        R = h.size(0)
+        row_idx = torch.arange(R, device=h.device)  # [R]
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
             a_in = rms_norm(h, layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
@@ -168,4 +181,4 @@ class LlamaBackbone(nn.Module):
             h = h + attn.o_proj(o.transpose(1, 2).reshape(R, 1, -1))  # o: [R, H, 1, D]
             m_in = rms_norm(h, layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon)
             h = h + self._mlp(i, layer, m_in)
-        return rms_norm(h[:, 0], self.norm.weight, self.norm.variance_epsilon)
+        return h
