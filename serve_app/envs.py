@@ -35,6 +35,8 @@ class Envs(BaseSettings):
     api_keys: str | None = Field(None, description="Comma-separated Bearer API keys; unset means no auth.")
     voices_dir: Path | None = Field(None, description="Where enrolled voices are stored (default: cache_dir/voices).")
     log_level: str = Field("INFO", description="Python log level.")
+    metrics_port: int = Field(8080, description="Port of Ray's Prometheus metrics endpoint when `serve` starts Ray "
+                              "(outside Ray's worker port range 10002-19999).")
 
 
 @lru_cache(maxsize=1)

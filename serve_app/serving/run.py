@@ -8,7 +8,6 @@ default), the dashboard is off, and the Prometheus metrics port is explicit (CHA
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import threading
 import time
@@ -20,7 +19,6 @@ from .local_ray import start_local_ray
 
 log = logging.getLogger(__name__)
 
-DEFAULT_METRICS_PORT = 8080
 
 
 def run_app(config: ServeConfig, *, host: str, port: int, blocking: bool = False) -> Any:
@@ -49,16 +47,30 @@ def wait_forever() -> None:
 
 
 def serve_main(config_path: str | Path, host: str | None = None, port: int | None = None, *,
-               num_cpus: int | None = None, num_gpus: int | None = None, metrics_port: int | None = None) -> None:
-    """Validate the deploy file, start Ray, run the app and block. CLI flags override the file's http_options."""
+               checkpoint: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None,
+               metrics_port: int | None = None) -> None:
+    """Validate the deploy file, start Ray, run the app and block. Arguments override the file (http_options for
+    host/port; `checkpoint` for the checkpoint source: a folder, 'hub' or 'random')."""
+    if not logging.getLogger().handlers:
+        from serve_app.envs import get_envs
+
+        logging.basicConfig(level=get_envs().log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     deploy: DeployFile = load_deploy_file(config_path)
-    metrics_port = metrics_port or int(os.environ.get("CHATTERBOX_METRICS_PORT", DEFAULT_METRICS_PORT))
+    config = deploy.config
+    if checkpoint:
+        config = config.model_copy(update={"checkpoint": config.checkpoint.model_copy(update={"source": checkpoint})})
+    if metrics_port is None:
+        from serve_app.envs import get_envs
+
+        metrics_port = get_envs().metrics_port
     local = start_local_ray(num_cpus=num_cpus, num_gpus=num_gpus, metrics_port=metrics_port)
     try:
-        run_app(deploy.config, host=host or deploy.host, port=port or deploy.port, blocking=True)
+        run_app(config, host=host or deploy.host, port=port or deploy.port, blocking=True)
     finally:
         from ray import serve
 
         log.info("shutting down")
-        serve.shutdown()
-        local.stop()
+        try:
+            serve.shutdown()
+        finally:
+            local.stop()

@@ -61,6 +61,24 @@ def voice_conds_to_conditionals(vc: VoiceConds, device: str = "cpu") -> Any:
     return Conditionals(t3, gen).to(device)
 
 
+def save_conds(vc: VoiceConds, path: Path) -> None:
+    """Write `conds.pt` exactly as upstream `Conditionals.save` does (dict(t3=T3Cond.__dict__, gen=gen))."""
+    t = torch.from_numpy
+    t3 = dict(speaker_emb=t(vc.t3_speaker_emb), clap_emb=None, cond_prompt_speech_tokens=t(vc.t3_cond_prompt_speech_tokens),
+              cond_prompt_speech_emb=None, emotion_adv=vc.t3_emotion_adv * torch.ones(1, 1, 1))
+    gen = dict(prompt_token=t(vc.gen_prompt_token), prompt_token_len=t(vc.gen_prompt_token_len),
+               prompt_feat=t(vc.gen_prompt_feat), prompt_feat_len=None, embedding=t(vc.gen_embedding))
+    torch.save(dict(t3=t3, gen=gen), path)
+
+
+def load_conds(path: Path) -> VoiceConds:
+    """Read an upstream `conds.pt` (what `Conditionals.load` reads) without importing chatterbox."""
+    from types import SimpleNamespace
+
+    data = torch.load(path, map_location="cpu", weights_only=True)
+    return conditionals_to_voice_conds(SimpleNamespace(t3=SimpleNamespace(**data["t3"]), gen=data["gen"]))
+
+
 def new_voice_id() -> str:
     return f"voice_{uuid.uuid4().hex[:16]}"
 
@@ -87,14 +105,16 @@ class VoiceStore:
             return False
 
     def add(self, conds: Any, name: str | None, duration_s: float, voice_id: str | None = None) -> VoiceInfo:
-        """Store upstream `Conditionals`; returns the new voice's info."""
+        """Store upstream `Conditionals` (or `VoiceConds`); returns the new voice's info."""
+        if not isinstance(conds, VoiceConds):
+            conds = conditionals_to_voice_conds(conds)
         voice_id = voice_id or new_voice_id()
         info = VoiceInfo(voice_id=voice_id, name=name or voice_id, created_at=int(time.time()),
                          duration_s=round(float(duration_s), 3))
         tmp = self.root / f".tmp-{voice_id}-{uuid.uuid4().hex[:6]}"
         tmp.mkdir(parents=True)
         try:
-            conds.save(tmp / CONDS_FILE)
+            save_conds(conds, tmp / CONDS_FILE)
             (tmp / META_FILE).write_text(json.dumps({"name": info.name, "created_at": info.created_at,
                                                      "duration_s": info.duration_s}))
             tmp.rename(self._dir(voice_id))
@@ -140,8 +160,6 @@ class VoiceStore:
             return self.builtin
         path = self._dir(voice_id) / CONDS_FILE
         try:
-            from chatterbox.tts import Conditionals
-
-            return conditionals_to_voice_conds(Conditionals.load(path, map_location="cpu"))
+            return load_conds(path)
         except FileNotFoundError:
             raise VoiceNotFoundError(f"Voice {voice_id!r} not found; list voices with GET /v1/audio/voices.") from None

@@ -1,0 +1,98 @@
+"""The serve config: deploy files validate, errors name the fix, CPU forcing, builder options."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from serve_app.serving.config import ServeConfig, load_deploy_file, stage_device
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+
+
+@pytest.mark.parametrize("name", ["cpu-tiny", "default", "gpu-1x"])
+def test_deploy_files_validate(name):
+    deploy = load_deploy_file(DEPLOY / f"{name}.yaml")
+    assert deploy.config.app_name == "chatterbox"
+    assert deploy.config.t3.max_queued_requests > 0 and deploy.config.s3gen.max_queued_requests > 0
+
+
+def test_cpu_forcing_warns_and_zeroes_gpus(caplog):
+    config = load_deploy_file(DEPLOY / "gpu-1x.yaml").config.model_copy(update={"device": "auto"})
+    with caplog.at_level(logging.WARNING):
+        cpu = config.for_cluster(num_cluster_gpus=0)
+    assert cpu.device == "cpu"
+    assert all(s.num_gpus == 0 for s in cpu.stages().values())
+    assert all(stage_device(s) == "cpu" for s in cpu.stages().values())
+    assert "forcing num_gpus=0" in caplog.text
+
+
+def test_device_cuda_without_gpu_names_the_fix():
+    config = load_deploy_file(DEPLOY / "gpu-1x.yaml").config
+    with pytest.raises(ValueError, match="device: auto"):
+        config.for_cluster(num_cluster_gpus=0)
+
+
+def test_gpu_cluster_keeps_fractions():
+    config = load_deploy_file(DEPLOY / "gpu-1x.yaml").config.for_cluster(num_cluster_gpus=1)
+    assert config.device == "cuda"
+    assert (config.t3.num_gpus, config.s3gen.num_gpus, config.voice.num_gpus) == (0.4, 0.4, 0.1)
+    assert stage_device(config.t3) == "cuda"
+
+
+@pytest.mark.parametrize("args,match", [
+    ({"t3": {"num_replicas": 2, "autoscaling_config": {"max_replicas": 3}}}, "not both"),
+    ({"t3": {"autoscaling_config": {"min_replicas": 4, "max_replicas": 2}}}, "raise max_replicas"),
+    ({"s3gen": {"ray_actor_options": {"num_gpus": 1.5}}}, "fraction"),
+    ({"router": {"ray_actor_options": {"num_gpus": 0.1}}}, "router does no model work"),
+    ({"router": {"settings": {"max_new_tokens": 0}}}, "router.settings"),
+    ({"router": {"settings": {"watermark": False}}}, "top-level"),
+    ({"t3": {"backend": "engine", "max_ongoing_requests": 4, "user_config": {"max_batch_size": 8}}},
+     "raise max_ongoing_requests"),
+    ({"device": "tpu"}, "device"),
+    ({"t3": {"max_batch": 3}}, "max_batch"),
+])
+def test_invalid_configs_name_the_fix(args, match):
+    with pytest.raises(ValidationError, match=match):
+        ServeConfig.model_validate(args)
+
+
+def test_autoscaling_options():
+    config = ServeConfig.model_validate({"router": {"autoscaling_config": {"min_replicas": 1, "max_replicas": 4,
+                                                                           "target_ongoing_requests": 8}}})
+    opts = config.router.to_options()
+    assert opts["num_replicas"] == "auto"
+    assert opts["autoscaling_config"]["max_replicas"] == 4
+    assert opts["max_queued_requests"] == config.router.max_queued_requests
+
+
+def test_env_defaults(monkeypatch, tmp_path):
+    from serve_app.envs import get_envs
+
+    monkeypatch.setenv("CHATTERBOX_WATERMARK", "false")
+    monkeypatch.setenv("CHATTERBOX_API_KEYS", "a, b")
+    monkeypatch.setenv("CHATTERBOX_CACHE_DIR", str(tmp_path))
+    get_envs.cache_clear()
+    try:
+        config = ServeConfig().with_env_defaults()
+        explicit = ServeConfig(watermark=True, api_keys=[]).with_env_defaults()
+    finally:
+        get_envs.cache_clear()
+    assert config.watermark is False and config.api_keys == ["a", "b"]
+    assert config.voice.voices_dir == tmp_path / "voices"
+    assert explicit.watermark is True and explicit.api_keys == []
+
+
+def test_router_settings_from_builder():
+    from serve_app.serving.builder import router_settings
+    from serve_app.serving.router_settings import RouterSettings
+
+    class Info:
+        is_random, source, path, revision, multilingual = True, "random", Path("/x"), None, False
+
+    config = ServeConfig(watermark=False, api_keys=["k"], router={"settings": {"max_new_tokens": 30}})
+    settings = RouterSettings(**router_settings(config, Info()))
+    assert settings.is_random_weights and not settings.watermark and settings.api_keys == ["k"]
+    assert settings.max_new_tokens == 30

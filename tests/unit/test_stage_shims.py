@@ -1,0 +1,190 @@
+"""Stage shims built unstarted (plain classes, fake backends and handles): batching, caching, voices on disk."""
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from serve_app.serving.conds_cache import CondsCache
+from serve_app.serving.config import S3GenSettings, T3Settings, VoiceSettings
+from serve_app.serving.contracts import BUILTIN_VOICE, T3Job, TokenChunk, VocodeJob, VocodeResult, VoiceConds
+from serve_app.serving.errors import InvalidRequestError, VoiceNotFoundError
+
+
+def _conds(seed: int = 0) -> VoiceConds:
+    rng = np.random.default_rng(seed)
+    return VoiceConds(
+        t3_speaker_emb=rng.standard_normal((1, 256)).astype(np.float32),
+        t3_cond_prompt_speech_tokens=rng.integers(0, 6561, (1, 150)).astype(np.int64), t3_emotion_adv=0.5,
+        gen_prompt_token=rng.integers(0, 6561, (1, 20)).astype(np.int64), gen_prompt_token_len=np.array([20]),
+        gen_prompt_feat=rng.standard_normal((1, 40, 80)).astype(np.float32),
+        gen_embedding=rng.standard_normal((1, 192)).astype(np.float32))
+
+
+class FakeVoiceMethod:
+    def __init__(self, owner):
+        self.owner = owner
+
+    async def remote(self, voice_id):
+        self.owner.calls += 1
+        if voice_id not in ("default", "v1"):
+            raise VoiceNotFoundError(f"Voice {voice_id!r} not found.")
+        return _conds()
+
+
+class FakeVoiceHandle:
+    def __init__(self):
+        self.calls = 0
+        self.get_conds = FakeVoiceMethod(self)
+
+
+class FakeT3Backend:
+    name = "fake"
+
+    def prepare_conds(self, conds):
+        return ("prepared", conds.t3_emotion_adv)
+
+    def num_unfinished(self):
+        return 0
+
+    async def generate(self, job, conds):
+        assert conds[0] == "prepared"
+        yield TokenChunk(job.request_id, [1, 2, 3])
+        yield TokenChunk(job.request_id, [4], finished=True, finish_reason="length")
+
+    def close(self):
+        pass
+
+
+class FakeS3GenBackend:
+    name = "fake"
+
+    def __init__(self):
+        self.batches = []
+
+    def prepare_conds(self, conds):
+        return "ref"
+
+    def vocode_batch(self, jobs, conds):
+        self.batches.append([len(j.speech_tokens) for j in jobs])
+        return [VocodeResult(j.request_id, np.zeros(len(j.speech_tokens) * 960, np.float32)) for j in jobs]
+
+
+def test_t3_replica_streams_and_caches_conds():
+    from serve_app.serving.t3_stage import T3Replica
+
+    voice = FakeVoiceHandle()
+    replica = T3Replica(None, voice, T3Settings(), backend=FakeT3Backend())
+
+    async def run():
+        out = []
+        for i in range(3):
+            out.append([c async for c in replica.generate(T3Job(f"r{i}", "Hi.", "default"))])
+        return out
+
+    results = asyncio.run(run())
+    assert [sum(len(c.tokens) for c in r) for r in results] == [4, 4, 4]
+    assert results[0][-1].finished and results[0][-1].finish_reason == "length"
+    assert voice.calls == 1   # conds fetched once, then cached
+    assert replica.memory_report()["device"] == "cpu"
+
+
+def test_s3gen_replica_batches_by_total_tokens(monkeypatch):
+    from types import SimpleNamespace
+
+    from ray import serve
+
+    from serve_app.serving.s3gen_stage import S3GenReplica
+
+    # @serve.batch reads the replica context (for a warning); outside Ray Serve give it one
+    context = SimpleNamespace(_deployment_config=SimpleNamespace(max_ongoing_requests=16))
+    monkeypatch.setattr(serve, "get_replica_context", lambda: context)
+
+    backend = FakeS3GenBackend()
+    settings = S3GenSettings(user_config={"max_batch_tokens": 100, "batch_wait_timeout_s": 0.2})
+    replica = S3GenReplica(None, FakeVoiceHandle(), settings, backend=backend)
+
+    async def run():
+        jobs = [VocodeJob(f"r{i}", [1] * 40, "default") for i in range(4)] + [VocodeJob("big", [1] * 150, "default")]
+        return await asyncio.gather(*(replica.vocode(j) for j in jobs))
+
+    results = asyncio.run(run())
+    assert [r.audio.size for r in results] == [40 * 960] * 4 + [150 * 960]
+    assert sorted(backend.batches) == sorted([[40, 40], [40, 40], [150]])   # <= 100 tokens a batch; big runs alone
+    replica.reconfigure({"max_batch_tokens": 200, "batch_wait_timeout_s": 0.0})
+    assert replica.memory_report()["max_batch_tokens"] == 200
+
+
+def test_conds_cache_is_bounded_lru_and_shares_misses():
+    fetched = []
+
+    async def fetch(voice_id):
+        fetched.append(voice_id)
+        await asyncio.sleep(0.01)
+        return voice_id
+
+    async def run():
+        cache = CondsCache(fetch, str.upper, max_entries=2)
+        assert await asyncio.gather(cache.get("a"), cache.get("a")) == ["A", "A"]
+        await cache.get("b")
+        await cache.get("c")   # evicts a
+        await cache.get("a")
+        return cache
+
+    cache = asyncio.run(run())
+    assert fetched == ["a", "b", "c", "a"] and len(cache) == 2
+
+
+def test_voice_store_roundtrip(tmp_path):
+    from serve_app.serving.voice_store import VoiceStore, voice_conds_to_conditionals
+
+    builtin = _conds(1)
+    store = VoiceStore(tmp_path / "voices", builtin)
+    info = store.add(_conds(2), "mine", 3.25)
+    other = store.add(voice_conds_to_conditionals(_conds(3)), None, 1.0)   # upstream Conditionals work too
+    assert other.name == other.voice_id and other.voice_id.startswith("voice_")
+    assert (tmp_path / "voices" / info.voice_id / "conds.pt").exists()
+    assert [v.voice_id for v in store.list()][0] == BUILTIN_VOICE
+    assert {v.voice_id for v in store.list()} == {BUILTIN_VOICE, info.voice_id, other.voice_id}
+    loaded = store.load(info.voice_id)
+    np.testing.assert_array_equal(loaded.gen_prompt_feat, _conds(2).gen_prompt_feat)
+    assert loaded.t3_cond_prompt_speech_tokens.dtype == np.int64
+    assert store.load(BUILTIN_VOICE) is builtin
+
+    # upstream can read what we wrote
+    from chatterbox.tts import Conditionals
+
+    upstream = Conditionals.load(tmp_path / "voices" / info.voice_id / "conds.pt")
+    assert tuple(upstream.t3.speaker_emb.shape) == (1, 256)
+
+    with pytest.raises(InvalidRequestError):
+        store.delete(BUILTIN_VOICE)
+    store.delete(info.voice_id)
+    assert not store.exists(info.voice_id)
+    with pytest.raises(VoiceNotFoundError):
+        store.load(info.voice_id)
+    with pytest.raises(VoiceNotFoundError):
+        store.load("../etc")
+
+
+def test_voice_replica_rejects_short_clip(tmp_path):
+    from serve_app.serving.voice_stage import VoiceReplica
+
+    class NoEnroll:
+        name = "fake"
+
+        def enroll(self, wav, sr, exaggeration=0.5):
+            raise AssertionError("not reached")
+
+    replica = VoiceReplica(None, VoiceSettings(voices_dir=tmp_path), enroller=NoEnroll(), builtin=_conds())
+    import io
+    import wave
+
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(16000)
+        w.writeframes(np.zeros(1600, "<i2").tobytes())
+    with pytest.raises(InvalidRequestError, match="at least"):
+        asyncio.run(replica.enroll(buf.getvalue(), "short"))
+    assert [v.voice_id for v in asyncio.run(replica.list_voices())] == [BUILTIN_VOICE]
