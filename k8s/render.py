@@ -78,7 +78,8 @@ def ray_version() -> str:
 
 def serve_config(config_path: Path) -> dict[str, Any]:
     """The deploy file as KubeRay's serveConfigV2: validated, applications unchanged, HTTP on every pod."""
-    sys.path.insert(0, str(ROOT))
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
     from serve_app.serving.config import load_deploy_file
 
     load_deploy_file(config_path)  # raises ValueError naming the fix
