@@ -1,0 +1,79 @@
+"""Engine configuration and per-request input for the S3Gen engine (speech tokens -> 24 kHz audio)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+SAMPLE_RATE = 24_000
+MEL_FRAMES_PER_TOKEN = 2          # flow.token_mel_ratio: 25 tokens/s -> 50 mel frames/s
+SAMPLES_PER_MEL_FRAME = 480       # HiFT upsampling 8 * 5 * 3 * istft hop 4
+SAMPLES_PER_TOKEN = MEL_FRAMES_PER_TOKEN * SAMPLES_PER_MEL_FRAME  # 960
+PRE_LOOKAHEAD_TOKENS = 3          # flow.pre_lookahead_len: held back until finalize
+
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class S3GenEngineConfig:
+    """How the engine runs. `dtype` applies to the CFM estimator (the bulk of the work); the flow encoder and
+    HiFT stay fp32 unless `encoder_dtype` / `hift_dtype` say otherwise."""
+
+    dtype: str = "fp32"                  # "fp32" | "bf16" | "fp16": CFM estimator compute dtype
+    n_cfm_timesteps: int = 10            # euler steps (upstream default 10)
+    quant: Any = None                    # quant.spec.QuantSpec for the flow (encoder + estimator), or None
+    device: str | None = None            # None: the s3gen module's device
+    max_batch_tokens: int = 32_768       # padded (prompt + speech) tokens in one flow call
+    length_bucket: int = 32              # flow batch length is rounded up to a multiple of this (tokens)
+    encoder_dtype: str = "fp32"          # flow encoder dtype (cheap: one pass vs 2 x n_cfm_timesteps)
+    hift_dtype: str = "fp32"             # HiFT vocoder dtype (cheap; see bench)
+    default_seed: int = 0                # CFM noise / HiFT source noise when a request brings no seed
+    stream_overlap_frames: int = 8       # mel frames re-vocoded and crossfaded at each stream join (160 ms)
+    cfg_rate: float | None = None        # None: upstream inference_cfg_rate (0.7)
+
+    def __post_init__(self):
+        for name in ("dtype", "encoder_dtype", "hift_dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not one of {list(DTYPES)}")
+        if self.n_cfm_timesteps < 1:
+            raise ValueError(f"n_cfm_timesteps={self.n_cfm_timesteps} must be >= 1 (upstream uses 10)")
+        if self.max_batch_tokens < 64:
+            raise ValueError(f"max_batch_tokens={self.max_batch_tokens} is too small; use >= 64 (e.g. 32768)")
+        if self.length_bucket < 1:
+            raise ValueError(f"length_bucket={self.length_bucket} must be >= 1")
+        if self.stream_overlap_frames < 1:
+            raise ValueError(f"stream_overlap_frames={self.stream_overlap_frames} must be >= 1 (e.g. 8)")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+
+class VocodeInput:
+    """One request for the engine.
+
+    speech_tokens: 1-D ints (< 6561), list / np.ndarray / torch.Tensor (`tokens=` is accepted as an alias).
+    conds: upstream `Conditionals.gen` dict (prompt_token [1, P], prompt_token_len [1], prompt_feat [1, F, 80],
+           embedding [1, 192]), ideally already on the engine's device (`S3GenEngine.prepare_conds`).
+    seed: CFM and HiFT noise seed; the same seed gives the same audio alone or in any batch.
+    finalize / stream_state: streaming (see `S3GenEngine.step`); one-shot is finalize=True, stream_state=None.
+    """
+
+    __slots__ = ("speech_tokens", "conds", "seed", "finalize", "stream_state")
+
+    def __init__(self, speech_tokens=None, conds: dict | None = None, seed: int | None = None,
+                 finalize: bool = True, stream_state=None, *, tokens=None):
+        if speech_tokens is None:
+            speech_tokens = tokens
+        if speech_tokens is None or conds is None:
+            raise ValueError("VocodeInput needs speech_tokens (or tokens=) and conds")
+        self.speech_tokens = speech_tokens
+        self.conds = conds
+        self.seed = seed
+        self.finalize = finalize
+        self.stream_state = stream_state
+
+    def __repr__(self) -> str:
+        return (f"VocodeInput(num_tokens={len(self.speech_tokens)}, seed={self.seed}, "
+                f"finalize={self.finalize}, streaming={self.stream_state is not None})")

@@ -1,0 +1,198 @@
+"""S3GenEngine: speech tokens -> 24 kHz audio, batched across requests, in fp32 / bf16 / fp16 / quantized flow.
+
+    engine = S3GenEngine(s3gen, S3GenEngineConfig(dtype="bf16"))
+    wavs = engine.vocode([VocodeInput(tokens, conds, seed=1), ...])           # one-shot, list[np.ndarray]
+    audio, state = engine.vocode_stream_step(tokens_so_far, conds, None, finalize=False)  # streaming
+
+The engine takes an already built (and loaded) upstream S3Gen module and modifies it in place (dtype casts,
+quantization). Enrollment modules (tokenizer, speaker encoder) are never used: strip them first in a
+vocoder-only replica (`strip_enrollment_modules`).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+
+from serve_app.serving.contracts import StreamState
+
+from .config import DTYPES, SAMPLES_PER_MEL_FRAME, S3GenEngineConfig, VocodeInput
+from .flow import FlowRow, FlowRunner
+from .noise import NoiseBank
+from .streaming import apply_trim_fade, crossfade, is_fresh, next_state, to_numpy, trim_fade
+from .vocoder import HiftRow, HiftRunner
+
+log = logging.getLogger(__name__)
+
+
+def plan_batches(lengths: list[int], max_batch_tokens: int, bucket: int) -> list[tuple[list[int], int]]:
+    """Group request indices into flow batches: sorted by length, each batch's rows * padded length within
+    `max_batch_tokens`. -> [(indices, padded_length)]. Pure Python."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batches: list[tuple[list[int], int]] = []
+    cur: list[int] = []
+    cur_len = 0
+    for i in order:
+        padded = -(-max(lengths[i], 1) // bucket) * bucket
+        if cur and (len(cur) + 1) * max(cur_len, padded) > max_batch_tokens:
+            batches.append((cur, cur_len))
+            cur, cur_len = [], 0
+        cur.append(i)
+        cur_len = max(cur_len, padded)
+    if cur:
+        batches.append((cur, cur_len))
+    return batches
+
+
+def _derive_seed(seed: int, offset: int) -> int:
+    return (int(seed) * 1_000_003 + int(offset)) % (2**63 - 1)
+
+
+class S3GenEngine:
+    def __init__(self, s3gen: torch.nn.Module, config: S3GenEngineConfig | None = None):
+        self.config = config = config or S3GenEngineConfig()
+        self.s3gen = s3gen.eval()
+        self.device = torch.device(config.device or next(s3gen.flow.parameters()).device)
+        flow, hift = s3gen.flow, s3gen.mel2wav
+        flow.to(self.device)
+        hift.to(self.device)
+        # dtype: estimator (bulk of the work) in config.dtype; the rest fp32 unless configured
+        flow.decoder.estimator.to(DTYPES[config.dtype])
+        flow.encoder.to(DTYPES[config.encoder_dtype])
+        hift.to(DTYPES[config.hift_dtype])
+        self.quantized: list[str] = []
+        if config.quant is not None and getattr(config.quant, "method", "none") != "none":
+            from quant.apply import apply_quant  # optional dependency, only when asked for
+
+            self.quantized += apply_quant(flow.encoder, config.quant)
+            self.quantized += apply_quant(flow.decoder.estimator, config.quant)
+            log.info("quantized %d flow modules with %s", len(self.quantized), config.quant)
+        self.noise = NoiseBank(self.device)
+        self.flow = FlowRunner(flow, self.noise, DTYPES[config.dtype], DTYPES[config.encoder_dtype], config.cfg_rate)
+        self.hift = HiftRunner(hift, DTYPES[config.hift_dtype])
+        self._trim_fade = trim_fade().to(self.device)
+
+    # ---- conditioning ---------------------------------------------------------------------------------
+    def prepare_conds(self, conds: Any) -> dict:
+        """VoiceConds (numpy) or an upstream gen dict -> gen dict on the engine device (cache it per voice)."""
+        from .conds import gen_dict_from_voice_conds
+
+        if isinstance(conds, dict):
+            return {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in conds.items()}
+        return gen_dict_from_voice_conds(conds, self.device)
+
+    def _row(self, inp: VocodeInput, finalize: bool) -> FlowRow:
+        c = inp.conds
+        tokens = torch.as_tensor(np.asarray(inp.speech_tokens) if not torch.is_tensor(inp.speech_tokens)
+                                 else inp.speech_tokens).reshape(-1).to(self.device, torch.long)  # [T]
+        prompt = c["prompt_token"].reshape(-1)
+        plen = c.get("prompt_token_len")
+        if plen is not None:
+            prompt = prompt[:int(torch.as_tensor(plen).reshape(-1)[0])]
+        feat = c["prompt_feat"]
+        feat = feat.reshape(feat.shape[-2], feat.shape[-1])                                   # [F, 80]
+        return FlowRow(
+            tokens=tokens,
+            prompt_token=prompt.to(self.device, torch.long),
+            prompt_feat=feat.to(self.device, torch.float32),
+            embedding=c["embedding"].reshape(-1).to(self.device, torch.float32),
+            seed=self.config.default_seed if inp.seed is None else int(inp.seed),
+            finalize=finalize,
+        )
+
+    # ---- the batched core -----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self, batch: list[VocodeInput]) -> list[tuple[np.ndarray, StreamState | None]]:
+        """One-shot and streaming requests in one call. -> per input (new audio [N] float32, state).
+        One-shot (finalize=True, stream_state=None): all audio, state None. Streaming: the audio since the last
+        call and the state to pass next time (stream_state=StreamState() or None on the first call of a stream
+        that is marked streaming by finalize=False)."""
+        if not batch:
+            return []
+        K = self.config.stream_overlap_frames
+        rows = [self._row(inp, inp.finalize) for inp in batch]
+        streaming = [not (inp.finalize and inp.stream_state is None) for inp in batch]
+        results: list[tuple[np.ndarray, StreamState | None] | None] = [None] * len(batch)
+        # requests that cannot produce new audio yet skip the flow
+        todo = []
+        for i, (inp, row) in enumerate(zip(batch, rows)):
+            start = 0 if is_fresh(inp.stream_state) else inp.stream_state.num_mel_frames_emitted
+            n_new = row.num_out_frames - start
+            enough = n_new > K if start == 0 else n_new >= K
+            if row.num_out_frames == 0 or (streaming[i] and not inp.finalize and not enough):
+                results[i] = self._nothing_new(inp, streaming[i])
+            else:
+                todo.append(i)
+        mels: dict[int, torch.Tensor] = {}
+        for idx, padded in plan_batches([rows[i].num_tokens for i in todo], self.config.max_batch_tokens,
+                                        self.config.length_bucket):
+            sel = [todo[j] for j in idx]
+            for i, mel in zip(sel, self.flow([rows[i] for i in sel], padded, self.config.n_cfm_timesteps)):
+                mels[i] = mel                                                                  # [80, N_i]
+        hift_rows: dict[int, HiftRow] = {}
+        for i in todo:
+            st = batch[i].stream_state
+            if not streaming[i] or is_fresh(st):
+                hift_rows[i] = HiftRow(mels[i], _derive_seed(rows[i].seed, 0))
+            else:
+                start = st.num_mel_frames_emitted
+                cache = None if st.hift_cache_source is None else torch.from_numpy(
+                    np.asarray(st.hift_cache_source, np.float32).reshape(-1)).to(self.device)
+                hift_rows[i] = HiftRow(mels[i][:, start - K:], _derive_seed(rows[i].seed, start), cache)
+        # HiFT in groups of similar length (frames are ~2x tokens; reuse the flow plan's budget)
+        hift_lens = [int(hift_rows[i].mel.shape[1]) for i in todo]
+        for idx, _ in plan_batches(hift_lens, 2 * self.config.max_batch_tokens, 2 * self.config.length_bucket):
+            sel = [todo[j] for j in idx]
+            wavs, srcs = self.hift([hift_rows[i] for i in sel])
+            for i, wav, src in zip(sel, wavs, srcs):
+                results[i] = self._finish(batch[i], streaming[i], int(mels[i].shape[1]), wav, src)
+        return results  # type: ignore[return-value]
+
+    def _nothing_new(self, inp: VocodeInput, streaming: bool) -> tuple[np.ndarray, StreamState | None]:
+        empty = np.zeros(0, np.float32)
+        if not streaming:
+            return empty, None
+        st = inp.stream_state
+        if inp.finalize and st is not None and st.tail_audio is not None:
+            tail = np.asarray(st.tail_audio, np.float32)  # flush what was held back for the crossfade
+            return tail, next_state(st, mel_frames=st.num_mel_frames_emitted, emitted=tail.size, tail=None,
+                                    source=None, finished=True)
+        return empty, (st if st is not None else StreamState())
+
+    def _finish(self, inp: VocodeInput, streaming: bool, num_frames: int, wav: torch.Tensor,
+                src: torch.Tensor) -> tuple[np.ndarray, StreamState | None]:
+        # wav, src: [480 M] for the vocoded frames
+        if not streaming:
+            return to_numpy(apply_trim_fade(wav, self._trim_fade)), None
+        K = self.config.stream_overlap_frames
+        n_ov = K * SAMPLES_PER_MEL_FRAME
+        st = inp.stream_state
+        if is_fresh(st):
+            wav = apply_trim_fade(wav, self._trim_fade)
+        else:
+            wav = wav.clone()
+            tail = torch.from_numpy(np.asarray(st.tail_audio, np.float32)).to(wav.device)
+            wav[:n_ov] = crossfade(wav[:n_ov], tail)
+        if inp.finalize:
+            return to_numpy(wav), next_state(st, mel_frames=num_frames, emitted=wav.shape[0], tail=None,
+                                             source=None, finished=True)
+        out = wav[:-n_ov]
+        return to_numpy(out), next_state(st, mel_frames=num_frames, emitted=out.shape[0], tail=wav[-n_ov:],
+                                         source=src[-n_ov:], finished=False)
+
+    # ---- API --------------------------------------------------------------------------------------------
+    def vocode(self, batch: list[VocodeInput]) -> list[np.ndarray]:
+        """One-shot decode of whole token sequences. -> per input audio [960 T - prompt spill] float32 at 24 kHz
+        (2 mel frames per token, 480 samples per frame; upstream's length)."""
+        inputs = [VocodeInput(b.speech_tokens, b.conds, b.seed) for b in batch]
+        return [audio for audio, _ in self.step(inputs)]
+
+    def vocode_stream_step(self, tokens_so_far, conds: dict, state: StreamState | None, finalize: bool,
+                           seed: int | None = None) -> tuple[np.ndarray, StreamState]:
+        """Streaming: the whole token prefix so far -> (new audio [N] float32, state for the next call).
+        Until `finalize` the last 3 tokens are held back (flow look-ahead) and the last overlap's audio too."""
+        audio, new_state = self.step([VocodeInput(tokens_so_far, conds, seed, finalize,
+                                                  state if state is not None else StreamState())])[0]
+        return audio, new_state

@@ -1,0 +1,167 @@
+"""Batched S3Gen flow: speech tokens (+ voice prompt) -> mel frames, for requests of different lengths.
+
+Same math as upstream `CausalMaskedDiffWithXvec.inference` + `CausalConditionalCFM.forward/solve_euler`
+(euler steps on a cosine t schedule, classifier-free guidance inside), with:
+- rows right-padded to a common bucketed length and masked (the encoder and the estimator mask keys and their
+  convs are causal, so a row's valid frames do not see the padding);
+- per-request noise from a `NoiseBank` (so batch == alone);
+- the estimator run in fp32/bf16/fp16 with the euler state `x` kept in fp32 and every input cast once.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from chatterbox.models.s3gen.utils.mask import add_optional_chunk_mask, make_pad_mask
+
+from .config import MEL_FRAMES_PER_TOKEN, PRE_LOOKAHEAD_TOKENS
+from .noise import NoiseBank
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FlowRow:
+    """One request as the flow sees it (tensors on the engine device)."""
+
+    tokens: torch.Tensor          # [T] int64 speech tokens
+    prompt_token: torch.Tensor    # [P] int64
+    prompt_feat: torch.Tensor     # [F, 80] float32 (F is 2P, or 2P+1 for odd-length references)
+    embedding: torch.Tensor       # [192] float32 x-vector
+    seed: int
+    finalize: bool = True
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.prompt_token.shape[0] + self.tokens.shape[0])
+
+    @property
+    def num_valid_frames(self) -> int:
+        held = 0 if self.finalize else PRE_LOOKAHEAD_TOKENS
+        return max(MEL_FRAMES_PER_TOKEN * (self.num_tokens - held), 0)
+
+    @property
+    def num_out_frames(self) -> int:
+        """Mel frames after the prompt part is cut off (upstream: h.shape[1] - prompt_feat.shape[1])."""
+        return max(self.num_valid_frames - int(self.prompt_feat.shape[0]), 0)
+
+
+def encoder_forward(enc: torch.nn.Module, xs: torch.Tensor, xs_lens: torch.Tensor) -> torch.Tensor:
+    """upstream UpsampleConformerEncoder.forward (decoding_chunk_size=0), plus one mask: the embedded pad
+    positions are zeroed before the look-ahead conv, which is what a lone row's F.pad(0) shows it.
+    xs: [B, L, 512], xs_lens: [B] -> [B, 2L, 512]"""
+    T = xs.size(1)
+    masks = ~make_pad_mask(xs_lens, T).unsqueeze(1)                                        # [B, 1, L]
+    if enc.global_cmvn is not None:
+        xs = enc.global_cmvn(xs)
+    xs, pos_emb, masks = enc.embed(xs, masks)
+    xs = xs * masks.transpose(1, 2).to(xs.dtype)
+    chunk_masks = add_optional_chunk_mask(xs, masks, enc.use_dynamic_chunk, enc.use_dynamic_left_chunk,
+                                          0, enc.static_chunk_size, -1)
+    xs = enc.pre_lookahead_layer(xs)
+    xs = enc.forward_layers(xs, chunk_masks, pos_emb, masks)
+    xs = xs.transpose(1, 2).contiguous()
+    xs, xs_lens = enc.up_layer(xs, xs_lens)                                                # causal upsample x2
+    xs = xs.transpose(1, 2).contiguous()
+    T = xs.size(1)
+    masks = ~make_pad_mask(xs_lens, T).unsqueeze(1)                                        # [B, 1, 2L]
+    xs, pos_emb, masks = enc.up_embed(xs, masks)
+    chunk_masks = add_optional_chunk_mask(xs, masks, enc.use_dynamic_chunk, enc.use_dynamic_left_chunk,
+                                          0, enc.static_chunk_size * enc.up_layer.stride, -1)
+    xs = enc.forward_up_layers(xs, chunk_masks, pos_emb, masks)
+    if enc.normalize_before:
+        xs = enc.after_norm(xs)
+    return xs
+
+
+def cosine_t_span(n_steps: int, device: torch.device) -> torch.Tensor:
+    # -> [n_steps + 1] float32, 0 .. 1 (upstream: 1 - cos(linspace * pi / 2))
+    t = torch.linspace(0, 1, n_steps + 1, device=device, dtype=torch.float32)
+    return 1 - torch.cos(t * 0.5 * torch.pi)
+
+
+class FlowRunner:
+    """Runs `s3gen.flow` (encoder, projection, CFM estimator) batched. Holds no per-request state."""
+
+    def __init__(self, flow: torch.nn.Module, noise: NoiseBank, estimator_dtype: torch.dtype,
+                 encoder_dtype: torch.dtype = torch.float32, cfg_rate: float | None = None):
+        self.flow = flow
+        self.noise = noise
+        self.estimator = flow.decoder.estimator
+        self.estimator_dtype = estimator_dtype
+        self.encoder_dtype = encoder_dtype
+        self.cfg_rate = float(flow.decoder.inference_cfg_rate if cfg_rate is None else cfg_rate)
+        if getattr(flow.decoder.estimator, "meanflow", False):
+            raise ValueError("meanflow (distilled) S3Gen checkpoints are not supported by this engine; "
+                             "use the standard chatterbox S3Gen")
+
+    @torch.inference_mode()
+    def encode(self, rows: list[FlowRow], padded_tokens: int):
+        # -> mu [B, 80, Tm] float32, mask [B, 1, Tm] float32, cond [B, 80, Tm] float32, spks [B, 80] float32
+        flow = self.flow
+        device = rows[0].tokens.device
+        B, L = len(rows), padded_tokens
+        token = torch.zeros(B, L, dtype=torch.long, device=device)                       # [B, L]
+        token_len = torch.tensor([r.num_tokens for r in rows], dtype=torch.long, device=device)  # [B]
+        for i, r in enumerate(rows):
+            P = r.prompt_token.shape[0]
+            token[i, :P] = r.prompt_token
+            token[i, P:P + r.tokens.shape[0]] = r.tokens
+        if int(token.max()) >= flow.vocab_size:
+            raise ValueError(f"speech token >= {flow.vocab_size} (a special token) reached the flow; drop them first")
+        pos = torch.arange(L, device=device)
+        tok_mask = (pos[None, :] < token_len[:, None]).unsqueeze(-1)                    # [B, L, 1]
+        x = flow.input_embedding(token) * tok_mask                                         # [B, L, 512]
+        x = x.to(self.encoder_dtype)
+        h = encoder_forward(flow.encoder, x, token_len)                                                # [B, 2L, 512]
+        mu = flow.encoder_proj(h.to(flow.encoder_proj.weight.dtype)).float()             # [B, Tm, 80]
+        Tm = mu.shape[1]
+        valid = torch.tensor([r.num_valid_frames for r in rows], device=device)          # [B]
+        mask = (torch.arange(Tm, device=device)[None, :] < valid[:, None]).float()       # [B, Tm]
+        cond = torch.zeros(B, Tm, 80, device=device)                                       # [B, Tm, 80]
+        for i, r in enumerate(rows):
+            cond[i, :r.prompt_feat.shape[0]] = r.prompt_feat.float()
+        emb = torch.stack([r.embedding.float() for r in rows])                             # [B, 192]
+        emb = F.normalize(emb, dim=1)
+        spks = flow.spk_embed_affine_layer(emb.to(flow.spk_embed_affine_layer.weight.dtype)).float()  # [B, 80]
+        return mu.transpose(1, 2).contiguous(), mask[:, None, :], cond.transpose(1, 2).contiguous(), spks
+
+    def initial_noise(self, rows: list[FlowRow], num_frames: int) -> torch.Tensor:
+        # -> z [B, 80, num_frames] float32 (row i: seed i's fixed buffer, same slice alone or batched)
+        return torch.stack([self.noise.get(r.seed, num_frames) for r in rows])
+
+    @torch.inference_mode()
+    def solve(self, z, mu, mask, spks, cond, n_steps: int) -> torch.Tensor:
+        # z, mu, cond: [B, 80, T]; mask: [B, 1, T]; spks: [B, 80] -> x [B, 80, T] float32
+        B = z.shape[0]
+        dt_ = self.estimator_dtype
+        # CFG: rows [:B] conditional, rows [B:] unconditional (mu, spks, cond zeroed), as upstream
+        mask_in = torch.cat([mask, mask]).to(dt_)                                          # [2B, 1, T]
+        mu_in = torch.cat([mu, torch.zeros_like(mu)]).to(dt_)                              # [2B, 80, T]
+        spks_in = torch.cat([spks, torch.zeros_like(spks)]).to(dt_)                        # [2B, 80]
+        cond_in = torch.cat([cond, torch.zeros_like(cond)]).to(dt_)                        # [2B, 80, T]
+        t_span = cosine_t_span(n_steps, z.device)
+        x = z.float()
+        for k in range(n_steps):
+            t, r = t_span[k], t_span[k + 1]
+            x_in = torch.cat([x, x]).to(dt_)                                               # [2B, 80, T]
+            t_in = t.expand(2 * B).to(dt_)                                                 # [2B]
+            dxdt = self.estimator(x=x_in, mask=mask_in, mu=mu_in, t=t_in, spks=spks_in, cond=cond_in).float()
+            d_cond, d_uncond = dxdt[:B], dxdt[B:]
+            x = x + (r - t) * ((1.0 + self.cfg_rate) * d_cond - self.cfg_rate * d_uncond)
+        return x
+
+    @torch.inference_mode()
+    def __call__(self, rows: list[FlowRow], padded_tokens: int, n_steps: int) -> list[torch.Tensor]:
+        # -> per row mel [80, num_out_frames] float32 (prompt frames cut off, as upstream)
+        mu, mask, cond, spks = self.encode(rows, padded_tokens)
+        z = self.initial_noise(rows, mu.shape[2])
+        x = self.solve(z, mu, mask, spks, cond, n_steps)
+        out = []
+        for i, r in enumerate(rows):
+            F0 = int(r.prompt_feat.shape[0])
+            out.append(x[i, :, F0:r.num_valid_frames])
+        return out

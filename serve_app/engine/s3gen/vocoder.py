@@ -1,0 +1,159 @@
+"""Batched HiFT vocoder: mel frames -> 24 kHz audio for rows of different lengths.
+
+Same math as upstream `HiFTGenerator.inference` (f0 predictor -> neural source -> decode -> iSTFT), with:
+- every conv output masked past the row's length, so a padded row sees the zeros a lone row's conv padding
+  would give it (HiFT's convs are not causal; without masks the padding would leak into a row's last frames);
+- the source's random phases and noise drawn from a per-request generator (upstream uses the global RNG);
+- the source STFT and the iSTFT done per row on the valid part (their reflect padding / window envelope
+  depend on the row's end);
+- `cache_source` per row (streaming): the first samples of the source are replaced to keep phase continuity.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .config import SAMPLES_PER_MEL_FRAME
+
+
+@dataclass
+class HiftRow:
+    mel: torch.Tensor                        # [80, M] mel frames
+    seed: int                                # source noise seed
+    cache_source: torch.Tensor | None = None  # [S] float32 source samples to reuse at the start (S <= 480 M)
+
+
+def _masks(lengths: torch.Tensor, T: int) -> torch.Tensor:
+    # lengths: [B] -> [B, 1, T] float32
+    return (torch.arange(T, device=lengths.device)[None, :] < lengths[:, None]).float()[:, None, :]
+
+
+class HiftRunner:
+    def __init__(self, hift: torch.nn.Module, dtype: torch.dtype = torch.float32):
+        self.hift = hift
+        self.dtype = dtype
+        self.n_fft = hift.istft_params["n_fft"]
+        self.hop = hift.istft_params["hop_len"]
+        self.upsample_rates = [m.stride[0] for m in hift.ups]
+        sine = hift.m_source.l_sin_gen
+        self.sine_amp, self.noise_std = sine.sine_amp, sine.noise_std
+        self.harmonic_num, self.voiced_threshold = sine.harmonic_num, sine.voiced_threshold
+        self.sampling_rate = sine.sampling_rate
+
+    # ---- masked building blocks -------------------------------------------------------------------------
+    @staticmethod
+    def _resblock(block, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        # upstream ResBlock.forward with conv outputs masked; x: [B, C, T], m: [B, 1, T]
+        for c1, c2, a1, a2 in zip(block.convs1, block.convs2, block.activations1, block.activations2):
+            xt = c1(a1(x)) * m
+            xt = c2(a2(xt)) * m
+            x = xt + x
+        return x
+
+    def _f0(self, mel: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        # mel: [B, 80, M], m: [B, 1, M] -> f0 [B, M] Hz
+        x = mel
+        for layer in self.hift.f0_predictor.condnet:
+            x = layer(x)
+            if isinstance(layer, torch.nn.Conv1d):
+                x = x * m
+        x = x.transpose(1, 2)
+        return torch.abs(self.hift.f0_predictor.classifier(x).squeeze(-1))
+
+    def _source(self, f0: torch.Tensor, rows: list[HiftRow], lengths_s: list[int]) -> torch.Tensor:
+        # f0: [B, M] -> source [B, 1, S] float32 (S = 480 M); upstream SineGen + SourceModuleHnNSF
+        B = f0.shape[0]
+        H = self.harmonic_num + 1
+        f0_up = F.interpolate(f0[:, None].float(), scale_factor=float(SAMPLES_PER_MEL_FRAME), mode="nearest")  # [B,1,S]
+        S = f0_up.shape[-1]
+        harm = torch.arange(1, H + 1, device=f0.device, dtype=torch.float32)[None, :, None]  # [1, H, 1]
+        theta = 2 * math.pi * (torch.cumsum(f0_up * harm / self.sampling_rate, dim=-1) % 1)  # [B, H, S]
+        phase = torch.zeros(B, H, 1, device=f0.device)
+        noise = torch.zeros(B, H, S, device=f0.device)
+        for i, r in enumerate(rows):
+            g = torch.Generator(device=f0.device).manual_seed(int(r.seed))
+            n = lengths_s[i]
+            phase[i, 1:, 0] = (torch.rand(H - 1, generator=g, device=f0.device) * 2 - 1) * math.pi
+            noise[i, :, :n] = torch.randn(H, n, generator=g, device=f0.device)
+        sine = self.sine_amp * torch.sin(theta + phase)
+        uv = (f0_up > self.voiced_threshold).float()                                        # [B, 1, S]
+        noise_amp = uv * self.noise_std + (1 - uv) * self.sine_amp / 3
+        sine = sine * uv + noise_amp * noise                                                  # [B, H, S]
+        src = self.hift.m_source.l_tanh(self.hift.m_source.l_linear(sine.transpose(1, 2)))  # [B, S, 1]
+        src = src.transpose(1, 2)                                                             # [B, 1, S]
+        for i, r in enumerate(rows):
+            if r.cache_source is not None and r.cache_source.numel() > 0:
+                c = r.cache_source.reshape(-1)
+                src[i, 0, :c.shape[0]] = c.to(src.dtype)
+        return src
+
+    def _stft(self, s: torch.Tensor) -> torch.Tensor:
+        # s: [S] -> [n_fft + 2, S / hop + 1] (real; imag)
+        spec = torch.stft(s[None], self.n_fft, self.hop, self.n_fft, window=self._window(s), return_complex=True)
+        spec = torch.view_as_real(spec)[0]                                                    # [F, TT, 2]
+        return torch.cat([spec[..., 0], spec[..., 1]], dim=0)
+
+    def _window(self, like: torch.Tensor) -> torch.Tensor:
+        return self.hift.stft_window.to(device=like.device, dtype=torch.float32)
+
+    # ---- public -----------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def __call__(self, rows: list[HiftRow]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        # -> per row (wav [480 M_i] float32, source [480 M_i] float32)
+        hift = self.hift
+        device = rows[0].mel.device
+        B = len(rows)
+        M = max(int(r.mel.shape[1]) for r in rows)
+        lens = [int(r.mel.shape[1]) for r in rows]                                             # host ints
+        lengths = torch.tensor(lens, device=device)                                            # [B]
+        mel = torch.zeros(B, 80, M, device=device, dtype=self.dtype)                          # [B, 80, M]
+        for i, r in enumerate(rows):
+            mel[i, :, :r.mel.shape[1]] = r.mel.to(self.dtype)
+        m0 = _masks(lengths, M).to(self.dtype)
+        f0 = self._f0(mel, m0).float()                                                        # [B, M]
+        lengths_s = [n * SAMPLES_PER_MEL_FRAME for n in lens]
+        src = self._source(f0, rows, lengths_s)                                               # [B, 1, S]
+
+        frames = [n // self.hop + 1 for n in lengths_s]                                       # stft frames per row
+        TT = int(M * SAMPLES_PER_MEL_FRAME // self.hop + 1)
+        s_stft = torch.zeros(B, self.n_fft + 2, TT, device=device, dtype=torch.float32)
+        for i in range(B):
+            s_stft[i, :, :frames[i]] = self._stft(src[i, 0, :lengths_s[i]])
+        s_stft = s_stft.to(self.dtype)
+
+        x = hift.conv_pre(mel) * m0
+        up_len = lengths
+        for i in range(hift.num_upsamples):
+            x = F.leaky_relu(x, hift.lrelu_slope)
+            x = hift.ups[i](x)
+            up_len = up_len * self.upsample_rates[i]
+            if i == hift.num_upsamples - 1:
+                x = hift.reflection_pad(x)
+                up_len = up_len + 1
+            m = _masks(up_len, x.shape[-1]).to(self.dtype)
+            x = x * m
+            si = hift.source_downs[i](s_stft) * m
+            si = self._resblock(hift.source_resblocks[i], si, m)
+            x = x + si
+            xs = None
+            for j in range(hift.num_kernels):
+                y = self._resblock(hift.resblocks[i * hift.num_kernels + j], x, m)
+                xs = y if xs is None else xs + y
+            x = xs / hift.num_kernels
+        x = F.leaky_relu(x)
+        x = hift.conv_post(x).float()                                                         # [B, n_fft + 2, TT]
+        half = self.n_fft // 2 + 1
+        magnitude = torch.clip(torch.exp(x[:, :half]), max=1e2)
+        phase = torch.sin(x[:, half:])
+        spec = torch.complex(magnitude * torch.cos(phase), magnitude * torch.sin(phase))    # [B, F, TT]
+        window = self._window(x)
+        wavs, sources = [], []
+        for i in range(B):
+            n = frames[i]
+            wav = torch.istft(spec[i:i + 1, :, :n], self.n_fft, self.hop, self.n_fft, window=window)[0]
+            wavs.append(torch.clamp(wav, -hift.audio_limit, hift.audio_limit))
+            sources.append(src[i, 0, :lengths_s[i]])
+        return wavs, sources
