@@ -125,7 +125,7 @@ class S3GenUserConfig(_Model):
 
 
 class T3Settings(DeploymentSettings):
-    backend: Backend = "upstream"
+    backend: Backend = "engine"
     dtype: DType = "float32"
     user_config: T3UserConfig = Field(default_factory=T3UserConfig)
     engine: dict[str, Any] = Field(default_factory=dict, description="Extra T3EngineConfig fields (engine backend).")
@@ -141,7 +141,7 @@ class T3Settings(DeploymentSettings):
 
 
 class S3GenSettings(DeploymentSettings):
-    backend: Backend = "upstream"
+    backend: Backend = "engine"
     dtype: DType = "float32"
     user_config: S3GenUserConfig = Field(default_factory=S3GenUserConfig)
     engine: dict[str, Any] = Field(default_factory=dict, description="Extra S3GenEngineConfig fields.")

@@ -97,7 +97,8 @@ class UpstreamS3GenBackend:
 
 
 class EngineS3GenBackend:
-    """`serve_app.engine.s3gen.S3GenEngine`: one batched call for all one-shot jobs, a step per stream job."""
+    """`serve_app.engine.s3gen.S3GenEngine`: one batched `step` for the whole batch, one-shot and stream jobs
+    alike (the engine carries HiFT's source cache and the crossfade tail in the StreamState)."""
 
     name = "engine"
 
@@ -111,34 +112,26 @@ class EngineS3GenBackend:
                    extra: dict | None = None) -> EngineS3GenBackend:
         from serve_app.engine.s3gen import S3GenEngine, S3GenEngineConfig
 
-        kwargs: dict[str, Any] = dict(extra or {})
-        fields = getattr(S3GenEngineConfig, "__dataclass_fields__", {})
-        for key, value in (("device", device), ("quant", quant),
-                           ("dtype", {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype])):
-            if key in fields and key not in kwargs:
-                kwargs[key] = value
+        names = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+        kwargs: dict[str, Any] = {"device": device, "quant": quant, "dtype": names[dtype], **(extra or {})}
         return cls(S3GenEngine(s3gen, S3GenEngineConfig(**kwargs)), device, dtype)
 
     def prepare_conds(self, conds: VoiceConds) -> Any:
-        prepare = getattr(self.engine, "prepare_conds", None)
-        return prepare(conds) if prepare is not None else gen_ref_dict(conds, self.device, self.dtype)
+        return self.engine.prepare_conds(conds)
 
     def vocode_batch(self, jobs: list[VocodeJob], conds: list[Any]) -> list[VocodeResult]:
         from serve_app.engine.s3gen import VocodeInput
 
-        results: list[VocodeResult | None] = [None] * len(jobs)
-        one_shot = [i for i, j in enumerate(jobs) if j.finalize and j.stream_state is None]
-        if one_shot:
-            inputs = [VocodeInput(tokens=jobs[i].speech_tokens, conds=conds[i]) for i in one_shot]
-            for i, audio in zip(one_shot, self.engine.vocode(inputs)):
-                results[i] = VocodeResult(jobs[i].request_id, np.asarray(audio, np.float32).reshape(-1))
-        for i, job in enumerate(jobs):
-            if results[i] is None:
-                audio, state = self.engine.vocode_stream_step(job.speech_tokens, conds[i],
-                                                              job.stream_state or StreamState(), job.finalize)
-                results[i] = VocodeResult(job.request_id, np.asarray(audio, np.float32).reshape(-1),
-                                          None if job.finalize else state)
-        return results  # type: ignore[return-value]
+        inputs = []
+        for job, c in zip(jobs, conds):
+            streaming = not (job.finalize and job.stream_state is None)
+            inputs.append(VocodeInput(job.speech_tokens, c, job.seed, job.finalize,
+                                      (job.stream_state or StreamState()) if streaming else None))
+        results = []
+        for job, (audio, state) in zip(jobs, self.engine.step(inputs)):
+            results.append(VocodeResult(job.request_id, np.asarray(audio, np.float32).reshape(-1),
+                                        None if job.finalize else state))
+        return results
 
 
 def expected_num_samples(num_tokens: int) -> int:

@@ -22,11 +22,12 @@ from .contracts import SAMPLE_RATE, VocodeJob, VocodeResult, VoiceConds
 from .metrics import get_metrics
 from .replica_device import ReplicaDevice
 from .s3gen_backend import EngineS3GenBackend, S3GenBackend, UpstreamS3GenBackend
-from .stage_common import apply_quant_pass, describe_spec, quant_spec
+from .stage_common import describe, quantize_upstream, resolve_quant, spec_for
 
 log = logging.getLogger(__name__)
 
 _DEFAULTS = S3GenUserConfig()
+S3GEN_COMPONENTS = ("s3gen_flow_encoder", "s3gen_flow_decoder")   # what runs per request (HiFT: convolutions)
 
 
 def num_batch_tokens(items: list[tuple[VocodeJob, Any]]) -> int:
@@ -38,17 +39,22 @@ def make_s3gen_backend(checkpoint: Any, settings: S3GenSettings, rd: ReplicaDevi
                        quantization: str | None) -> S3GenBackend:
     from serve_app.model.loader import load_s3gen
 
+    specs = resolve_quant(quantization, rd.device, "s3gen")
+    if settings.backend == "engine":
+        # the engine runs only flow + HiFT: no S3 tokenizer or speaker encoder in this replica; it quantizes the
+        # flow (encoder + CFM estimator) with one spec
+        s3gen = load_s3gen(checkpoint, rd.device, enrollment=False)
+        spec = spec_for(specs, "s3gen_flow_decoder")
+        rd.quantization["s3gen"] = describe({"flow": spec} if spec else {}, ("flow",))
+        return EngineS3GenBackend.from_model(s3gen, device=rd.device, dtype=rd.torch_dtype, quant=spec,
+                                             extra=settings.engine)
     # enrollment=True: upstream S3Gen's `device` property reads the tokenizer's parameters
     s3gen = load_s3gen(checkpoint, rd.device, enrollment=True)
-    if rd.torch_dtype != s3gen.flow.parameters().__next__().dtype:
+    if rd.torch_dtype != next(s3gen.flow.parameters()).dtype:
         s3gen.flow.to(rd.torch_dtype)
-    spec = quant_spec(quantization, "s3gen", rd.device)
-    if settings.backend == "engine":
-        backend = EngineS3GenBackend.from_model(s3gen, device=rd.device, dtype=rd.torch_dtype, quant=spec,
-                                                extra=settings.engine)
-        rd.quantization["s3gen"] = describe_spec(spec)
-        return backend
-    rd.quantization["s3gen"] = apply_quant_pass(s3gen.flow, spec, "s3gen")
+    flow_specs = {k: v for k, v in specs.items() if k in S3GEN_COMPONENTS}
+    rd.quantization["s3gen"] = describe(flow_specs, S3GEN_COMPONENTS)
+    quantize_upstream(flow_specs, s3gen=s3gen)
     return UpstreamS3GenBackend(s3gen)
 
 

@@ -1,4 +1,4 @@
-"""What the three stage shims share: quantization lookup, start-up logging."""
+"""What the stage shims share: resolving the quantization strategy for a replica and applying it."""
 from __future__ import annotations
 
 import logging
@@ -7,32 +7,38 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 
-def quant_spec(strategy: str | None, component: str, device: str) -> Any:
-    """The QuantSpec the strategy gives `component` on `device`, or None (no strategy, CPU, or not covered)."""
-    if not strategy or device != "cuda":
-        if strategy and device != "cuda":
-            log.warning("quantization %r ignored for %s: it needs CUDA (this replica runs on %s)",
-                        strategy, component, device)
-        return None
+def resolve_quant(strategy: str | None, device: str, stage: str) -> dict[str, Any]:
+    """{component: QuantSpec} for a replica on `device` ({} without a strategy, or on CPU where bnb is absent)."""
+    if not strategy or strategy == "none":
+        return {}
+    if device != "cuda":
+        log.warning("%s: quantization %r ignored: it needs CUDA and this replica runs on %s", stage, strategy, device)
+        return {}
     from quant import resolve_strategy
 
-    specs = resolve_strategy(strategy, device=device)
-    spec = specs.get(component) if isinstance(specs, dict) else None
-    method = getattr(spec, "method", None)
-    return None if spec is None or method in (None, "none") else spec
+    return resolve_strategy(strategy, device=device)
 
 
-def apply_quant_pass(module: Any, spec: Any, component: str) -> str:
-    """Run quant.apply_quant on a module; returns a short description for memory reports and logs."""
-    if spec is None:
-        return "none"
-    from quant import apply_quant
-
-    changed = apply_quant(module, spec)
-    desc = f"{getattr(spec, 'method', spec)} ({len(changed)} layers)"
-    log.info("%s: quantized %s", component, desc)
-    return desc
+def spec_for(specs: dict[str, Any], component: str) -> Any:
+    """The spec of one component, or None when it stays unquantized."""
+    spec = specs.get(component)
+    return None if spec is None or getattr(spec, "method", "none") == "none" else spec
 
 
-def describe_spec(spec: Any) -> str:
-    return "none" if spec is None else str(getattr(spec, "method", spec))
+def describe(specs: dict[str, Any], components: tuple[str, ...]) -> str:
+    """'t3=nf4/bf16, t3_extra=none' for the memory report and start-up log."""
+    parts = []
+    for key in components:
+        spec = specs.get(key)
+        parts.append(f"{key}={getattr(spec, 'method', 'none')}" + (f"/{spec.dtype}" if spec is not None else ""))
+    return ", ".join(parts) if specs else "none"
+
+
+def quantize_upstream(specs: dict[str, Any], **roots: Any) -> dict[str, int]:
+    """quant.components.quantize_model on upstream modules; -> {component: number of Linear layers replaced}."""
+    if not specs:
+        return {}
+    from quant.components import quantize_model
+
+    done = quantize_model({k: v for k, v in specs.items()}, **roots)
+    return {k: len(v) for k, v in done.items()}

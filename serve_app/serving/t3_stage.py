@@ -18,10 +18,12 @@ from .config import T3Settings, T3UserConfig, stage_device
 from .contracts import T3Job, TokenChunk, VoiceConds
 from .metrics import get_metrics
 from .replica_device import ReplicaDevice
-from .stage_common import apply_quant_pass, describe_spec, quant_spec
+from .stage_common import describe, quantize_upstream, resolve_quant, spec_for
 from .t3_backend import EngineT3Backend, T3Backend, UpstreamT3Backend
 
 log = logging.getLogger(__name__)
+
+T3_COMPONENTS = ("t3", "t3_extra")
 
 
 def make_t3_backend(checkpoint: Any, settings: T3Settings, rd: ReplicaDevice, quantization: str | None) -> T3Backend:
@@ -30,7 +32,8 @@ def make_t3_backend(checkpoint: Any, settings: T3Settings, rd: ReplicaDevice, qu
 
     t3 = load_t3(checkpoint, rd.device, rd.torch_dtype)
     tokenizer = load_text_tokenizer(checkpoint)
-    spec = quant_spec(quantization, "t3", rd.device)
+    specs = resolve_quant(quantization, rd.device, "t3")
+    rd.quantization["t3"] = describe(specs, T3_COMPONENTS)
     if settings.backend == "engine":
         m = get_metrics()
 
@@ -38,12 +41,12 @@ def make_t3_backend(checkpoint: Any, settings: T3Settings, rd: ReplicaDevice, qu
             m.t3_step_seconds.observe(seconds, tags={"backend": "engine"})
             m.t3_batch_size.observe(batch, tags={"backend": "engine"})
 
-        backend = EngineT3Backend.from_model(
+        # the engine quantizes the Llama backbone itself (and captures CUDA graphs around it)
+        return EngineT3Backend.from_model(
             t3, tokenizer, multilingual=checkpoint.multilingual, device=rd.device, dtype=rd.torch_dtype,
-            max_batch_size=settings.user_config.max_batch_size, quant=spec, extra=settings.engine, on_step=on_step)
-        rd.quantization["t3"] = describe_spec(spec)
-        return backend
-    rd.quantization["t3"] = apply_quant_pass(t3.tfmr, spec, "t3")
+            max_batch_size=settings.user_config.max_batch_size, quant=spec_for(specs, "t3"), extra=settings.engine,
+            on_step=on_step)
+    quantize_upstream({k: v for k, v in specs.items() if k in T3_COMPONENTS}, t3=t3)
     return UpstreamT3Backend(t3, tokenizer, multilingual=checkpoint.multilingual, dtype=rd.torch_dtype)
 
 
@@ -87,9 +90,9 @@ class T3Replica:
 
     def reconfigure(self, user_config: dict) -> None:
         cfg = T3UserConfig.model_validate(user_config or {})
-        set_batching = getattr(self.backend, "set_batching", None)
-        if set_batching is not None:
-            set_batching(cfg.max_batch_size, cfg.batch_wait_timeout_s)
+        if cfg.max_batch_size != self.settings.user_config.max_batch_size and self.backend.name == "engine":
+            log.warning("T3 engine slots are allocated at start-up (%d); max_batch_size=%d takes effect when the "
+                        "replica restarts", self.settings.user_config.max_batch_size, cfg.max_batch_size)
         log.info("T3 stage user_config: %s", cfg.model_dump())
 
     def invalidate_voice(self, voice_id: str) -> None:

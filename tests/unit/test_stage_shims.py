@@ -188,3 +188,72 @@ def test_voice_replica_rejects_short_clip(tmp_path):
     with pytest.raises(InvalidRequestError, match="at least"):
         asyncio.run(replica.enroll(buf.getvalue(), "short"))
     assert [v.voice_id for v in asyncio.run(replica.list_voices())] == [BUILTIN_VOICE]
+
+
+class FakeEngine:
+    """T3Engine's contract: add_request / cancel / has_unfinished / step, two tokens per request per step."""
+
+    def __init__(self, steps_per_request: int = 3):
+        self.active: dict[str, int] = {}
+        self.cancelled: list[str] = []
+        self.steps_per_request = steps_per_request
+
+    def add_request(self, req):
+        self.active[req.request_id] = 0
+
+    def cancel(self, request_id):
+        if self.active.pop(request_id, None) is not None:
+            self.cancelled.append(request_id)
+
+    def has_unfinished(self):
+        return bool(self.active)
+
+    def step(self):
+        from serve_app.engine.t3.request import T3StepOutput
+
+        out = []
+        for rid in list(self.active):
+            self.active[rid] += 1
+            done = self.active[rid] >= self.steps_per_request
+            out.append(T3StepOutput(rid, [self.active[rid]] * 2, done, "length" if done else None))
+            if done:
+                del self.active[rid]
+        return out
+
+
+class FakeTokenizer:
+    def text_to_tokens(self, text):
+        import torch
+
+        return torch.tensor([[5, 6, 7]])
+
+
+def test_engine_t3_backend_streams_and_cancels():
+    from serve_app.serving.t3_backend import EngineT3Backend
+
+    engine = FakeEngine()
+    backend = EngineT3Backend(engine, FakeTokenizer())
+    conds = backend.prepare_conds(_conds())
+
+    async def run():
+        async def one(i):
+            return [c async for c in backend.generate(T3Job(f"r{i}", "Hi.", "default"), conds)]
+
+        results = await asyncio.gather(*(one(i) for i in range(3)))
+        gen = backend.generate(T3Job("cancel-me", "Hi.", "default"), conds)
+        await gen.__anext__()
+        await gen.aclose()
+        for _ in range(50):
+            if "cancel-me" in engine.cancelled or not engine.has_unfinished():
+                break
+            await asyncio.sleep(0.02)
+        return results
+
+    try:
+        results = asyncio.run(run())
+    finally:
+        backend.close()
+    for chunks in results:
+        assert [c.tokens for c in chunks] == [[1, 1], [2, 2], [3, 3]]
+        assert chunks[-1].finished and chunks[-1].finish_reason == "length"
+    assert backend.num_unfinished() == 0
