@@ -86,12 +86,18 @@ def test_greedy_matches_upstream_tokens_and_logits(t3):
     # every step's cond/uncond logits: prefill + n-1 decodes (upstream also runs one unused forward at the end)
     assert len(rec.rows) == n and len(up_logits) == n + 1
     max_err = max((a - b).abs().max().item() for a, b in zip(up_logits, rec.rows))
-    assert max_err < 1e-4, max_err
+    assert max_err < 2e-5, max_err  # measured ~1e-6 on logits of magnitude ~3 (fp32)
+
+
+_ALONE: dict = {}
 
 
 def _alone(t3, req):
-    eng = _engine(t3, slots=4)
-    return eng.generate([req])[req.request_id]
+    """Tokens of `req` decoded alone (cached per module weights and request: the tests reuse a few requests)."""
+    key = (id(t3), req.request_id, req.seed, req.temperature, req.top_p, req.max_new_tokens)
+    if key not in _ALONE:
+        _ALONE[key] = _engine(t3, slots=4).generate([req])[req.request_id]
+    return _ALONE[key]
 
 
 def _reqs():
@@ -128,7 +134,7 @@ def test_seed_reproducible_and_seeds_differ(t3):
     a = _alone(t3, base)
     b = _alone(t3, T3GenerationRequest("sampled", base.text_tokens, base.cond, top_p=0.9, seed=12,
                                        max_new_tokens=30))
-    assert a == _alone(t3, base) and a != b
+    assert a == _engine(t3, slots=4).generate([base])["sampled"] and a != b
 
 
 def test_slots_are_reused_and_results_unchanged(t3):

@@ -70,7 +70,7 @@ class T3Engine:
         self.max_speech_positions = t3.speech_pos_emb.emb.num_embeddings
 
         with torch.inference_mode():
-            self.backbone = LlamaBackbone(t3.tfmr, config.max_seq_len).to(self.device)
+            self.backbone = LlamaBackbone(t3.tfmr, config.max_seq_len)
             b = self.backbone
             self.cache = KVCache(b.num_layers, config.max_rows, b.num_heads, config.max_seq_len, b.head_dim,
                                  self.dtype, self.device)

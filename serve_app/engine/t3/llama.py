@@ -93,6 +93,8 @@ class LlamaBackbone(nn.Module):
             raise ValueError("grouped-query attention is not supported: T3's Llama uses num_key_value_heads == num_attention_heads")
         self.max_seq_len = max_seq_len
         cos, sin = rope_tables(cfg, max_seq_len)
+        device = self.norm.weight.device  # tables live with the weights; the backbone itself is never moved
+        cos, sin = cos.to(device), sin.to(device)
         self.register_buffer("cos", cos, persistent=False)  # [S, D] fp32
         self.register_buffer("sin", sin, persistent=False)  # [S, D] fp32, first half negated
         # Fused q|k|v and gate|up weights where the projections are plain nn.Linear (not quantized). The

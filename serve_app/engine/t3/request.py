@@ -47,6 +47,9 @@ class T3GenerationRequest:
             raise ValueError(f"request {self.request_id!r}: repetition_penalty={self.repetition_penalty} must be > 0")
         if self.max_new_tokens < 1:
             raise ValueError(f"request {self.request_id!r}: max_new_tokens={self.max_new_tokens} must be >= 1")
+        if not isinstance(self.cond.cond_prompt_speech_tokens, torch.Tensor):
+            raise ValueError(f"request {self.request_id!r}: cond.cond_prompt_speech_tokens is required "
+                             "(the speech-prompt tokens of the voice's reference audio)")
         if self.cond.speaker_emb.numel() != 256:
             raise ValueError(f"request {self.request_id!r}: speaker_emb must have 256 values, got {tuple(self.cond.speaker_emb.shape)}")
 
