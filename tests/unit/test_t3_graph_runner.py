@@ -29,7 +29,7 @@ def fake_cuda(monkeypatch):
     pools = []
 
     @contextlib.contextmanager
-    def graph(g, pool=None):
+    def graph(g, pool=None, capture_error_mode="global"):
         pools.append(pool)
         _FakeGraph.current = g
         try:

@@ -73,7 +73,8 @@ class DecodeGraphs:
             for kv_len in reversed(self.seq_buckets):
                 self._step(nb, kv_len)  # warm-up at this shape
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, self.pool):
+                # thread_local: CUDA calls from other threads of a server process do not invalidate the capture
+                with torch.cuda.graph(graph, self.pool, capture_error_mode="thread_local"):
                     self._step(nb, kv_len)
                 if self.pool is None:
                     self.pool = graph.pool()
