@@ -117,3 +117,18 @@ def test_int8_outlier_threshold_refuses_graphs(tiny_cpu):
 
     with pytest.raises(ValueError, match="enforce_eager"):
         _engine(tiny_cpu, False, quant=QuantSpec(method="int8", dtype="bf16", int8_threshold=6.0))
+
+
+def test_decode_step_has_no_host_sync(tiny_cpu):
+    """The eager decode step (what the graphs capture) must not synchronize with the host."""
+    engine = _engine(tiny_cpu, True)
+    for r in _reqs():
+        engine.add_request(r)
+    engine.step()  # prefill + first decode
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        engine._decode(4, engine.config.seq_buckets[0])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
