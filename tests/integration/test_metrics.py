@@ -28,6 +28,7 @@ EXPECTED = {
     "chatterbox_t3_request_seconds_bucket",
     "chatterbox_t3_speech_tokens_total",
     "chatterbox_t3_batch_size_bucket",
+    "chatterbox_t3_step_seconds_bucket",   # engine backend (deploy/cpu-tiny.yaml uses it)
     "chatterbox_s3gen_batch_seconds_bucket",
     "chatterbox_s3gen_batch_size_bucket",
     "chatterbox_s3gen_queue_depth",

@@ -96,3 +96,28 @@ def test_router_settings_from_builder():
     settings = RouterSettings(**router_settings(config, Info()))
     assert settings.is_random_weights and not settings.watermark and settings.api_keys == ["k"]
     assert settings.max_new_tokens == 30
+
+
+class _FakeCheckpoint:
+    is_random, source, path, revision, multilingual, preset = True, "random", Path("/ckpt"), None, False, "tiny"
+
+    def describe(self) -> str:
+        return "fake checkpoint"
+
+
+def test_build_app_binds_four_deployments_with_config_options():
+    from serve_app.serving.builder import build_app
+
+    config = load_deploy_file(DEPLOY / "gpu-1x.yaml").config.with_env_defaults().for_cluster(num_cluster_gpus=1)
+    ingress = build_app(config, checkpoint=_FakeCheckpoint(), resolve=False)._bound_deployment
+    assert ingress.name == "SpeechIngress"
+    t3_app, s3gen_app, voice_app, settings = ingress.init_args
+    assert settings["is_random_weights"] is True and "api_keys" in settings
+    deployments = {a._bound_deployment.name: a._bound_deployment for a in (t3_app, s3gen_app, voice_app)}
+    assert set(deployments) == {"T3Stage", "S3GenStage", "VoiceStage"}
+    t3, s3gen = deployments["T3Stage"], deployments["S3GenStage"]
+    assert t3._replica_config.ray_actor_options["num_gpus"] == 0.4
+    assert t3._deployment_config.max_queued_requests == config.t3.max_queued_requests
+    assert t3._deployment_config.user_config == config.t3.user_config.model_dump()
+    assert s3gen._deployment_config.user_config["max_batch_tokens"] == config.s3gen.user_config.max_batch_tokens
+    assert ingress._deployment_config.max_queued_requests == config.router.max_queued_requests
