@@ -13,6 +13,7 @@ from ray import serve
 
 from .router import SpeechRouter, build_app
 from .router_settings import RouterSettings
+from .stage_common import configure_replica_logging
 
 log = logging.getLogger(__name__)
 
@@ -20,6 +21,7 @@ log = logging.getLogger(__name__)
 class SpeechIngressReplica:
     def __init__(self, t3_handle: Any, s3gen_handle: Any, voice_handle: Any, settings: dict | None = None,
                  *, watermarker: Any = None) -> None:
+        configure_replica_logging()
         kwargs = {} if watermarker is None else {"watermarker": watermarker}
         self.router = SpeechRouter(t3_handle, s3gen_handle, voice_handle, RouterSettings(**(settings or {})), **kwargs)
         s = self.router.settings

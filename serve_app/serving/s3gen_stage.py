@@ -22,7 +22,7 @@ from .contracts import SAMPLE_RATE, VocodeJob, VocodeResult, VoiceConds
 from .metrics import get_metrics
 from .replica_device import ReplicaDevice
 from .s3gen_backend import EngineS3GenBackend, S3GenBackend, UpstreamS3GenBackend
-from .stage_common import describe, quantize_upstream, resolve_quant, spec_for
+from .stage_common import configure_replica_logging, describe, quantize_upstream, resolve_quant, spec_for
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,7 @@ def make_s3gen_backend(checkpoint: Any, settings: S3GenSettings, rd: ReplicaDevi
 class S3GenReplica:
     def __init__(self, checkpoint: Any, voice_handle: Any, settings: S3GenSettings, quantization: str | None = None,
                  backend: S3GenBackend | None = None) -> None:
+        configure_replica_logging()
         self.settings = settings
         self.rd = ReplicaDevice.setup("s3gen", stage_device(settings), settings.num_gpus, settings.dtype)
         t0 = time.perf_counter()

@@ -42,3 +42,24 @@ def quantize_upstream(specs: dict[str, Any], **roots: Any) -> dict[str, int]:
 
     done = quantize_model({k: v for k, v in specs.items()}, **roots)
     return {k: len(v) for k, v in done.items()}
+
+
+def configure_replica_logging() -> None:
+    """Inside a Serve replica, send our INFO logs (device, weights, quantization at start-up) to stderr, which
+    Ray forwards to the driver's console; Ray configures only its own loggers there."""
+    try:
+        from ray.serve.context import _get_internal_replica_context
+
+        if _get_internal_replica_context() is None:
+            return
+    except Exception:
+        return
+    from serve_app.envs import get_envs
+
+    root = logging.getLogger("serve_app")
+    if not any(getattr(h, "_chatterbox", False) for h in root.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler._chatterbox = True  # type: ignore[attr-defined]
+        root.addHandler(handler)
+    root.setLevel(get_envs().log_level.upper())

@@ -18,7 +18,7 @@ from .config import T3Settings, T3UserConfig, stage_device
 from .contracts import T3Job, TokenChunk, VoiceConds
 from .metrics import get_metrics
 from .replica_device import ReplicaDevice
-from .stage_common import describe, quantize_upstream, resolve_quant, spec_for
+from .stage_common import configure_replica_logging, describe, quantize_upstream, resolve_quant, spec_for
 from .t3_backend import EngineT3Backend, T3Backend, UpstreamT3Backend
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,7 @@ def make_t3_backend(checkpoint: Any, settings: T3Settings, rd: ReplicaDevice, qu
 class T3Replica:
     def __init__(self, checkpoint: Any, voice_handle: Any, settings: T3Settings, quantization: str | None = None,
                  backend: T3Backend | None = None) -> None:
+        configure_replica_logging()
         self.settings = settings
         self.rd = ReplicaDevice.setup("t3", stage_device(settings), settings.num_gpus, settings.dtype)
         t0 = time.perf_counter()

@@ -21,6 +21,7 @@ from .contracts import BUILTIN_VOICE, VoiceConds, VoiceInfo
 from .errors import InvalidRequestError, VoiceNotFoundError
 from .metrics import get_metrics
 from .replica_device import ReplicaDevice
+from .stage_common import configure_replica_logging
 from .voice_backend import Enroller, EngineEnroller, UpstreamEnroller
 from .voice_store import VoiceStore, conditionals_to_voice_conds
 
@@ -55,6 +56,7 @@ def load_builtin(checkpoint: Any) -> VoiceConds | None:
 class VoiceReplica:
     def __init__(self, checkpoint: Any, settings: VoiceSettings, *, enroller: Enroller | None = None,
                  builtin: VoiceConds | None = None, voices_dir: Path | None = None) -> None:
+        configure_replica_logging()
         self.settings = settings
         self.rd = ReplicaDevice.setup("voice", stage_device(settings), settings.num_gpus, "float32")
         t0 = time.perf_counter()

@@ -121,3 +121,20 @@ def test_build_app_binds_four_deployments_with_config_options():
     assert t3._deployment_config.user_config == config.t3.user_config.model_dump()
     assert s3gen._deployment_config.user_config["max_batch_tokens"] == config.s3gen.user_config.max_batch_tokens
     assert ingress._deployment_config.max_queued_requests == config.router.max_queued_requests
+
+
+@pytest.mark.parametrize("name", ["cpu-tiny", "default", "gpu-1x"])
+def test_deploy_files_are_ray_serve_config_files(name):
+    """`serve run` / `serve deploy` / KubeRay's serveConfigV2 accept the files as they are."""
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from serve_app.serving.builder import app_builder
+
+    schema = ServeDeploySchema.model_validate(yaml.safe_load((DEPLOY / f"{name}.yaml").read_text())) \
+        if hasattr(ServeDeploySchema, "model_validate") else ServeDeploySchema.parse_obj(
+            yaml.safe_load((DEPLOY / f"{name}.yaml").read_text()))
+    (app,) = schema.applications
+    module, _, attr = app.import_path.partition(":")
+    assert (module, attr) == ("serve_app.serving.builder", "app_builder") and callable(app_builder)
+    ServeConfig.model_validate(app.args)
