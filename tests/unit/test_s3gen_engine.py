@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from s3gen_helpers import fresh_s3gen, random_tokens, random_voice
+from s3gen_helpers import one_thread, fresh_s3gen, random_tokens, random_voice  # noqa: F401  (one_thread: autouse fixture)
 from serve_app.engine.s3gen import (
     S3GenEngine, S3GenEngineConfig, VocodeInput, plan_batches, strip_enrollment_modules,
 )
@@ -74,7 +74,7 @@ def test_flow_matches_upstream_with_same_noise(engine, monkeypatch):
 def test_hift_matches_upstream_decode(engine):
     g = torch.Generator().manual_seed(0)
     mels = [torch.randn(80, 30, generator=g) - 4, torch.randn(80, 11, generator=g) - 4]
-    wavs, srcs = engine.hift([HiftRow(m, seed=i) for i, m in enumerate(mels)])
+    wavs, srcs, _ = engine.hift([HiftRow(m, seed=i) for i, m in enumerate(mels)])
     hift = engine.s3gen.mel2wav
     with torch.inference_mode():
         for m, w, s in zip(mels, wavs, srcs):

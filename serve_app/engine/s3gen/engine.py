@@ -46,10 +46,6 @@ def plan_batches(lengths: list[int], max_batch_tokens: int, bucket: int) -> list
     return batches
 
 
-def _derive_seed(seed: int, offset: int) -> int:
-    return (int(seed) * 1_000_003 + int(offset)) % (2**63 - 1)
-
-
 class S3GenEngine:
     def __init__(self, s3gen: torch.nn.Module, config: S3GenEngineConfig | None = None):
         self.config = config = config or S3GenEngineConfig()
@@ -134,21 +130,32 @@ class S3GenEngine:
         hift_rows: dict[int, HiftRow] = {}
         for i in todo:
             st = batch[i].stream_state
+            n_frames = int(mels[i].shape[1])
             if not streaming[i] or is_fresh(st):
-                hift_rows[i] = HiftRow(mels[i], _derive_seed(rows[i].seed, 0))
+                hift_rows[i] = HiftRow(mels[i], rows[i].seed, phase_at=self._phase_at(batch[i], n_frames, 0))
             else:
                 start = st.num_mel_frames_emitted
                 cache = None if st.hift_cache_source is None else torch.from_numpy(
                     np.asarray(st.hift_cache_source, np.float32).reshape(-1)).to(self.device)
-                hift_rows[i] = HiftRow(mels[i][:, start - K:], _derive_seed(rows[i].seed, start), cache)
+                phase0 = st.extra.get("source_phase")
+                phase0 = None if phase0 is None else torch.from_numpy(np.asarray(phase0, np.float32)).to(self.device)
+                hift_rows[i] = HiftRow(mels[i][:, start - K:], rows[i].seed, cache,
+                                       sample_offset=(start - K) * SAMPLES_PER_MEL_FRAME, phase0=phase0,
+                                       phase_at=self._phase_at(batch[i], n_frames, start - K))
         # HiFT in groups of similar length (frames are ~2x tokens; reuse the flow plan's budget)
         hift_lens = [int(hift_rows[i].mel.shape[1]) for i in todo]
         for idx, _ in plan_batches(hift_lens, 2 * self.config.max_batch_tokens, 2 * self.config.length_bucket):
             sel = [todo[j] for j in idx]
-            wavs, srcs = self.hift([hift_rows[i] for i in sel])
-            for i, wav, src in zip(sel, wavs, srcs):
-                results[i] = self._finish(batch[i], streaming[i], int(mels[i].shape[1]), wav, src)
+            wavs, srcs, phases = self.hift([hift_rows[i] for i in sel])
+            for i, wav, src, ph in zip(sel, wavs, srcs, phases):
+                results[i] = self._finish(batch[i], streaming[i], int(mels[i].shape[1]), wav, src, ph)
         return results  # type: ignore[return-value]
+
+    def _phase_at(self, inp: VocodeInput, n_frames: int, first_frame: int) -> int | None:
+        """Local sample index where the next stream chunk's HiFT input will start (None: no next chunk)."""
+        if inp.finalize:
+            return None
+        return (n_frames - self.config.stream_overlap_frames - first_frame) * SAMPLES_PER_MEL_FRAME
 
     def _nothing_new(self, inp: VocodeInput, streaming: bool) -> tuple[np.ndarray, StreamState | None]:
         empty = np.zeros(0, np.float32)
@@ -162,7 +169,7 @@ class S3GenEngine:
         return empty, (st if st is not None else StreamState())
 
     def _finish(self, inp: VocodeInput, streaming: bool, num_frames: int, wav: torch.Tensor,
-                src: torch.Tensor) -> tuple[np.ndarray, StreamState | None]:
+                src: torch.Tensor, phase: torch.Tensor | None = None) -> tuple[np.ndarray, StreamState | None]:
         # wav, src: [480 M] for the vocoded frames
         if not streaming:
             return to_numpy(apply_trim_fade(wav, self._trim_fade)), None
@@ -179,8 +186,11 @@ class S3GenEngine:
             return to_numpy(wav), next_state(st, mel_frames=num_frames, emitted=wav.shape[0], tail=None,
                                              source=None, finished=True)
         out = wav[:-n_ov]
-        return to_numpy(out), next_state(st, mel_frames=num_frames, emitted=out.shape[0], tail=wav[-n_ov:],
-                                         source=src[-n_ov:], finished=False)
+        new_state = next_state(st, mel_frames=num_frames, emitted=out.shape[0], tail=wav[-n_ov:],
+                               source=src[-n_ov:], finished=False)
+        if phase is not None:
+            new_state.extra["source_phase"] = to_numpy(phase)
+        return to_numpy(out), new_state
 
     # ---- API --------------------------------------------------------------------------------------------
     def vocode(self, batch: list[VocodeInput]) -> list[np.ndarray]:

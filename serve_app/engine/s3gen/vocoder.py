@@ -3,7 +3,9 @@
 Same math as upstream `HiFTGenerator.inference` (f0 predictor -> neural source -> decode -> iSTFT), with:
 - every conv output masked past the row's length, so a padded row sees the zeros a lone row's conv padding
   would give it (HiFT's convs are not causal; without masks the padding would leak into a row's last frames);
-- the source's random phases and noise drawn from a per-request generator (upstream uses the global RNG);
+- the source's random phases and noise drawn from per-request generators (upstream uses the global RNG), the
+  noise indexed by absolute sample position and the harmonic phase carried across stream chunks, so a stream
+  sees the same source as a one-shot decode;
 - the source STFT and the iSTFT done per row on the valid part (their reflect padding / window envelope
   depend on the row's end);
 - `cache_source` per row (streaming): the first samples of the source are replaced to keep phase continuity.
@@ -24,6 +26,12 @@ class HiftRow:
     mel: torch.Tensor                        # [80, M] mel frames
     seed: int                                # source noise seed
     cache_source: torch.Tensor | None = None  # [S] float32 source samples to reuse at the start (S <= 480 M)
+    sample_offset: int = 0                    # where this row starts in the request's audio (streaming)
+    phase0: torch.Tensor | None = None        # [H] harmonic phases (cycles) carried from the previous chunk
+    phase_at: int | None = None               # report the harmonic phases reached just before this sample
+
+
+NOISE_BLOCK = 24_000  # source noise is drawn per (seed, block of 1 s) so a sample gets the same noise in any chunk
 
 
 def _masks(lengths: torch.Tensor, T: int) -> torch.Tensor:
@@ -63,21 +71,38 @@ class HiftRunner:
         x = x.transpose(1, 2)
         return torch.abs(self.hift.f0_predictor.classifier(x).squeeze(-1))
 
-    def _source(self, f0: torch.Tensor, rows: list[HiftRow], lengths_s: list[int]) -> torch.Tensor:
-        # f0: [B, M] -> source [B, 1, S] float32 (S = 480 M); upstream SineGen + SourceModuleHnNSF
+    @staticmethod
+    def _noise(seed: int, offset: int, n: int, H: int, device) -> torch.Tensor:
+        # -> [H, n] standard normal, a fixed function of (seed, absolute sample index)
+        first, last = offset // NOISE_BLOCK, (offset + n - 1) // NOISE_BLOCK
+        blocks = []
+        for b in range(first, last + 1):
+            g = torch.Generator(device=device).manual_seed((int(seed) * 7919 + b) % (2**63 - 1))
+            blocks.append(torch.randn(H, NOISE_BLOCK, generator=g, device=device))
+        start = offset - first * NOISE_BLOCK
+        return torch.cat(blocks, dim=1)[:, start:start + n]
+
+    def _source(self, f0: torch.Tensor, rows: list[HiftRow], lengths_s: list[int]):
+        # f0: [B, M] -> source [B, 1, S] float32 (S = 480 M), phases per row ([H] cycles or None);
+        # upstream SineGen + SourceModuleHnNSF
         B = f0.shape[0]
         H = self.harmonic_num + 1
         f0_up = F.interpolate(f0[:, None].float(), scale_factor=float(SAMPLES_PER_MEL_FRAME), mode="nearest")  # [B,1,S]
         S = f0_up.shape[-1]
         harm = torch.arange(1, H + 1, device=f0.device, dtype=torch.float32)[None, :, None]  # [1, H, 1]
-        theta = 2 * math.pi * (torch.cumsum(f0_up * harm / self.sampling_rate, dim=-1) % 1)  # [B, H, S]
+        cycles = torch.cumsum(f0_up * harm / self.sampling_rate, dim=-1)                  # [B, H, S]
         phase = torch.zeros(B, H, 1, device=f0.device)
         noise = torch.zeros(B, H, S, device=f0.device)
+        reached: list[torch.Tensor | None] = []
         for i, r in enumerate(rows):
+            if r.phase0 is not None:
+                cycles[i] += r.phase0.to(cycles).reshape(H, 1)
+            reached.append(None if r.phase_at is None else cycles[i, :, r.phase_at - 1] % 1)
             g = torch.Generator(device=f0.device).manual_seed(int(r.seed))
             n = lengths_s[i]
             phase[i, 1:, 0] = (torch.rand(H - 1, generator=g, device=f0.device) * 2 - 1) * math.pi
-            noise[i, :, :n] = torch.randn(H, n, generator=g, device=f0.device)
+            noise[i, :, :n] = self._noise(r.seed, r.sample_offset, n, H, f0.device)
+        theta = 2 * math.pi * (cycles % 1)
         sine = self.sine_amp * torch.sin(theta + phase)
         uv = (f0_up > self.voiced_threshold).float()                                        # [B, 1, S]
         noise_amp = uv * self.noise_std + (1 - uv) * self.sine_amp / 3
@@ -88,7 +113,7 @@ class HiftRunner:
             if r.cache_source is not None and r.cache_source.numel() > 0:
                 c = r.cache_source.reshape(-1)
                 src[i, 0, :c.shape[0]] = c.to(src.dtype)
-        return src
+        return src, reached
 
     def _stft(self, s: torch.Tensor) -> torch.Tensor:
         # s: [S] -> [n_fft + 2, S / hop + 1] (real; imag)
@@ -101,8 +126,8 @@ class HiftRunner:
 
     # ---- public -----------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def __call__(self, rows: list[HiftRow]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        # -> per row (wav [480 M_i] float32, source [480 M_i] float32)
+    def __call__(self, rows: list[HiftRow]):
+        # -> per row: wav [480 M_i] float32, source [480 M_i] float32, phases [H] cycles at phase_at (or None)
         hift = self.hift
         device = rows[0].mel.device
         B = len(rows)
@@ -115,7 +140,7 @@ class HiftRunner:
         m0 = _masks(lengths, M).to(self.dtype)
         f0 = self._f0(mel, m0).float()                                                        # [B, M]
         lengths_s = [n * SAMPLES_PER_MEL_FRAME for n in lens]
-        src = self._source(f0, rows, lengths_s)                                               # [B, 1, S]
+        src, phases = self._source(f0, rows, lengths_s)                                       # [B, 1, S]
 
         frames = [n // self.hop + 1 for n in lengths_s]                                       # stft frames per row
         TT = int(M * SAMPLES_PER_MEL_FRAME // self.hop + 1)
@@ -156,4 +181,4 @@ class HiftRunner:
             wav = torch.istft(spec[i:i + 1, :, :n], self.n_fft, self.hop, self.n_fft, window=window)[0]
             wavs.append(torch.clamp(wav, -hift.audio_limit, hift.audio_limit))
             sources.append(src[i, 0, :lengths_s[i]])
-        return wavs, sources
+        return wavs, sources, phases
