@@ -85,8 +85,9 @@ def inspect(
 
 @app.command()
 def estimate(
-    strategies: str = typer.Option(DEFAULT_STRATEGIES, help="Comma-separated strategies (or full specs like mixed,t3=int8 via --override)."),
-    concurrency: str = typer.Option("1,8,32", help="Comma-separated numbers of concurrent requests."),
+    strategies: str = typer.Option(DEFAULT_STRATEGIES, help="Comma-separated strategies."),
+    concurrency: str = typer.Option("1,8,32", help="Comma-separated numbers of concurrent requests (KV cache)."),
+    batch_size: int = typer.Option(0, help="Requests computed at once, for activations (0: min(concurrency, 8))."),
     seq_len: int = typer.Option(1024, help="T3 tokens per request held in the KV cache."),
     components: str = typer.Option("all", help="What the replica holds: all, t3, s3gen, or component keys."),
     override: str = typer.Option("", help="Per-component overrides, e.g. 't3=int8,flow=none'."),
@@ -107,8 +108,8 @@ def estimate(
         specs = {**named_strategy(name, "cuda"), **overrides}
         for n in levels:
             e = estimate_replica({k: specs[k] for k in keys}, preset=preset, num_requests=n, seq_len=seq_len,
-                                 ray_replica=ray_replica)
-            out.append({"strategy": name, "concurrency": n, "weights_mib": e.weights_bytes / MiB,
+                                 batch_size=batch_size or min(n, 8), ray_replica=ray_replica)
+            out.append({"strategy": name, "concurrency": n, "batch_size": e.config["batch_size"], "weights_mib": e.weights_bytes / MiB,
                         "kv_cache_mib": e.kv_cache_bytes / MiB, "activations_mib": e.activation_bytes / MiB,
                         "total_mib": e.total_bytes / MiB, "per_component_mib": {k: v / MiB for k, v in e.weights.items()}})
             rows.append([name, n, e.weights_bytes / MiB, e.kv_cache_bytes / MiB, e.activation_bytes / MiB,
