@@ -149,7 +149,7 @@ class S3GenSettings(DeploymentSettings):
 
 
 class VoiceSettings(DeploymentSettings):
-    backend: Backend = "upstream"
+    backend: Backend = "engine"
     voices_dir: Path | None = Field(None, description="Where enrolled voices live (null: CHATTERBOX_VOICES_DIR, "
                                     "else <cache_dir>/voices).")
     max_cached_voices: int = Field(256, ge=1)

@@ -34,15 +34,17 @@ def make_enroller(checkpoint: Any, settings: VoiceSettings, rd: ReplicaDevice) -
     from serve_app.model.loader import load_s3gen, load_voice_encoder
     from serve_app.model.presets import get_preset, t3_config
 
-    if settings.backend == "engine":
-        from serve_app.engine.enrollment import VoiceEnroller
-
-        load = getattr(VoiceEnroller, "from_checkpoint", None)
-        if load is not None:
-            return EngineEnroller(load(checkpoint, rd.device))
     s3gen = load_s3gen(checkpoint, rd.device, enrollment=True)
     ve = load_voice_encoder(checkpoint, rd.device)
     prompt_len = t3_config(get_preset("full"), checkpoint.multilingual).speech_cond_prompt_len
+    if settings.backend == "engine":
+        try:
+            from serve_app.engine.enrollment import VoiceEnroller
+        except ImportError as e:
+            log.warning("voice backend 'engine' unavailable (%s); enrolling with the upstream math", e)
+            return UpstreamEnroller(s3gen, ve, prompt_len, rd.device)
+        # keeps only the S3 tokenizer, CAMPPlus and the voice encoder: flow and HiFT are freed with `s3gen`
+        return EngineEnroller(VoiceEnroller.from_s3gen(ve, s3gen, rd.device, speech_cond_prompt_len=prompt_len))
     return UpstreamEnroller(s3gen, ve, prompt_len, rd.device)
 
 
