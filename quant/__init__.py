@@ -7,8 +7,10 @@
 Importing this package does not import chatterbox; only the estimator's inventory (and fidelity) build models.
 """
 from quant.apply import apply_quant, bnb_unavailable_reason, find_linears
+from quant.components import COMPONENT_KEYS, quantize_model
+from quant.estimator import MemoryEstimate, estimate_replica
 from quant.spec import QuantSpec, parse_spec
 from quant.strategies import ENV_VAR, parse_quantization, resolve_from_env, resolve_strategy
 
-__all__ = ["QuantSpec", "apply_quant", "bnb_unavailable_reason", "find_linears", "parse_spec", "resolve_strategy",
+__all__ = ["COMPONENT_KEYS", "MemoryEstimate", "estimate_replica", "quantize_model", "QuantSpec", "apply_quant", "bnb_unavailable_reason", "find_linears", "parse_spec", "resolve_strategy",
            "resolve_from_env", "parse_quantization", "ENV_VAR"]
