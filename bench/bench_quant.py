@@ -233,7 +233,8 @@ def environment(args, dev: torch.device) -> dict:
         except metadata.PackageNotFoundError:
             return None
 
-    return {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)",
+    cpu = f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
+    return {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu,
             "torch": torch.__version__, "bitsandbytes": ver("bitsandbytes"), "chatterbox-tts": ver("chatterbox-tts"),
             "transformers": ver("transformers"), "python": platform.python_version(),
             "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
