@@ -1,0 +1,54 @@
+"""Overload gives 429 with Retry-After (not timeouts or 500s), and clients that give up free their work.
+
+The T3 stage admits max_ongoing_requests (8) plus max_queued_requests (16) from deploy/cpu-tiny.yaml; a burst of
+40 speech requests must see some rejected at once. The test then hangs up on the rest (the router cancels their
+stage calls) and checks the service still answers.
+"""
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+from serve_fixture import API_KEY
+
+pytestmark = pytest.mark.timeout(600)
+
+BURST = 40
+
+
+def test_burst_beyond_queue_limits_gets_429_then_recovers(serve_app_instance):
+    config = serve_app_instance.config
+    assert BURST > config.t3.max_ongoing_requests + config.t3.max_queued_requests
+
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=serve_app_instance.base_url, timeout=300,
+                                     headers={"Authorization": f"Bearer {API_KEY}"},
+                                     limits=httpx.Limits(max_connections=BURST)) as client:
+            tasks = [asyncio.create_task(client.post("/v1/audio/speech", json={
+                "input": f"Burst {i}.", "response_format": "pcm", "seed": i})) for i in range(BURST)]
+            done: list[httpx.Response] = []
+            for next_done in asyncio.as_completed(tasks, timeout=180):
+                done.append(await next_done)
+                if any(r.status_code != 200 for r in done):
+                    break
+            await asyncio.sleep(2)   # let the other rejections arrive
+            done += [t.result() for t in tasks if t.done() and t.result() not in done]
+            for t in tasks:          # hang up on the rest: the router cancels their T3 and S3Gen calls
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            return done
+
+    responses = asyncio.run(burst())
+    statuses = [r.status_code for r in responses]
+    assert set(statuses) <= {200, 429, 503}, statuses
+    rejected = [r for r in responses if r.status_code in (429, 503)]
+    assert len(rejected) >= BURST - config.t3.max_ongoing_requests - config.t3.max_queued_requests - 4, statuses
+    for r in rejected:
+        assert int(r.headers["Retry-After"]) >= 1
+        assert r.json()["error"]["type"] in ("rate_limit_error", "service_unavailable_error")
+    assert any(r.status_code == 429 and r.json()["error"]["code"] == "backpressure" for r in rejected)
+
+    with serve_app_instance.client() as http:   # cancelled work is gone: a new request is served
+        r = http.post("/v1/audio/speech", json={"input": "After the burst.", "response_format": "wav"}, timeout=180)
+        assert r.status_code == 200, r.text
