@@ -23,4 +23,5 @@ checkpoint: setup
 
 # Wheels for the offline GPU machine (see bench/README.md).
 bench-wheels:
-	bash ../shared/tools/device-wheels.sh .whl
+	bash ../shared/tools/device-wheels.sh .whl || true
+	python3 -m pip download -q --no-deps -d .whl pydantic-settings==2.16.3   # not in the shared bundle
