@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import logging
 import platform
@@ -37,6 +38,7 @@ TEXT_TOKENS = list(range(20, 60))  # 40 text tokens, a typical sentence chunk
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="tiny preset on CPU, eager, small sizes")
+    p.add_argument("--checkpoint", default=None, help="checkpoint folder (default: random weights of --preset)")
     p.add_argument("--preset", default=None, help="model preset (default: full, or tiny with --smoke)")
     p.add_argument("--device", default=None, help="default: cuda, or cpu with --smoke")
     p.add_argument("--concurrency", default=None, help="comma list (default 1,8,32,64,128; smoke 1,2)")
@@ -147,8 +149,10 @@ def bench_engine(t3_cpu, mode: str, args, max_c: int) -> dict:
     cfg = T3EngineConfig(max_batch_requests=max_c, max_seq_len=max_seq_len, dtype=dtype, quant=quant,
                          enforce_eager=args.enforce_eager or mode.endswith("-eager"), device=args.device)
     if cuda:
+        gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()  # what earlier modes left behind is not this engine's
     t0 = time.perf_counter()
     engine = T3Engine(copy.deepcopy(t3_cpu), cfg)
     init_s = time.perf_counter() - t0
@@ -164,10 +168,11 @@ def bench_engine(t3_cpu, mode: str, args, max_c: int) -> dict:
                    "graph_batch_sizes": list(cfg.batch_buckets), "graph_seq_lens": list(cfg.seq_buckets),
                    "max_prefill_requests": cfg.max_prefill_requests, "enforce_eager": cfg.enforce_eager},
         "graphs": engine.use_graphs, "init_seconds": init_s, "kv_cache_gib": engine.cache.num_bytes / 2**30,
-        "peak_vram_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+        "peak_vram_gib": (torch.cuda.max_memory_allocated() - base) / 2**30 if cuda else None,
         "results": results,
     }
     del engine
+    gc.collect()
     if cuda:
         torch.cuda.empty_cache()
     return out
@@ -228,12 +233,16 @@ def main(argv=None) -> int:
         raise SystemExit("CUDA is not available; run with --smoke (CPU) or on a GPU")
     if args.smoke:
         torch.set_num_threads(1)
+    from serve_app.model.loader import load_t3, resolve_checkpoint
     from serve_app.model.presets import build_t3, get_preset
 
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    t3_cpu = build_t3(get_preset(args.preset)).eval()
-    logger.info("built %s T3 in %.1f s", args.preset, time.perf_counter() - t0)
+    if args.checkpoint:
+        t3_cpu = load_t3(resolve_checkpoint(args.checkpoint, preset=args.preset), "cpu").eval()
+    else:
+        t3_cpu = build_t3(get_preset(args.preset)).eval()
+    logger.info("T3 (%s) ready in %.1f s", args.checkpoint or f"random {args.preset}", time.perf_counter() - t0)
     device_name = torch.cuda.get_device_name() if torch.device(args.device).type == "cuda" else platform.processor() or "cpu"
     report = {
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": device_name,

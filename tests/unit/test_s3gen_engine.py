@@ -124,3 +124,22 @@ def test_full_architecture_flow_batched_equals_alone():
         alone = eng.flow([row], row.num_tokens, 2)[0]
         assert mel.shape == alone.shape == (80, 2 * row.tokens.shape[0])
         torch.testing.assert_close(mel, alone, atol=1e-4, rtol=1e-4)
+
+
+def test_sync_free_chunk_mask_equals_upstream():
+    from chatterbox.models.s3gen.utils.mask import add_optional_chunk_mask as upstream
+    from serve_app.engine.s3gen.flow import add_optional_chunk_mask
+
+    lengths = torch.tensor([5, 8, 1])
+    masks = (torch.arange(8)[None, :] < lengths[:, None])[:, None, :]             # [3, 1, 8] bool
+    xs = torch.zeros(3, 8, 16)
+    ours = add_optional_chunk_mask(xs, masks.clone(), False, False, 0, 0, -1)
+    ref = upstream(xs, masks.clone(), False, False, 0, 0, -1)
+    assert ours.dtype == torch.bool and torch.equal(ours, ref) and not ours[0, 0, 5:].any()
+    # an all-masked row (a padded graph row) becomes all-True, as upstream intends (upstream's own branch
+    # for it raises NameError: chatterbox 0.1.7's mask.py uses `logging` without importing it)
+    empty = add_optional_chunk_mask(xs[:1], torch.zeros(1, 1, 8, dtype=torch.bool), False, False, 0, 0, -1)
+    assert empty.all()
+    # static chunks go to upstream unchanged
+    assert torch.equal(add_optional_chunk_mask(xs, masks.clone(), False, False, 0, 2, -1),
+                       upstream(xs, masks.clone(), False, False, 0, 2, -1))

@@ -31,6 +31,9 @@ class S3GenEngineConfig:
     default_seed: int = 0                # CFM noise / HiFT source noise when a request brings no seed
     stream_overlap_frames: int = 8       # mel frames re-vocoded and crossfaded at each stream join (160 ms)
     cfg_rate: float | None = None        # None: upstream inference_cfg_rate (0.7)
+    enforce_eager: bool = False          # True: no CUDA graphs for the flow's euler loop (CUDA only anyway)
+    graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)  # flow batches padded up to these; larger eager
+    max_graphs: int = 32                 # captured (batch, frames, steps) shapes kept, least recently used dropped
 
     def __post_init__(self):
         for name in ("dtype", "encoder_dtype", "hift_dtype"):

@@ -10,6 +10,7 @@ vocoder-only replica (`strip_enrollment_modules`).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -19,7 +20,8 @@ import torch
 from serve_app.serving.contracts import StreamState
 
 from .config import DTYPES, SAMPLES_PER_MEL_FRAME, S3GenEngineConfig, VocodeInput
-from .flow import FlowRow, FlowRunner
+from .flow import FlowRow, FlowRunner, use_sync_free_masks
+from .graphs import SolveGraphs
 from .noise import NoiseBank
 from .streaming import apply_trim_fade, crossfade, is_fresh, next_state, to_numpy, trim_fade
 from .vocoder import HiftRow, HiftRunner
@@ -62,11 +64,23 @@ class S3GenEngine:
         if config.quant is not None and getattr(config.quant, "method", "none") != "none":
             from quant.apply import apply_quant  # optional dependency, only when asked for
 
-            self.quantized += apply_quant(flow.encoder, config.quant)
-            self.quantized += apply_quant(flow.decoder.estimator, config.quant)
+            q = config.quant
+            if q.method == "dynamic_int8" and (config.dtype, config.encoder_dtype) != ("fp32", "fp32"):
+                raise ValueError("dynamic_int8 computes in fp32: set the S3Gen dtype to fp32")
+            # each part keeps its own compute dtype (the encoder fp32, the estimator config.dtype)
+            for part, dtype in ((flow.encoder, config.encoder_dtype), (flow.decoder.estimator, config.dtype)):
+                spec = dataclasses.replace(q, dtype=dtype)
+                self.quantized += apply_quant(part, spec)
             log.info("quantized %d flow modules with %s", len(self.quantized), config.quant)
         self.noise = NoiseBank(self.device)
+        use_sync_free_masks()
         self.flow = FlowRunner(flow, self.noise, DTYPES[config.dtype], DTYPES[config.encoder_dtype], config.cfg_rate)
+        # bnb int8 with outliers (threshold > 0) syncs on the host: not capturable
+        method = getattr(config.quant, "method", "none")
+        capturable = method != "dynamic_int8" and not (method == "int8" and config.quant.int8_threshold > 0)
+        self.use_graphs = self.device.type == "cuda" and not config.enforce_eager and capturable
+        if self.use_graphs:
+            self.flow.graphs = SolveGraphs(self.flow.solve, config.graph_batch_sizes, config.max_graphs)
         self.hift = HiftRunner(hift, DTYPES[config.hift_dtype])
         self._trim_fade = trim_fade().to(self.device)
 

@@ -107,7 +107,8 @@ class HiftRunner:
         uv = (f0_up > self.voiced_threshold).float()                                        # [B, 1, S]
         noise_amp = uv * self.noise_std + (1 - uv) * self.sine_amp / 3
         sine = sine * uv + noise_amp * noise                                                  # [B, H, S]
-        src = self.hift.m_source.l_tanh(self.hift.m_source.l_linear(sine.transpose(1, 2)))  # [B, S, 1]
+        lin = self.hift.m_source.l_linear
+        src = self.hift.m_source.l_tanh(lin(sine.transpose(1, 2).to(lin.weight.dtype))).float()  # [B, S, 1]
         src = src.transpose(1, 2)                                                             # [B, 1, S]
         for i, r in enumerate(rows):
             if r.cache_source is not None and r.cache_source.numel() > 0:
