@@ -44,7 +44,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=None, help="CFM steps (default 10; smoke 2)")
     p.add_argument("--modes", default=None,
                    help="comma list of fp32 | bf16 | fp16 | int8 (bnb, threshold 0, bf16) | int8-t6 | "
-                        "dynamic_int8 | bf16-hift (bf16 estimator and HiFT). Default fp32,bf16,int8,bf16-hift; "
+                        "dynamic_int8 | bf16-hift (bf16 estimator and HiFT) | bf16-compile (torch.compile estimator). Default fp32,bf16,int8,bf16-hift; "
                         "smoke fp32,bf16")
     p.add_argument("--stream-chunk", type=int, default=None, help="tokens in the first streamed chunk (default 25)")
     p.add_argument("--upstream-requests", type=int, default=None, help="upstream timed requests (default 3)")
@@ -99,6 +99,8 @@ def engine_config(a, mode: str) -> S3GenEngineConfig:
     kw: dict = dict(device=a.device, n_cfm_timesteps=a.steps)
     if mode in ("fp32", "bf16", "fp16"):
         kw["dtype"] = mode
+    elif mode == "bf16-compile":
+        kw.update(dtype="bf16", compile=True)
     elif mode == "bf16-hift":
         kw.update(dtype="bf16", hift_dtype="bf16")
     elif mode in ("int8", "int8-t6", "dynamic_int8"):

@@ -33,6 +33,8 @@ class S3GenEngineConfig:
     cfg_rate: float | None = None        # None: upstream inference_cfg_rate (0.7)
     enforce_eager: bool = False          # True: no CUDA graphs for the flow's euler loop (CUDA only anyway)
     graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)  # flow batches padded up to these; larger eager
+    compile: bool = False                # torch.compile the CFM estimator (fuses its ~2,000 small kernels a step;
+                                         # compiles at the first call of each shape family: slow warm-up)
     max_graphs: int = 32                 # captured (batch, frames, steps) shapes kept, least recently used dropped
 
     def __post_init__(self):

@@ -74,6 +74,10 @@ class S3GenEngine:
             log.info("quantized %d flow modules with %s", len(self.quantized), config.quant)
         self.noise = NoiseBank(self.device)
         use_sync_free_masks()
+        if config.compile:
+            est = flow.decoder.estimator
+            est.forward = torch.compile(est.forward, dynamic=False)
+            log.info("CFM estimator wrapped in torch.compile (compiles on first use of each shape)")
         self.flow = FlowRunner(flow, self.noise, DTYPES[config.dtype], DTYPES[config.encoder_dtype], config.cfg_rate)
         # bnb int8 with outliers (threshold > 0) syncs on the host: not capturable
         method = getattr(config.quant, "method", "none")
