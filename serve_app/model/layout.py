@@ -4,8 +4,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 HUB_REPO_ID = "ResembleAI/chatterbox"
-# The revision every hub download asks for. Override with CHATTERBOX_HUB_REVISION (a commit sha pins it exactly).
-HUB_REVISION = "main"
+# The revision every hub download asks for: a commit of ResembleAI/chatterbox that holds both the English files
+# and the multilingual v2 files chatterbox-tts 0.1.7 loads (t3_mtl23ls_v2, grapheme_mtl_merged_expanded_v1).
+# Override with CHATTERBOX_HUB_REVISION (e.g. "main" for the newest).
+HUB_REVISION = "5bb1f6ee58e50c3b8d408bc82a6d3740c2db6e18"
 # Written beside a random-weight checkpoint; its presence is how the loader knows to announce random weights.
 RANDOM_MARKER = "chatterbox_serve_random.json"
 
