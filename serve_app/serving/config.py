@@ -244,6 +244,14 @@ class ServeConfig(_Model):
     def stages(self) -> dict[str, DeploymentSettings]:
         return {"t3": self.t3, "s3gen": self.s3gen, "voice": self.voice}
 
+    def cpus_requested(self) -> float:
+        """Logical CPUs the app's replicas reserve at their initial/minimum count (model stages and router)."""
+        total = 0.0
+        for s in (*self.stages().values(), self.router):
+            n = s.num_replicas if s.autoscaling_config is None else max(1, s.autoscaling_config.min_replicas)
+            total += (n or 1) * s.ray_actor_options.num_cpus
+        return total
+
 
 def stage_device(settings: DeploymentSettings) -> str:
     """The torch device a stage's replicas use: CUDA exactly when the replica was given a GPU share."""

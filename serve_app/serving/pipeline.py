@@ -17,7 +17,9 @@ No torch; audio is float32 numpy at 24 kHz.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import AsyncIterator
@@ -26,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from serve_app.serving.audio import Crossfader
-from serve_app.serving.contracts import SynthesisParams, T3Job, TokenChunk, VocodeJob, VocodeResult
+from serve_app.serving.contracts import SPEECH_TOKEN_RATE, SynthesisParams, T3Job, TokenChunk, VocodeJob, VocodeResult
 from serve_app.serving.errors import StageError
 from serve_app.serving.stage_client import StageClient
 
@@ -50,6 +52,14 @@ class PipelineConfig:
     stream_chunk_tokens: int = 50
     lookahead_chunks: int = 1
     crossfade_samples: int = 480
+    max_seconds_per_char: float = 0.0   # 0: every chunk may use params.max_new_tokens
+
+
+def chunk_token_cap(text: str, max_new_tokens: int, max_seconds_per_char: float) -> int:
+    """Speech token cap for one text chunk: max_new_tokens, or less for short text (2 s + k s per character)."""
+    if max_seconds_per_char <= 0:
+        return max_new_tokens
+    return min(max_new_tokens, math.ceil(SPEECH_TOKEN_RATE * (2.0 + max_seconds_per_char * len(text))))
 
 
 class SpeechPipeline:
@@ -76,8 +86,10 @@ class SpeechPipeline:
         try:
             for index in range(len(chunks)):
                 while next_chunk < len(chunks) and len(running) <= self.config.lookahead_chunks:
-                    job = T3Job(request_id=f"{request_id}-{next_chunk}", text=chunks[next_chunk], voice_id=voice_id,
-                                params=params)
+                    text = chunks[next_chunk]
+                    cap = chunk_token_cap(text, params.max_new_tokens, self.config.max_seconds_per_char)
+                    job = T3Job(request_id=f"{request_id}-{next_chunk}", text=text, voice_id=voice_id,
+                                params=dataclasses.replace(params, max_new_tokens=cap))
                     queue: asyncio.Queue = asyncio.Queue()
                     task = asyncio.create_task(self._produce_tokens(job, queue, stats))
                     running.append((queue, task))

@@ -100,6 +100,7 @@ class SpeechRouter:
             stream_chunk_tokens=self.settings.stream_chunk_tokens,
             lookahead_chunks=self.settings.lookahead_chunks,
             crossfade_samples=self.settings.crossfade_samples,
+            max_seconds_per_char=self.settings.max_seconds_per_char,
         ))
         self.watermarker = default_watermarker(self.settings.watermark) if watermarker is _DEFAULT else watermarker
         self._metrics = metrics

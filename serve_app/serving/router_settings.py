@@ -23,6 +23,10 @@ class RouterSettings(BaseModel):
     max_input_chars: int = Field(4096, ge=1, description="Longest `input` accepted (OpenAI's limit is 4096).")
     max_chunk_chars: int = Field(300, ge=20, description="Longest text chunk sent to T3 in one job.")
     max_new_tokens: int = Field(1000, ge=1, description="Speech token cap per text chunk (25 tokens per second).")
+    max_seconds_per_char: float = Field(
+        0.25, ge=0, description="A text chunk speaks at most 2 s + this many seconds per character (0.25: 4 "
+        "characters a second, a third of normal speech), below max_new_tokens; stops runaway generation, and "
+        "random weights, which never emit the stop token. 0: only max_new_tokens.")
 
     # streaming and joining
     first_chunk_tokens: int = Field(25, ge=1, description="Tokens before a text chunk's first streamed vocode.")

@@ -8,6 +8,8 @@ default), the dashboard is off, and the Prometheus metrics port is explicit (CHA
 from __future__ import annotations
 
 import logging
+import math
+import os
 import signal
 import threading
 import time
@@ -46,6 +48,18 @@ def wait_forever() -> None:
         time.sleep(0.5)
 
 
+def local_num_cpus(config: ServeConfig) -> int:
+    """Logical CPUs for the local Ray head: the machine's cores, or what the deploy file's replicas reserve if
+    that is more. Ray's CPU count is a scheduling budget, not a limit: on a small box (2 cores) a config that
+    reserves 4 would otherwise leave replicas pending forever."""
+    cores = os.cpu_count() or 1
+    wanted = math.ceil(config.cpus_requested())
+    if wanted > cores:
+        log.warning("the deploy file reserves %d CPUs for its replicas and this machine has %d cores: starting "
+                    "Ray with %d logical CPUs (the replicas share the cores)", wanted, cores, wanted)
+    return max(cores, wanted)
+
+
 def serve_main(config_path: str | Path, host: str | None = None, port: int | None = None, *,
                checkpoint: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None,
                metrics_port: int | None = None) -> None:
@@ -63,6 +77,8 @@ def serve_main(config_path: str | Path, host: str | None = None, port: int | Non
         from serve_app.envs import get_envs
 
         metrics_port = get_envs().metrics_port
+    if num_cpus is None:
+        num_cpus = local_num_cpus(config)
     local = start_local_ray(num_cpus=num_cpus, num_gpus=num_gpus, metrics_port=metrics_port)
     try:
         run_app(config, host=host or deploy.host, port=port or deploy.port, blocking=True)

@@ -133,6 +133,9 @@ class UpstreamT3Backend:
 _ENGINE_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
+CPU_MAX_BATCH_SIZE = 4   # KV slots of a CPU replica unless the stage's `engine` settings say otherwise
+
+
 class EngineT3Backend:
     """Continuous batching with `serve_app.engine.t3.T3Engine`, stepped by one background thread.
 
@@ -169,6 +172,11 @@ class EngineT3Backend:
         kwargs = dict(max_batch_requests=max_batch_size, dtype=_ENGINE_DTYPES[dtype], device=device, quant=quant)
         if device == "cpu":
             kwargs["enforce_eager"] = True
+            if max_batch_size > CPU_MAX_BATCH_SIZE:
+                # fp32 KV slots on CPU cost ~0.75 GiB each at the full preset; a CPU gains little from batching
+                log.info("T3 engine on CPU: %d KV slots instead of max_batch_size=%d (more requests queue)",
+                         CPU_MAX_BATCH_SIZE, max_batch_size)
+                kwargs["max_batch_requests"] = CPU_MAX_BATCH_SIZE
         kwargs.update(extra or {})
         return cls(T3Engine(t3, T3EngineConfig(**kwargs)), tokenizer, multilingual=multilingual, device=device,
                    dtype=dtype, on_step=on_step)

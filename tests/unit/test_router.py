@@ -357,3 +357,16 @@ async def test_short_stream_tails_are_watermarked_with_context():
     assert samples.size == 26 * SAMPLES_PER_TOKEN
     assert np.abs(samples[-480:]).max() == pytest.approx(0.15, abs=0.01)  # the tail was marked too
     assert seen[-1] == 12_000 + 480  # with 0.5 s of context
+
+
+async def test_short_text_gets_a_length_based_token_cap():
+    """Each chunk may speak 2 s + 0.25 s per character at most (random weights never stop); 0 turns it off."""
+    stack = Stack(max_new_tokens=1000, max_chunk_chars=40)
+    text = "Hi. " + "This sentence is quite a bit longer than the first one."
+    await speech(stack, input=text, response_format="wav")
+    caps = [j.params.max_new_tokens for j in stack.t3.jobs]
+    assert len(caps) >= 2
+    assert caps == [int(np.ceil(25 * (2 + 0.25 * len(j.text)))) for j in stack.t3.jobs] and caps[0] < caps[1] < 1000
+    off = Stack(max_new_tokens=1000, max_seconds_per_char=0)
+    await speech(off, input="Hi.", response_format="wav")
+    assert off.t3.jobs[0].params.max_new_tokens == 1000

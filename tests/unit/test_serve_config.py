@@ -138,3 +138,19 @@ def test_deploy_files_are_ray_serve_config_files(name):
     module, _, attr = app.import_path.partition(":")
     assert (module, attr) == ("serve_app.serving.builder", "app_builder") and callable(app_builder)
     ServeConfig.model_validate(app.args)
+
+
+def test_local_ray_gets_enough_logical_cpus_for_the_deploy_file(monkeypatch, caplog):
+    """default.yaml reserves 4 CPUs (T3, S3Gen, voices, router): on a 2-core box Ray must still schedule all."""
+    from serve_app.serving import run
+
+    config = load_deploy_file(DEPLOY / "default.yaml").config
+    assert config.cpus_requested() == 4
+    monkeypatch.setattr(run.os, "cpu_count", lambda: 2)
+    with caplog.at_level(logging.WARNING):
+        assert run.local_num_cpus(config) == 4
+    assert "reserves 4 CPUs" in caplog.text
+    monkeypatch.setattr(run.os, "cpu_count", lambda: 16)
+    assert run.local_num_cpus(config) == 16
+    tiny = load_deploy_file(DEPLOY / "cpu-tiny.yaml").config
+    assert tiny.cpus_requested() == 1.5 and run.local_num_cpus(tiny) == 16

@@ -257,3 +257,14 @@ def test_engine_t3_backend_streams_and_cancels():
         assert [c.tokens for c in chunks] == [[1, 1], [2, 2], [3, 3]]
         assert chunks[-1].finished and chunks[-1].finish_reason == "length"
     assert backend.num_unfinished() == 0
+
+
+def test_cpu_replicas_default_to_dynamic_int8_and_ignore_bnb(caplog):
+    from serve_app.serving.stage_common import resolve_quant
+
+    for strategy in (None, "auto", "dynamic"):
+        specs = resolve_quant(strategy, "cpu", "t3")
+        assert specs["t3"].method == "dynamic_int8" and specs["s3gen_flow_decoder"].method == "dynamic_int8"
+    assert resolve_quant("none", "cpu", "t3") == {}
+    assert resolve_quant("mixed", "cpu", "t3") == {} and "ignored" in caplog.text   # a GPU config fell back
+    assert resolve_quant(None, "cuda", "t3") == {}
