@@ -35,6 +35,7 @@ class S3GenEngineConfig:
     graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)  # flow batches padded up to these; larger eager
     compile: bool = False                # torch.compile the CFM estimator (fuses its ~2,000 small kernels a step;
                                          # compiles at the first call of each shape family: slow warm-up)
+    graph_capture_after: int = 2         # a flow shape is captured at its 2nd call (eager at the 1st)
     max_graphs: int = 32                 # captured (batch, frames, steps) shapes kept, least recently used dropped
 
     def __post_init__(self):

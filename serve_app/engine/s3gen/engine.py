@@ -84,7 +84,8 @@ class S3GenEngine:
         capturable = method != "dynamic_int8" and not (method == "int8" and config.quant.int8_threshold > 0)
         self.use_graphs = self.device.type == "cuda" and not config.enforce_eager and capturable
         if self.use_graphs:
-            self.flow.graphs = SolveGraphs(self.flow.solve, config.graph_batch_sizes, config.max_graphs)
+            self.flow.graphs = SolveGraphs(self.flow.solve, config.graph_batch_sizes, config.max_graphs,
+                                           config.graph_capture_after)
         self.hift = HiftRunner(hift, DTYPES[config.hift_dtype])
         self._trim_fade = trim_fade().to(self.device)
 

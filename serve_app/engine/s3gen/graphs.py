@@ -4,7 +4,8 @@ At small batches the 10-step loop is launch-bound: ~2,000 kernels a call, about 
 whatever the length. A graph replays them in one launch. Shapes: the batch is padded up to a bucket (pad rows
 carry stale inputs of earlier calls, are computed and dropped: rows never mix); the frame count is already a
 multiple of the engine's length bucket. Graphs are captured lazily, share one memory pool and are kept in a
-bounded LRU; a batch above the largest bucket runs eagerly.
+bounded LRU; a batch above the largest bucket runs eagerly. A shape is captured only on its `capture_after`-th
+call (eager before): a capture costs about two eager calls, and streams grow through many shapes seen once.
 """
 from __future__ import annotations
 
@@ -26,11 +27,14 @@ class _Graph:
 
 
 class SolveGraphs:
-    def __init__(self, solve: Callable[..., torch.Tensor], batch_buckets: tuple[int, ...], max_graphs: int):
+    def __init__(self, solve: Callable[..., torch.Tensor], batch_buckets: tuple[int, ...], max_graphs: int,
+                 capture_after: int = 2):
         self.solve = solve                        # solve(z, mu, mask, spks, cond, n_steps) -> x [B, 80, T]
         self.batch_buckets = tuple(sorted(batch_buckets))
         self.max_graphs = max_graphs
+        self.capture_after = max(1, capture_after)
         self.graphs: OrderedDict[tuple[int, int, int], _Graph] = OrderedDict()
+        self.seen: OrderedDict[tuple[int, int, int], int] = OrderedDict()   # calls per shape not yet captured
         self.pool = None
         self.captures = 0
 
@@ -46,6 +50,12 @@ class SolveGraphs:
         key = (Bp, T, n_steps)
         g = self.graphs.get(key)
         if g is None:
+            n = self.seen.pop(key, 0) + 1
+            if n < self.capture_after:
+                self.seen[key] = n
+                while len(self.seen) > 4 * self.max_graphs:
+                    self.seen.popitem(last=False)
+                return self.solve(z, mu, mask, spks, cond, n_steps)
             g = self._capture(key, z.device)
         else:
             self.graphs.move_to_end(key)
