@@ -7,27 +7,26 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 
-CPU_DEFAULT_QUANTIZATION = "dynamic"   # torch dynamic int8: T3 ~3-6x faster than fp32 on a CPU
+CPU_DEFAULT_QUANTIZATION = "dynamic"   # torch dynamic int8, the fast CPU path (quant/strategies.py)
 
 
 def resolve_quant(strategy: str | None, device: str, stage: str) -> dict[str, Any]:
-    """{component: QuantSpec} for a replica on `device`. On CPU: unset or 'auto' means torch dynamic int8,
-    strategies built on bitsandbytes are ignored with a warning (a GPU config fell back to CPU), 'none' is fp32."""
-    if device != "cuda":
-        if strategy in (None, "", "auto"):
-            log.info("%s: CPU replica: quantization %r -> %r (torch dynamic int8; set 'none' for fp32)", stage,
-                     strategy, CPU_DEFAULT_QUANTIZATION)
-            strategy = CPU_DEFAULT_QUANTIZATION
-        elif "dynamic" not in strategy:
-            if strategy != "none":
-                log.warning("%s: quantization %r ignored: it needs CUDA and this replica runs on %s", stage,
-                            strategy, device)
-            return {}
-    elif not strategy or strategy == "none":
+    """{component: QuantSpec} for a replica on `device`. On CPU: unset or 'auto' means torch dynamic int8, and
+    a strategy that needs bitsandbytes is ignored with a warning (a GPU config fell back to CPU)."""
+    if strategy == "none" or (not strategy and device == "cuda"):
         return {}
+    if device != "cuda" and strategy in (None, "", "auto"):
+        log.info("%s: CPU replica: quantization %r -> %r (set 'none' for fp32)", stage, strategy,
+                 CPU_DEFAULT_QUANTIZATION)
+        strategy = CPU_DEFAULT_QUANTIZATION
     from quant import resolve_strategy
 
-    return resolve_strategy(strategy, device=device)
+    specs = resolve_strategy(strategy, device=device)
+    if device != "cuda" and any(spec.is_bnb for spec in specs.values()):
+        log.warning("%s: quantization %r ignored: bitsandbytes needs CUDA here and this replica runs on %s",
+                    stage, strategy, device)
+        return {}
+    return specs
 
 
 def spec_for(specs: dict[str, Any], component: str) -> Any:

@@ -106,10 +106,9 @@ class FlowRunner:
     """Runs `s3gen.flow` (encoder, projection, CFM estimator) batched. Holds no per-request state."""
 
     def __init__(self, flow: torch.nn.Module, noise: NoiseBank, estimator_dtype: torch.dtype,
-                 encoder_dtype: torch.dtype = torch.float32, cfg_rate: float | None = None,
-                 graphs: SolveGraphs | None = None):
+                 encoder_dtype: torch.dtype = torch.float32, cfg_rate: float | None = None):
         self.flow = flow
-        self.graphs = graphs          # CUDA graphs of `solve` (None: eager)
+        self.graphs: SolveGraphs | None = None   # CUDA graphs of `solve`, set by the engine (None: eager)
         self.noise = noise
         self.estimator = flow.decoder.estimator
         self.estimator_dtype = estimator_dtype
