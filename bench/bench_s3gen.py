@@ -44,7 +44,9 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=None, help="CFM steps (default 10; smoke 2)")
     p.add_argument("--modes", default=None,
                    help="comma list of fp32 | bf16 | fp16 | int8 (bnb, threshold 0, bf16) | int8-t6 | "
-                        "dynamic_int8 | bf16-hift (bf16 estimator and HiFT) | bf16-compile (torch.compile estimator). Default fp32,bf16,int8,bf16-hift; "
+                        "dynamic_int8 | bf16-hift (bf16 estimator and HiFT) | bf16-compile (torch.compile estimator) | "
+                        "bf16-upstream-est (upstream estimator forward) | bf16-eager (no CUDA graphs). "
+                        "Default fp32,bf16,int8,bf16-hift; "
                         "smoke fp32,bf16")
     p.add_argument("--stream-chunk", type=int, default=None, help="tokens in the first streamed chunk (default 25)")
     p.add_argument("--upstream-requests", type=int, default=None, help="upstream timed requests (default 3)")
@@ -101,6 +103,10 @@ def engine_config(a, mode: str) -> S3GenEngineConfig:
         kw["dtype"] = mode
     elif mode == "bf16-compile":
         kw.update(dtype="bf16", compile=True)
+    elif mode == "bf16-upstream-est":   # upstream's estimator forward (no FastEstimator), graphs as usual
+        kw.update(dtype="bf16", fast_estimator=False)
+    elif mode == "bf16-eager":          # no CUDA graphs at all
+        kw.update(dtype="bf16", enforce_eager=True)
     elif mode == "bf16-hift":
         kw.update(dtype="bf16", hift_dtype="bf16")
     elif mode in ("int8", "int8-t6", "dynamic_int8"):
@@ -168,25 +174,24 @@ def bench_mode(a, base, gen, mode: str, ref_audio: np.ndarray | None) -> dict:
         sync(a.device)
         firsts.append(time.perf_counter() - t0)
     res["first_chunk"] = dict(tokens=len(tok), seconds=statistics.median(firsts), audio_seconds=audio.size / SR)
-    # where the first chunk's time goes: flow encoder, flow (encoder + euler loop), HiFT
+    # where the first chunk's time goes: the flow (encoder + euler loop) and HiFT, each alone, as the step runs them
     from serve_app.engine.s3gen.config import VocodeInput
     from serve_app.engine.s3gen.vocoder import HiftRow
 
     row = eng._row(VocodeInput(tok, gen, 0, finalize=False), False)
     padded = -(-row.num_tokens // eng.config.length_bucket) * eng.config.length_bucket
+    mel = eng.flow([row], padded, a.steps)[0]
     parts = {}
-    for name, fn in (("encoder", lambda: eng.flow.encode([row], padded)),
-                     ("flow", lambda: eng.flow([row], padded, a.steps)),
-                     ("hift", lambda: eng.hift([HiftRow(mel, 0)]))):
+    for name, fn in (("flow", lambda: eng.flow([row], padded, a.steps)),
+                     ("hift", lambda: eng.hift([HiftRow(mel, 0, phase_at=eng._phase_at(
+                         VocodeInput(tok, gen, 0, finalize=False), mel.shape[1], 0))]))):
         ts = []
         for _ in range(3):
             sync(a.device)
             t0 = time.perf_counter()
-            out = fn()
+            fn()
             sync(a.device)
             ts.append(time.perf_counter() - t0)
-            if name == "flow":
-                mel = out[0]
         parts[name] = statistics.median(ts)
     res["first_chunk"]["parts_seconds"] = parts
     logger.info("%s first chunk %.1f ms: %s", mode, 1e3 * res["first_chunk"]["seconds"],
@@ -218,6 +223,39 @@ def bench_mode(a, base, gen, mode: str, ref_audio: np.ndarray | None) -> dict:
     return res
 
 
+def estimator_kernels(a, base, gen) -> dict:
+    """CUDA kernels and their summed GPU time in one bf16 estimator call at the first chunk's shape (2 CFG rows),
+    upstream forward vs FastEstimator (torch.profiler, eager)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from serve_app.engine.s3gen.estimator import FastEstimator
+    from serve_app.engine.s3gen.flow import use_sync_free_masks
+
+    use_sync_free_masks()
+    est = copy.deepcopy(base.flow.decoder.estimator).to(torch.bfloat16)
+    T = 2 * (int(gen["prompt_token"].shape[-1]) + a.stream_chunk)
+    T = -(-T // 64) * 64
+    g = torch.Generator(device=a.device).manual_seed(0)
+    x, mu, cond = (torch.randn(2, 80, T, device=a.device, generator=g, dtype=torch.bfloat16) for _ in range(3))
+    mask = torch.ones(2, 1, T, device=a.device, dtype=torch.bfloat16)
+    t = torch.full((2,), 0.3, device=a.device, dtype=torch.bfloat16)
+    spks = torch.randn(2, 80, device=a.device, dtype=torch.bfloat16)
+    out = {"frames": T}
+    with torch.inference_mode():
+        for name, fn in (("upstream", est), ("fast", FastEstimator(est))):
+            for _ in range(3):
+                fn(x, mask, mu, t, spks, cond)
+            sync(a.device)
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                fn(x, mask, mu, t, spks, cond)
+                sync(a.device)
+            kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+            out[name] = dict(kernels=len(kernels),
+                             gpu_ms=sum(e.device_time for e in kernels) / 1e3)
+    logger.info("estimator kernels per call: %s", out)
+    return out
+
+
 def versions() -> dict:
     import importlib.metadata as md
 
@@ -239,7 +277,7 @@ def markdown(report: dict) -> str:
                   f"({up['requests']} requests, {up['seconds']:.2f} s)", ""]
     batches = report["config"]["batches"]
     lines.append("| mode | " + " | ".join(f"batch {b} audio s/s (peak GB)" for b in batches)
-                 + " | first chunk ms (encoder/flow/HiFT alone) | HiFT s/s | LSD vs fp32 dB |")
+                 + " | first chunk ms (flow/HiFT alone) | HiFT s/s | LSD vs fp32 dB |")
     lines.append("|---" * (len(batches) + 4) + "|")
     for r in report["modes"]:
         if "error" in r:
@@ -253,9 +291,14 @@ def markdown(report: dict) -> str:
         h = r["hift"]
         lsd = r.get("lsd_vs_fp32_db")
         fc = r["first_chunk"]
-        split = "/".join(f"{1000 * fc.get('parts_seconds', {}).get(k, float('nan')):.0f}" for k in ("encoder", "flow", "hift"))
+        split = "/".join(f"{1000 * fc.get('parts_seconds', {}).get(k, float('nan')):.1f}" for k in ("flow", "hift"))
         lines.append(f"| {r['mode']} | " + " | ".join(cells) + f" | {1000 * fc['seconds']:.1f} ({split}) | "
                      f"{h['audio_seconds'] / h['seconds']:.0f} | {'' if lsd is None else f'{lsd:.2f}'} |")
+    ek = report.get("estimator_kernels")
+    if ek and "fast" in ek:
+        lines += ["", f"One bf16 estimator call at the first chunk's shape (2 CFG rows x {ek['frames']} frames), eager: "
+                  f"upstream forward {ek['upstream']['kernels']} CUDA kernels ({ek['upstream']['gpu_ms']:.2f} ms of GPU time), "
+                  f"FastEstimator {ek['fast']['kernels']} ({ek['fast']['gpu_ms']:.2f} ms)."]
     lines += ["", "Targets (H100): >= 150 s of audio/s at batch 32; first streamed chunk <= 40 ms of vocoder time."]
     return "\n".join(lines) + "\n"
 
@@ -276,6 +319,12 @@ def main(argv=None) -> dict:
     if not a.no_upstream:
         report["upstream"] = bench_upstream(a, base, gen)
         logger.info("upstream: %.2f s of audio/s", report["upstream"]["audio_s_per_s"])
+    if torch.device(a.device).type == "cuda":
+        try:
+            report["estimator_kernels"] = estimator_kernels(a, base, gen)
+        except Exception as e:  # the profiler is a nice-to-have
+            logger.exception("kernel count failed")
+            report["estimator_kernels"] = dict(error=f"{type(e).__name__}: {e}")
     report["modes"], ref = [], None
     for mode in a.modes:
         try:

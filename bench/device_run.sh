@@ -15,15 +15,15 @@ export CHATTERBOX_WATERMARK=false HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1   # the wh
 CKPT=${CKPT:-/tmp/chatterbox-full}
 python3 -m serve_app.cli make-checkpoint "$CKPT" --preset full 2>&1 | tail -2
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
-# `gpu-tests` runs tests/gpu (pytest is in the bundle); anything else is bench/bench_<name>.py.
-# STEP_TIMEOUT bounds each step (seconds) so one hang cannot eat the whole device call.
+# `gpu-tests` runs tests/gpu or $GPU_TESTS (pytest is in the bundle); anything else is bench/bench_<name>.py.
+# BENCH_ARGS are passed to every bench; STEP_TIMEOUT bounds each step (seconds) so one hang cannot eat the whole device call.
 for b in "$@"; do
   echo ">> $b"
   if [ "$b" = gpu-tests ]; then
-    timeout "${STEP_TIMEOUT:-600}" python3 -m pytest tests/gpu -q -p no:cacheprovider -x 2>&1 \
+    timeout "${STEP_TIMEOUT:-600}" python3 -m pytest ${GPU_TESTS:-tests/gpu} -q -p no:cacheprovider -x 2>&1 \
       | tee "$OUT/gpu-tests.log" | tail -15 || true
   else
-    timeout "${STEP_TIMEOUT:-600}" python3 -m "bench.bench_$b" --checkpoint "$CKPT" --out "$OUT" 2>&1 \
+    timeout "${STEP_TIMEOUT:-600}" python3 -m "bench.bench_$b" --checkpoint "$CKPT" --out "$OUT" ${BENCH_ARGS:-} 2>&1 \
       | tee "$OUT/bench_$b.log" | grep -v -i warning | tail -40 || true
   fi
 done

@@ -80,3 +80,52 @@ def test_flow_graphs_match_eager(fp32_audio):
             np.testing.assert_allclose(wav, ref, atol=1e-3)
         graphed.vocode(_inputs()[1:2])
     assert graphed.use_graphs and graphed.flow.graphs.captures == 4 and len(graphed.flow.graphs.graphs) == 1
+    assert graphed.hift.graphs.captures >= 2    # HiFT's trunk is graphed too (its own shapes, same LRU size)
+
+
+def test_fast_estimator_matches_upstream_in_bf16_on_cuda():
+    from serve_app.engine.s3gen.estimator import FastEstimator
+    from serve_app.engine.s3gen.flow import use_sync_free_masks
+
+    use_sync_free_masks()
+    est = fresh_s3gen("full").flow.decoder.estimator.to("cuda", torch.bfloat16)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    B, T = 4, 384
+    x, mu, cond = (torch.randn(B, 80, T, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(3))
+    mask = torch.ones(B, 1, T, device="cuda", dtype=torch.bfloat16)
+    mask[1, :, 300:] = 0
+    t = torch.rand(B, device="cuda", generator=g).to(torch.bfloat16)
+    spks = torch.randn(B, 80, device="cuda", generator=g, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        ref = est(x, mask, mu, t, spks, cond).float()
+        out = FastEstimator(est)(x, mask, mu, t, spks, cond).float()
+    assert float((out - ref).abs().max()) < 0.05 * float(ref.std())
+
+
+def test_flow_and_hift_trunk_have_no_host_sync():
+    """What the graphs capture must not sync with the host (a sync inside a capture is an error)."""
+    eng = S3GenEngine(fresh_s3gen("full"), S3GenEngineConfig(device="cuda", dtype="bf16", enforce_eager=True))
+    inp = _inputs()[1]
+    row = eng._row(inp, True)
+    inputs = eng.flow.prepare([row], 192)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.inference_mode():
+            x = eng.flow.core(**inputs, n_steps=2)
+            mel = x[:, :, :64].contiguous()
+            lengths = torch.full((1,), 64, device="cuda", dtype=torch.long)
+            s_stft = torch.zeros(1, eng.hift.n_fft + 2, 64 * 120 + 1, device="cuda")
+            eng.hift.trunk(mel, lengths, s_stft)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_compiled_estimator_in_graphs_matches_eager():
+    kw = dict(device="cuda", dtype="bf16", n_cfm_timesteps=4)
+    ref = S3GenEngine(fresh_s3gen("full"), S3GenEngineConfig(enforce_eager=True, **kw)).vocode(_inputs()[:1])[0]
+    eng = S3GenEngine(fresh_s3gen("full"), S3GenEngineConfig(compile=True, graph_capture_after=1, **kw))
+    for _ in range(2):
+        wav = eng.vocode(_inputs()[:1])[0]
+        assert wav.shape == ref.shape and log_spectral_distance(wav, ref) < 0.5
+    assert eng.flow.graphs.captures == 1

@@ -1,15 +1,20 @@
-"""SolveGraphs' policy on CPU (capture replaced by a recording fake): batch buckets and padding, capture on the
-second sighting of a shape, LRU eviction, fresh outputs. The real capture runs in tests/gpu."""
+"""ShapeGraphs' policy on CPU (capture replaced by a recording fake): batch buckets and padding, capture on the
+second sighting of a shape, static arguments in the key, LRU eviction, fresh outputs. The real capture runs in
+tests/gpu."""
 from __future__ import annotations
 
 import torch
 
-from serve_app.engine.s3gen.graphs import SolveGraphs, _Graph
+from serve_app.engine.s3gen.graphs import ShapeGraphs, _Graph
 
 
 def solve(z, mu, mask, spks, cond, n_steps):
-    # stands in for FlowRunner.solve: row-wise, depends on every input
+    # stands in for FlowRunner.core: row-wise, depends on every input
     return z + mu * mask + spks[:, :, None] + cond + n_steps
+
+
+def two_outputs(a, b):
+    return a * 2, b.sum(dim=-1)
 
 
 class FakeGraph:
@@ -20,53 +25,62 @@ class FakeGraph:
         self.fn()
 
 
-class RecordingGraphs(SolveGraphs):
-    def _capture(self, key, device):
-        Bp, T, n_steps = key
-        while len(self.graphs) >= self.max_graphs:
-            self.graphs.popitem(last=False)
-        inputs = {"z": torch.zeros(Bp, 80, T), "mu": torch.zeros(Bp, 80, T), "mask": torch.ones(Bp, 1, T),
-                  "spks": torch.zeros(Bp, 80), "cond": torch.zeros(Bp, 80, T)}
-        out = torch.zeros(Bp, 80, T)
-        args = [inputs[k] for k in ("z", "mu", "mask", "spks", "cond")]
-        g = _Graph(FakeGraph(lambda: out.copy_(solve(*args, n_steps))), inputs, out)
-        self.captures += 1
-        self.graphs[key] = g
-        return g
+class RecordingGraphs(ShapeGraphs):
+    def _capture(self, inputs, static):
+        out = self.fn(**inputs, **static)
+        out = out if isinstance(out, tuple) else (out,)
+
+        def replay():
+            for o, new in zip(out, (lambda r: r if isinstance(r, tuple) else (r,))(self.fn(**inputs, **static))):
+                o.copy_(new)
+
+        return _Graph(FakeGraph(replay), inputs, out)
 
 
 def _inputs(B, T, seed):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(B, 80, T, generator=g), torch.randn(B, 80, T, generator=g), torch.ones(B, 1, T),
-            torch.randn(B, 80, generator=g), torch.randn(B, 80, T, generator=g))
+    return dict(z=torch.randn(B, 80, T, generator=g), mu=torch.randn(B, 80, T, generator=g), mask=torch.ones(B, 1, T),
+                spks=torch.randn(B, 80, generator=g), cond=torch.randn(B, 80, T, generator=g))
 
 
 def test_capture_on_second_call_pads_to_bucket_and_matches_eager():
     graphs = RecordingGraphs(solve, (1, 2, 4), max_graphs=4, capture_after=2)
     a = _inputs(3, 64, 0)
-    first = graphs(*a, 10)
+    first = graphs(a, n_steps=10)
     assert graphs.captures == 0 and first.shape == (3, 80, 64)          # first sighting: eager
-    second = graphs(*a, 10)
-    assert graphs.captures == 1 and (4, 64, 10) in graphs.graphs        # batch 3 padded to bucket 4
-    torch.testing.assert_close(second, solve(*a, 10))
+    second = graphs(a, n_steps=10)
+    assert graphs.captures == 1
+    (key, g), = graphs.graphs.items()
+    assert key[0] == 4 and g.inputs["z"].shape == (4, 80, 64)            # batch 3 padded to bucket 4
+    torch.testing.assert_close(g.inputs["z"][3], a["z"][0])             # pad rows: copies of a real row
+    torch.testing.assert_close(second, solve(**a, n_steps=10))
     b = _inputs(3, 64, 1)
-    out_b = graphs(*b, 10)                                              # replay with new inputs
-    torch.testing.assert_close(out_b, solve(*b, 10))
-    torch.testing.assert_close(second, solve(*a, 10))                   # an earlier result is not overwritten
-    small = _inputs(1, 64, 2)
-    graphs(*small, 10)
-    torch.testing.assert_close(graphs(*small, 10), solve(*small, 10))
+    out_b = graphs(b, n_steps=10)                                        # replay with new inputs
+    torch.testing.assert_close(out_b, solve(**b, n_steps=10))
+    torch.testing.assert_close(second, solve(**a, n_steps=10))           # an earlier result is not overwritten
+    graphs(a, n_steps=4)                                                 # another static argument: another shape
+    assert graphs.captures == 1
+    torch.testing.assert_close(graphs(a, n_steps=4), solve(**a, n_steps=4))
     assert graphs.captures == 2
 
 
 def test_batches_above_the_largest_bucket_stay_eager_and_lru_evicts():
     graphs = RecordingGraphs(solve, (1, 2), max_graphs=2, capture_after=1)
     big = _inputs(5, 32, 0)
-    torch.testing.assert_close(graphs(*big, 4), solve(*big, 4))
+    torch.testing.assert_close(graphs(big, n_steps=4), solve(**big, n_steps=4))
     assert graphs.captures == 0
     for T in (32, 64, 96):
-        graphs(*_inputs(1, T, T), 4)
-    assert graphs.captures == 3 and list(graphs.graphs) == [(1, 64, 4), (1, 96, 4)]
-    graphs(*_inputs(1, 64, 7), 4)                                       # a hit refreshes its place
-    graphs(*_inputs(2, 32, 8), 4)
-    assert list(graphs.graphs) == [(1, 64, 4), (2, 32, 4)]
+        graphs(_inputs(1, T, T), n_steps=4)
+    assert graphs.captures == 3 and [k[1][0][1][1] for k in graphs.graphs] == [64, 96]
+    graphs(_inputs(1, 64, 7), n_steps=4)                                # a hit refreshes its place
+    graphs(_inputs(2, 32, 8), n_steps=4)
+    assert [(k[0], k[1][0][1][1]) for k in graphs.graphs] == [(1, 64), (2, 32)]
+
+
+def test_tuple_outputs():
+    graphs = RecordingGraphs(two_outputs, (4,), max_graphs=2, capture_after=1)
+    a, b = torch.randn(3, 5), torch.randn(3, 5, 7)
+    x, y = graphs(dict(a=a, b=b))
+    torch.testing.assert_close(x, a * 2)
+    torch.testing.assert_close(y, b.sum(-1))
+    assert x.shape == (3, 5) and y.shape == (3, 5)

@@ -33,8 +33,10 @@ class S3GenEngineConfig:
     cfg_rate: float | None = None        # None: upstream inference_cfg_rate (0.7)
     enforce_eager: bool = False          # True: no CUDA graphs for the flow's euler loop (CUDA only anyway)
     graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)  # flow batches padded up to these; larger eager
-    compile: bool = False                # torch.compile the CFM estimator (fuses its ~2,000 small kernels a step;
-                                         # compiles at the first call of each shape family: slow warm-up)
+    compile: bool = False                # torch.compile the CFM estimator (fuses its small kernels; compiles
+                                         # at the first call of each shape: a slow warm-up per shape)
+    fast_estimator: bool = True          # FastEstimator: upstream's estimator math with half its kernels
+    hift_length_bucket: int = 16         # HiFT rows are padded (masked) to a multiple of this many mel frames
     graph_capture_after: int = 2         # a flow shape is captured at its 2nd call (eager at the 1st)
     max_graphs: int = 32                 # captured (batch, frames, steps) shapes kept, least recently used dropped
 
@@ -46,6 +48,8 @@ class S3GenEngineConfig:
             raise ValueError(f"n_cfm_timesteps={self.n_cfm_timesteps} must be >= 1 (upstream uses 10)")
         if self.max_batch_tokens < 64:
             raise ValueError(f"max_batch_tokens={self.max_batch_tokens} is too small; use >= 64 (e.g. 32768)")
+        if self.hift_length_bucket < 1:
+            raise ValueError(f"hift_length_bucket={self.hift_length_bucket} must be >= 1 (e.g. 16)")
         if self.length_bucket < 1:
             raise ValueError(f"length_bucket={self.length_bucket} must be >= 1")
         if self.stream_overlap_frames < 1:

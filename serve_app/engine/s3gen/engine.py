@@ -21,7 +21,8 @@ from serve_app.serving.contracts import StreamState
 
 from .config import DTYPES, SAMPLES_PER_MEL_FRAME, S3GenEngineConfig, VocodeInput
 from .flow import FlowRow, FlowRunner, use_sync_free_masks
-from .graphs import SolveGraphs
+from .estimator import FastEstimator, supports
+from .graphs import ShapeGraphs
 from .noise import NoiseBank
 from .streaming import apply_trim_fade, crossfade, is_fresh, next_state, to_numpy, trim_fade
 from .vocoder import HiftRow, HiftRunner
@@ -74,19 +75,26 @@ class S3GenEngine:
             log.info("quantized %d flow modules with %s", len(self.quantized), config.quant)
         self.noise = NoiseBank(self.device)
         use_sync_free_masks()
+        est = flow.decoder.estimator
+        estimator_fn = FastEstimator(est) if config.fast_estimator and supports(est) else est
         if config.compile:
-            est = flow.decoder.estimator
-            est.forward = torch.compile(est.forward, dynamic=False)
+            estimator_fn = torch.compile(estimator_fn, dynamic=False)
             log.info("CFM estimator wrapped in torch.compile (compiles on first use of each shape)")
-        self.flow = FlowRunner(flow, self.noise, DTYPES[config.dtype], DTYPES[config.encoder_dtype], config.cfg_rate)
+        self.flow = FlowRunner(flow, self.noise, DTYPES[config.dtype], DTYPES[config.encoder_dtype],
+                               config.cfg_rate, estimator_fn)
+        self.hift = HiftRunner(hift, DTYPES[config.hift_dtype], config.hift_length_bucket)
         # bnb int8 with outliers (threshold > 0) syncs on the host: not capturable
         method = getattr(config.quant, "method", "none")
         capturable = method != "dynamic_int8" and not (method == "int8" and config.quant.int8_threshold > 0)
         self.use_graphs = self.device.type == "cuda" and not config.enforce_eager and capturable
         if self.use_graphs:
-            self.flow.graphs = SolveGraphs(self.flow.solve, config.graph_batch_sizes, config.max_graphs,
-                                           config.graph_capture_after)
-        self.hift = HiftRunner(hift, DTYPES[config.hift_dtype])
+            self.flow.graphs = ShapeGraphs(self.flow.core, config.graph_batch_sizes, config.max_graphs,
+                                           config.graph_capture_after, name="flow")
+        if self.device.type == "cuda" and not config.enforce_eager:
+            self.hift.graphs = ShapeGraphs(self.hift.trunk, config.graph_batch_sizes, config.max_graphs,
+                                           config.graph_capture_after, name="HiFT trunk")
+        log.info("S3Gen engine: estimator %s (%s), flow graphs %s, HiFT graphs %s", config.dtype,
+                 type(estimator_fn).__name__, self.flow.graphs is not None, self.hift.graphs is not None)
         self._trim_fade = trim_fade().to(self.device)
 
     # ---- conditioning ---------------------------------------------------------------------------------
@@ -101,7 +109,11 @@ class S3GenEngine:
     def _row(self, inp: VocodeInput, finalize: bool) -> FlowRow:
         c = inp.conds
         tokens = torch.as_tensor(np.asarray(inp.speech_tokens) if not torch.is_tensor(inp.speech_tokens)
-                                 else inp.speech_tokens).reshape(-1).to(self.device, torch.long)  # [T]
+                                 else inp.speech_tokens).reshape(-1)                                # [T]
+        vocab = self.flow.flow.vocab_size
+        if tokens.numel() and int(tokens.max()) >= vocab:   # checked here, on the host, not inside the flow
+            raise ValueError(f"speech token >= {vocab} (a special token) reached the flow; drop them first")
+        tokens = tokens.to(self.device, torch.long)
         prompt = c["prompt_token"].reshape(-1)
         plen = c.get("prompt_token_len")
         if plen is not None:

@@ -20,7 +20,7 @@ from chatterbox.models.s3gen.utils.mask import add_optional_chunk_mask as upstre
 from chatterbox.models.s3gen.utils.mask import make_pad_mask
 
 from .config import MEL_FRAMES_PER_TOKEN, PRE_LOOKAHEAD_TOKENS
-from .graphs import SolveGraphs
+from .graphs import ShapeGraphs
 from .noise import NoiseBank
 
 log = logging.getLogger(__name__)
@@ -103,14 +103,18 @@ def cosine_t_span(n_steps: int, device: torch.device) -> torch.Tensor:
 
 
 class FlowRunner:
-    """Runs `s3gen.flow` (encoder, projection, CFM estimator) batched. Holds no per-request state."""
+    """Runs `s3gen.flow` (encoder, projection, CFM estimator) batched. Holds no per-request state.
+
+    `core` is the whole device computation (no host sync), so `graphs` can capture it per shape."""
 
     def __init__(self, flow: torch.nn.Module, noise: NoiseBank, estimator_dtype: torch.dtype,
-                 encoder_dtype: torch.dtype = torch.float32, cfg_rate: float | None = None):
+                 encoder_dtype: torch.dtype = torch.float32, cfg_rate: float | None = None,
+                 estimator_fn: torch.nn.Module | None = None):
         self.flow = flow
-        self.graphs: SolveGraphs | None = None   # CUDA graphs of `solve`, set by the engine (None: eager)
+        self.graphs: ShapeGraphs | None = None   # CUDA graphs of `core`, set by the engine (None: eager)
         self.noise = noise
-        self.estimator = flow.decoder.estimator
+        self.estimator = flow.decoder.estimator               # the upstream module (weights, dtype)
+        self.estimator_fn = estimator_fn or self.estimator    # what runs: it, a FastEstimator, or a compiled one
         self.estimator_dtype = estimator_dtype
         self.encoder_dtype = encoder_dtype
         self.cfg_rate = float(flow.decoder.inference_cfg_rate if cfg_rate is None else cfg_rate)
@@ -118,34 +122,39 @@ class FlowRunner:
             raise ValueError("meanflow (distilled) S3Gen checkpoints are not supported by this engine; "
                              "use the standard chatterbox S3Gen")
 
-    @torch.inference_mode()
-    def encode(self, rows: list[FlowRow], padded_tokens: int):
-        # -> mu [B, 80, Tm] float32, mask [B, 1, Tm] float32, cond [B, 80, Tm] float32, spks [B, 80] float32
-        flow = self.flow
+    def prepare(self, rows: list[FlowRow], padded_tokens: int) -> dict[str, torch.Tensor]:
+        """Device inputs of `core` for these rows, `padded_tokens` (L) long each."""
+        # -> token [B, L] int64, token_len [B] int64, valid [B] int64, cond [B, 2L, 80] float32,
+        #    embedding [B, 192] float32, z [B, 80, 2L] float32
         device = rows[0].tokens.device
         B, L = len(rows), padded_tokens
-        token = torch.zeros(B, L, dtype=torch.long, device=device)                       # [B, L]
-        token_len = torch.tensor([r.num_tokens for r in rows], dtype=torch.long, device=device)  # [B]
+        Tm = MEL_FRAMES_PER_TOKEN * L
+        token = torch.zeros(B, L, dtype=torch.long, device=device)
+        cond = torch.zeros(B, Tm, 80, device=device)
         for i, r in enumerate(rows):
             P = r.prompt_token.shape[0]
             token[i, :P] = r.prompt_token
             token[i, P:P + r.tokens.shape[0]] = r.tokens
-        if int(token.max()) >= flow.vocab_size:
-            raise ValueError(f"speech token >= {flow.vocab_size} (a special token) reached the flow; drop them first")
-        pos = torch.arange(L, device=device)
+            cond[i, :r.prompt_feat.shape[0]] = r.prompt_feat.float()
+        lens = torch.tensor([[r.num_tokens, r.num_valid_frames] for r in rows], dtype=torch.long).to(device)
+        return dict(token=token, token_len=lens[:, 0], valid=lens[:, 1], cond=cond,
+                    embedding=torch.stack([r.embedding.float() for r in rows]),
+                    z=self.initial_noise(rows, Tm))
+
+    def encode(self, token, token_len, valid, cond, embedding):
+        # token: [B, L] int64, token_len, valid: [B] int64, cond: [B, Tm, 80], embedding: [B, 192]
+        # -> mu [B, 80, Tm] float32, mask [B, 1, Tm] float32, cond [B, 80, Tm] float32, spks [B, 80] float32
+        flow = self.flow
+        L = token.shape[1]
+        pos = torch.arange(L, device=token.device)
         tok_mask = (pos[None, :] < token_len[:, None]).unsqueeze(-1)                    # [B, L, 1]
         x = flow.input_embedding(token) * tok_mask                                         # [B, L, 512]
         x = x.to(self.encoder_dtype)
-        h = encoder_forward(flow.encoder, x, token_len)                                                # [B, 2L, 512]
+        h = encoder_forward(flow.encoder, x, token_len)                                    # [B, 2L, 512]
         mu = flow.encoder_proj(h.to(flow.encoder_proj.weight.dtype)).float()             # [B, Tm, 80]
         Tm = mu.shape[1]
-        valid = torch.tensor([r.num_valid_frames for r in rows], device=device)          # [B]
-        mask = (torch.arange(Tm, device=device)[None, :] < valid[:, None]).float()       # [B, Tm]
-        cond = torch.zeros(B, Tm, 80, device=device)                                       # [B, Tm, 80]
-        for i, r in enumerate(rows):
-            cond[i, :r.prompt_feat.shape[0]] = r.prompt_feat.float()
-        emb = torch.stack([r.embedding.float() for r in rows])                             # [B, 192]
-        emb = F.normalize(emb, dim=1)
+        mask = (torch.arange(Tm, device=token.device)[None, :] < valid[:, None]).float()  # [B, Tm]
+        emb = F.normalize(embedding.float(), dim=1)                                        # [B, 192]
         spks = flow.spk_embed_affine_layer(emb.to(flow.spk_embed_affine_layer.weight.dtype)).float()  # [B, 80]
         return mu.transpose(1, 2).contiguous(), mask[:, None, :], cond.transpose(1, 2).contiguous(), spks
 
@@ -153,7 +162,6 @@ class FlowRunner:
         # -> z [B, 80, num_frames] float32 (row i: seed i's fixed buffer, same slice alone or batched)
         return torch.stack([self.noise.get(r.seed, num_frames) for r in rows])
 
-    @torch.inference_mode()
     def solve(self, z, mu, mask, spks, cond, n_steps: int) -> torch.Tensor:
         # z, mu, cond: [B, 80, T]; mask: [B, 1, T]; spks: [B, 80] -> x [B, 80, T] float32
         B = z.shape[0]
@@ -169,18 +177,21 @@ class FlowRunner:
             t, r = t_span[k], t_span[k + 1]
             x_in = torch.cat([x, x]).to(dt_)                                               # [2B, 80, T]
             t_in = t.expand(2 * B).to(dt_)                                                 # [2B]
-            dxdt = self.estimator(x=x_in, mask=mask_in, mu=mu_in, t=t_in, spks=spks_in, cond=cond_in).float()
+            dxdt = self.estimator_fn(x_in, mask_in, mu_in, t_in, spks_in, cond_in).float()
             d_cond, d_uncond = dxdt[:B], dxdt[B:]
             x = x + (r - t) * ((1.0 + self.cfg_rate) * d_cond - self.cfg_rate * d_uncond)
         return x
 
+    def core(self, token, token_len, valid, cond, embedding, z, n_steps: int) -> torch.Tensor:
+        # `prepare`'s tensors -> x [B, 80, Tm] float32 (prompt frames included); device work only
+        mu, mask, cond_t, spks = self.encode(token, token_len, valid, cond, embedding)
+        return self.solve(z, mu, mask, spks, cond_t, n_steps)
+
     @torch.inference_mode()
     def __call__(self, rows: list[FlowRow], padded_tokens: int, n_steps: int) -> list[torch.Tensor]:
         # -> per row mel [80, num_out_frames] float32 (prompt frames cut off, as upstream)
-        mu, mask, cond, spks = self.encode(rows, padded_tokens)
-        z = self.initial_noise(rows, mu.shape[2])
-        solve = self.solve if self.graphs is None else self.graphs
-        x = solve(z, mu, mask, spks, cond, n_steps)
+        inputs = self.prepare(rows, padded_tokens)
+        x = self.core(**inputs, n_steps=n_steps) if self.graphs is None else self.graphs(inputs, n_steps=n_steps)
         out = []
         for i, r in enumerate(rows):
             F0 = int(r.prompt_feat.shape[0])

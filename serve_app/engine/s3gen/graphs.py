@@ -1,53 +1,60 @@
-"""CUDA graphs of the CFM euler loop (`FlowRunner.solve`), one per (batch bucket, mel frames, steps).
+"""CUDA graphs of a batched function, one per (batch bucket, input shapes, static arguments).
 
-At small batches the 10-step loop is launch-bound: ~2,000 kernels a call, about 60 ms on an H100 in eager mode
-whatever the length. A graph replays them in one launch. Shapes: the batch is padded up to a bucket (pad rows
-carry stale inputs of earlier calls, are computed and dropped: rows never mix); the frame count is already a
-multiple of the engine's length bucket. Graphs are captured lazily, share one memory pool and are kept in a
-bounded LRU; a batch above the largest bucket runs eagerly. A shape is captured only on its `capture_after`-th
-call (eager before): a capture costs about two eager calls, and streams grow through many shapes seen once.
+The S3Gen engine graphs two things: the whole flow (encoder + 10-step CFM euler loop, `FlowRunner.core`) and
+HiFT's convolution trunk (`HiftRunner.trunk`). At small batches both are launch-bound (the euler loop alone is
+~1,000-2,000 kernels a step); a graph replays them in one launch.
+
+Shapes: the batch is padded up to a bucket; pad rows are copies of real rows (at capture) or stale rows of
+earlier calls, computed and dropped (rows never mix). Other dimensions must already be bucketed by the caller.
+Graphs are captured lazily, share one memory pool and are kept in a bounded LRU; a batch above the largest
+bucket runs eagerly. A shape is captured only on its `capture_after`-th call (eager before): a capture costs
+about two eager calls, and streams grow through many shapes seen once.
 """
 from __future__ import annotations
 
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
 log = logging.getLogger(__name__)
 
+Key = tuple
+
 
 @dataclass
 class _Graph:
-    graph: torch.cuda.CUDAGraph
-    inputs: dict[str, torch.Tensor]   # static input buffers, [Bp, ...]
-    out: torch.Tensor                 # static output [Bp, 80, T] float32
+    graph: Any                              # torch.cuda.CUDAGraph (or a test double with .replay())
+    inputs: dict[str, torch.Tensor]         # static input buffers, [Bp, ...]
+    out: tuple[torch.Tensor, ...]           # static outputs, [Bp, ...]
 
 
-class SolveGraphs:
-    def __init__(self, solve: Callable[..., torch.Tensor], batch_buckets: tuple[int, ...], max_graphs: int,
-                 capture_after: int = 2):
-        self.solve = solve                        # solve(z, mu, mask, spks, cond, n_steps) -> x [B, 80, T]
+class ShapeGraphs:
+    def __init__(self, fn: Callable[..., Any], batch_buckets: tuple[int, ...], max_graphs: int,
+                 capture_after: int = 2, name: str = "fn"):
+        self.fn = fn                              # fn(**tensors, **static) -> Tensor | tuple of Tensors, [B, ...]
         self.batch_buckets = tuple(sorted(batch_buckets))
         self.max_graphs = max_graphs
         self.capture_after = max(1, capture_after)
-        self.graphs: OrderedDict[tuple[int, int, int], _Graph] = OrderedDict()
-        self.seen: OrderedDict[tuple[int, int, int], int] = OrderedDict()   # calls per shape not yet captured
+        self.name = name
+        self.graphs: OrderedDict[Key, _Graph] = OrderedDict()
+        self.seen: OrderedDict[Key, int] = OrderedDict()   # calls per shape not yet captured
         self.pool = None
         self.captures = 0
 
     def bucket(self, batch: int) -> int | None:
         return next((b for b in self.batch_buckets if b >= batch), None)
 
-    def __call__(self, z, mu, mask, spks, cond, n_steps: int) -> torch.Tensor:
-        # z, mu, cond: [B, 80, T] float32; mask: [B, 1, T]; spks: [B, 80] -> x [B, 80, T] float32 (a fresh tensor)
-        B, _, T = z.shape
+    def __call__(self, tensors: dict[str, torch.Tensor], **static):
+        # tensors: name -> [B, ...] (same B) -> fn's output(s), [B, ...], fresh tensors
+        B = next(iter(tensors.values())).shape[0]
         Bp = self.bucket(B)
         if Bp is None:
-            return self.solve(z, mu, mask, spks, cond, n_steps)
-        key = (Bp, T, n_steps)
+            return self.fn(**tensors, **static)
+        key = (Bp, tuple((k, tuple(v.shape[1:]), v.dtype) for k, v in tensors.items()),
+               tuple(sorted(static.items())))
         g = self.graphs.get(key)
         if g is None:
             n = self.seen.pop(key, 0) + 1
@@ -55,35 +62,41 @@ class SolveGraphs:
                 self.seen[key] = n
                 while len(self.seen) > 4 * self.max_graphs:
                     self.seen.popitem(last=False)
-                return self.solve(z, mu, mask, spks, cond, n_steps)
-            g = self._capture(key, z.device)
+                return self.fn(**tensors, **static)
+            while len(self.graphs) >= self.max_graphs:
+                self.graphs.popitem(last=False)
+            g = self._capture(self._padded(tensors, Bp), static)
+            self.captures += 1
+            self.graphs[key] = g
+            log.info("captured %s CUDA graph: batch %d, %s (%d held)", self.name, Bp,
+                     {k: tuple(v.shape[1:]) for k, v in tensors.items()}, len(self.graphs))
         else:
             self.graphs.move_to_end(key)
-        for name, value in (("z", z), ("mu", mu), ("mask", mask), ("spks", spks), ("cond", cond)):
+        for name, value in tensors.items():
             g.inputs[name][:B].copy_(value)
         g.graph.replay()
-        return g.out[:B].clone()   # the next replay of any graph in the pool may reuse this memory
+        out = tuple(o[:B].clone() for o in g.out)   # the next replay of any graph in the pool may reuse g.out
+        return out if len(out) > 1 else out[0]
 
-    def _capture(self, key: tuple[int, int, int], device: torch.device) -> _Graph:
-        Bp, T, n_steps = key
-        while len(self.graphs) >= self.max_graphs:
-            self.graphs.popitem(last=False)
-        inputs = {"z": torch.zeros(Bp, 80, T, device=device), "mu": torch.zeros(Bp, 80, T, device=device),
-                  "mask": torch.ones(Bp, 1, T, device=device), "spks": torch.zeros(Bp, 80, device=device),
-                  "cond": torch.zeros(Bp, 80, T, device=device)}
-        args = (inputs["z"], inputs["mu"], inputs["mask"], inputs["spks"], inputs["cond"], n_steps)
+    @staticmethod
+    def _padded(tensors: dict[str, torch.Tensor], Bp: int) -> dict[str, torch.Tensor]:
+        # static buffers [Bp, ...]: the real rows, then copies of row 0 (valid inputs: no NaN in pad rows)
+        out = {}
+        for name, v in tensors.items():
+            buf = v[:1].expand(Bp, *v.shape[1:]).clone()
+            buf[:v.shape[0]].copy_(v)
+            out[name] = buf
+        return out
+
+    def _capture(self, inputs: dict[str, torch.Tensor], static: dict) -> _Graph:
+        device = next(iter(inputs.values())).device
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
-            self.solve(*args)   # warm-up outside the graph: kernel selection, allocator
+            self.fn(**inputs, **static)   # warm-up outside the graph: kernel selection, allocator, lazy buffers
         torch.cuda.current_stream(device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            out = self.solve(*args)
+            out = self.fn(**inputs, **static)
         self.pool = graph.pool()
-        self.captures += 1
-        log.info("captured flow CUDA graph: batch %d, %d mel frames, %d steps (%d held)", Bp, T, n_steps,
-                 len(self.graphs) + 1)
-        g = _Graph(graph, inputs, out)
-        self.graphs[key] = g
-        return g
+        return _Graph(graph, inputs, out if isinstance(out, tuple) else (out,))

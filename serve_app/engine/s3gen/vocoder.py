@@ -40,9 +40,11 @@ def _masks(lengths: torch.Tensor, T: int) -> torch.Tensor:
 
 
 class HiftRunner:
-    def __init__(self, hift: torch.nn.Module, dtype: torch.dtype = torch.float32):
+    def __init__(self, hift: torch.nn.Module, dtype: torch.dtype = torch.float32, length_bucket: int = 1):
         self.hift = hift
         self.dtype = dtype
+        self.length_bucket = max(1, length_bucket)   # mel frames: rows are padded (and masked) to a multiple
+        self.graphs = None                          # ShapeGraphs of `trunk`, set by the engine (None: eager)
         self.n_fft = hift.istft_params["n_fft"]
         self.hop = hift.istft_params["hop_len"]
         self.upsample_rates = [m.stride[0] for m in hift.ups]
@@ -125,32 +127,13 @@ class HiftRunner:
     def _window(self, like: torch.Tensor) -> torch.Tensor:
         return self.hift.stft_window.to(device=like.device, dtype=torch.float32)
 
-    # ---- public -----------------------------------------------------------------------------------------
-    @torch.inference_mode()
-    def __call__(self, rows: list[HiftRow]):
-        # -> per row: wav [480 M_i] float32, source [480 M_i] float32, phases [H] cycles at phase_at (or None)
+    # ---- the convolution trunk (graphable: device work only, fixed shapes) -------------------------------
+    def trunk(self, mel: torch.Tensor, lengths: torch.Tensor, s_stft: torch.Tensor) -> torch.Tensor:
+        # mel: [B, 80, M] (self.dtype), lengths: [B] int64 frames, s_stft: [B, n_fft + 2, 120 M + 1] (self.dtype)
+        # -> [B, n_fft + 2, 120 M + 1] float32 (log-magnitude; phase)
         hift = self.hift
-        device = rows[0].mel.device
-        B = len(rows)
-        M = max(int(r.mel.shape[1]) for r in rows)
-        lens = [int(r.mel.shape[1]) for r in rows]                                             # host ints
-        lengths = torch.tensor(lens, device=device)                                            # [B]
-        mel = torch.zeros(B, 80, M, device=device, dtype=self.dtype)                          # [B, 80, M]
-        for i, r in enumerate(rows):
-            mel[i, :, :r.mel.shape[1]] = r.mel.to(self.dtype)
-        m0 = _masks(lengths, M).to(self.dtype)
-        f0 = self._f0(mel, m0).float()                                                        # [B, M]
-        lengths_s = [n * SAMPLES_PER_MEL_FRAME for n in lens]
-        src, phases = self._source(f0, rows, lengths_s)                                       # [B, 1, S]
-
-        frames = [n // self.hop + 1 for n in lengths_s]                                       # stft frames per row
-        TT = int(M * SAMPLES_PER_MEL_FRAME // self.hop + 1)
-        s_stft = torch.zeros(B, self.n_fft + 2, TT, device=device, dtype=torch.float32)
-        for i in range(B):
-            s_stft[i, :, :frames[i]] = self._stft(src[i, 0, :lengths_s[i]])
-        s_stft = s_stft.to(self.dtype)
-
-        x = hift.conv_pre(mel) * m0
+        M = mel.shape[2]
+        x = hift.conv_pre(mel) * _masks(lengths, M).to(self.dtype)
         up_len = lengths
         for i in range(hift.num_upsamples):
             x = F.leaky_relu(x, hift.lrelu_slope)
@@ -170,7 +153,34 @@ class HiftRunner:
                 xs = y if xs is None else xs + y
             x = xs / hift.num_kernels
         x = F.leaky_relu(x)
-        x = hift.conv_post(x).float()                                                         # [B, n_fft + 2, TT]
+        return hift.conv_post(x).float()
+
+    # ---- public -----------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def __call__(self, rows: list[HiftRow]):
+        # -> per row: wav [480 M_i] float32, source [480 M_i] float32, phases [H] cycles at phase_at (or None)
+        hift = self.hift
+        device = rows[0].mel.device
+        B = len(rows)
+        lens = [int(r.mel.shape[1]) for r in rows]                                             # host ints
+        M = -(-max(lens) // self.length_bucket) * self.length_bucket                          # padded: masked
+        lengths = torch.tensor(lens).to(device)                                                # [B]
+        mel = torch.zeros(B, 80, M, device=device, dtype=self.dtype)                          # [B, 80, M]
+        for i, r in enumerate(rows):
+            mel[i, :, :r.mel.shape[1]] = r.mel.to(self.dtype)
+        m0 = _masks(lengths, M).to(self.dtype)
+        f0 = self._f0(mel, m0).float()                                                        # [B, M]
+        lengths_s = [n * SAMPLES_PER_MEL_FRAME for n in lens]
+        src, phases = self._source(f0, rows, lengths_s)                                       # [B, 1, S]
+
+        frames = [n // self.hop + 1 for n in lengths_s]                                       # stft frames per row
+        TT = int(M * SAMPLES_PER_MEL_FRAME // self.hop + 1)
+        s_stft = torch.zeros(B, self.n_fft + 2, TT, device=device, dtype=torch.float32)
+        for i in range(B):
+            s_stft[i, :, :frames[i]] = self._stft(src[i, 0, :lengths_s[i]])
+        s_stft = s_stft.to(self.dtype)
+        inputs = dict(mel=mel, lengths=lengths, s_stft=s_stft)
+        x = self.trunk(**inputs) if self.graphs is None else self.graphs(inputs)             # [B, n_fft + 2, TT]
         half = self.n_fft // 2 + 1
         magnitude = torch.clip(torch.exp(x[:, :half]), max=1e2)
         phase = torch.sin(x[:, half:])

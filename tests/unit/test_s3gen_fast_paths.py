@@ -1,0 +1,69 @@
+"""The S3Gen engine's fast paths on CPU against what they replace: FastEstimator == upstream's estimator
+forward (tiny and full architecture, padded and fully masked rows, fp32 and bf16), and HiFT rows padded to a
+length bucket == unpadded."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from s3gen_helpers import one_thread, fresh_s3gen, random_tokens, random_voice  # noqa: F401  (one_thread: autouse fixture)
+from serve_app.engine.s3gen import S3GenEngine, S3GenEngineConfig, VocodeInput
+from serve_app.engine.s3gen.estimator import FastEstimator, supports
+from serve_app.engine.s3gen.flow import use_sync_free_masks
+from serve_app.engine.s3gen.vocoder import HiftRow, HiftRunner
+
+
+def _estimator_inputs(B, T, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x, mu, cond = (torch.randn(B, 80, T, generator=g).to(dtype) for _ in range(3))
+    mask = torch.ones(B, 1, T, dtype=dtype)
+    mask[1, :, T // 2:] = 0     # a padded row
+    mask[2] = 0                 # a fully masked row (a graph's pad row may be one)
+    return x, mask, mu, torch.rand(B, generator=g).to(dtype), torch.randn(B, 80, generator=g).to(dtype), cond
+
+
+@pytest.mark.parametrize("preset,dtype", [("tiny", torch.float32), ("tiny", torch.bfloat16),
+                                          pytest.param("full", torch.float32, marks=pytest.mark.slow)])
+def test_fast_estimator_equals_upstream(preset, dtype):
+    use_sync_free_masks()
+    est = fresh_s3gen(preset).flow.decoder.estimator.to(dtype)
+    assert supports(est)
+    fast = FastEstimator(est)
+    assert all(w is not None for w in fast.qkv)                           # q, k, v fused in every block
+    inputs = _estimator_inputs(3, 40, dtype)
+    with torch.inference_mode():
+        ref, out = est(*inputs), fast(*inputs)
+    assert out.dtype == dtype and out.shape == ref.shape == (3, 80, 40)
+    tol = 1e-5 if dtype == torch.float32 else 0.05 * float(ref.float().std())
+    assert float((out.float() - ref.float()).abs().max()) <= tol
+    assert float(out[1, :, 20:].abs().max()) == 0.0                       # masked frames stay zero
+
+
+def test_fast_estimator_refuses_other_estimators():
+    est = fresh_s3gen("tiny").flow.decoder.estimator
+    est.meanflow = True
+    assert not supports(est)
+    with pytest.raises(ValueError, match="not the standard"):
+        FastEstimator(est)
+
+
+def test_engine_uses_fast_estimator_and_matches_upstream_forward():
+    voice, tokens = random_voice(6, 3), random_tokens(14, 3)
+    fast = S3GenEngine(fresh_s3gen("tiny"), S3GenEngineConfig(n_cfm_timesteps=3))
+    slow = S3GenEngine(fresh_s3gen("tiny"), S3GenEngineConfig(n_cfm_timesteps=3, fast_estimator=False))
+    assert isinstance(fast.flow.estimator_fn, FastEstimator) and not isinstance(slow.flow.estimator_fn, FastEstimator)
+    a = fast.vocode([VocodeInput(tokens, voice, seed=5)])[0]
+    b = slow.vocode([VocodeInput(tokens, voice, seed=5)])[0]
+    assert a.shape == b.shape
+    torch.testing.assert_close(torch.from_numpy(a), torch.from_numpy(b), atol=1e-4, rtol=0)
+
+
+def test_hift_length_bucket_padding_is_masked_out():
+    hift = fresh_s3gen("tiny").mel2wav.eval()
+    g = torch.Generator().manual_seed(1)
+    mels = [torch.randn(80, n, generator=g) - 5 for n in (13, 21)]
+    exact = HiftRunner(hift, length_bucket=1)([HiftRow(m, seed=i) for i, m in enumerate(mels)])
+    padded = HiftRunner(hift, length_bucket=16)([HiftRow(m, seed=i) for i, m in enumerate(mels)])
+    for w0, w1 in zip(exact[0], padded[0]):
+        assert w0.shape == w1.shape
+        torch.testing.assert_close(w1, w0, atol=1e-5, rtol=1e-4)
