@@ -103,6 +103,8 @@ def engine_config(a, mode: str) -> S3GenEngineConfig:
         kw["dtype"] = mode
     elif mode == "bf16-compile":
         kw.update(dtype="bf16", compile=True)
+    elif mode == "bf16-compile-all":    # the estimator and HiFT's trunk compiled
+        kw.update(dtype="bf16", compile=True, compile_hift=True)
     elif mode == "bf16-upstream-est":   # upstream's estimator forward (no FastEstimator), graphs as usual
         kw.update(dtype="bf16", fast_estimator=False)
     elif mode == "bf16-eager":          # no CUDA graphs at all

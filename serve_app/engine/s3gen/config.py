@@ -35,6 +35,7 @@ class S3GenEngineConfig:
     graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)  # flow batches padded up to these; larger eager
     compile: bool = False                # torch.compile the CFM estimator (fuses its small kernels; compiles
                                          # at the first call of each shape: a slow warm-up per shape)
+    compile_hift: bool = False           # torch.compile HiFT's conv trunk (fuses its Snake activations and masks)
     fast_estimator: bool = True          # FastEstimator: upstream's estimator math with half its kernels
     hift_length_bucket: int = 16         # HiFT rows are padded (masked) to a multiple of this many mel frames
     graph_capture_after: int = 2         # a flow shape is captured at its 2nd call (eager at the 1st)

@@ -83,6 +83,9 @@ class S3GenEngine:
         self.flow = FlowRunner(flow, self.noise, DTYPES[config.dtype], DTYPES[config.encoder_dtype],
                                config.cfg_rate, estimator_fn)
         self.hift = HiftRunner(hift, DTYPES[config.hift_dtype], config.hift_length_bucket)
+        if config.compile_hift:
+            self.hift.trunk_fn = torch.compile(self.hift.trunk, dynamic=False)
+            log.info("HiFT trunk wrapped in torch.compile (compiles on first use of each shape)")
         # bnb int8 with outliers (threshold > 0) syncs on the host: not capturable
         method = getattr(config.quant, "method", "none")
         capturable = method != "dynamic_int8" and not (method == "int8" and config.quant.int8_threshold > 0)
@@ -91,7 +94,7 @@ class S3GenEngine:
             self.flow.graphs = ShapeGraphs(self.flow.core, config.graph_batch_sizes, config.max_graphs,
                                            config.graph_capture_after, name="flow")
         if self.device.type == "cuda" and not config.enforce_eager:
-            self.hift.graphs = ShapeGraphs(self.hift.trunk, config.graph_batch_sizes, config.max_graphs,
+            self.hift.graphs = ShapeGraphs(self.hift.trunk_fn, config.graph_batch_sizes, config.max_graphs,
                                            config.graph_capture_after, name="HiFT trunk")
         log.info("S3Gen engine: estimator %s (%s), flow graphs %s, HiFT graphs %s", config.dtype,
                  type(estimator_fn).__name__, self.flow.graphs is not None, self.hift.graphs is not None)

@@ -114,7 +114,7 @@ class FlowRunner:
         self.graphs: ShapeGraphs | None = None   # CUDA graphs of `core`, set by the engine (None: eager)
         self.noise = noise
         self.estimator = flow.decoder.estimator               # the upstream module (weights, dtype)
-        self.estimator_fn = estimator_fn or self.estimator    # what runs: it, a FastEstimator, or a compiled one
+        self.estimator_fn = self.estimator if estimator_fn is None else estimator_fn   # what runs: it, a FastEstimator, or a compiled one
         self.estimator_dtype = estimator_dtype
         self.encoder_dtype = encoder_dtype
         self.cfg_rate = float(flow.decoder.inference_cfg_rate if cfg_rate is None else cfg_rate)

@@ -44,7 +44,8 @@ class HiftRunner:
         self.hift = hift
         self.dtype = dtype
         self.length_bucket = max(1, length_bucket)   # mel frames: rows are padded (and masked) to a multiple
-        self.graphs = None                          # ShapeGraphs of `trunk`, set by the engine (None: eager)
+        self.trunk_fn = self.trunk                  # what runs: `trunk` or a compiled `trunk`
+        self.graphs = None                          # ShapeGraphs of `trunk_fn`, set by the engine (None: eager)
         self.n_fft = hift.istft_params["n_fft"]
         self.hop = hift.istft_params["hop_len"]
         self.upsample_rates = [m.stride[0] for m in hift.ups]
@@ -180,7 +181,7 @@ class HiftRunner:
             s_stft[i, :, :frames[i]] = self._stft(src[i, 0, :lengths_s[i]])
         s_stft = s_stft.to(self.dtype)
         inputs = dict(mel=mel, lengths=lengths, s_stft=s_stft)
-        x = self.trunk(**inputs) if self.graphs is None else self.graphs(inputs)             # [B, n_fft + 2, TT]
+        x = self.trunk_fn(**inputs) if self.graphs is None else self.graphs(inputs)             # [B, n_fft + 2, TT]
         half = self.n_fft // 2 + 1
         magnitude = torch.clip(torch.exp(x[:, :half]), max=1e2)
         phase = torch.sin(x[:, half:])
