@@ -52,6 +52,7 @@ def parse_args(argv=None):
     p.add_argument("--upstream-requests", type=int, default=None, help="upstream timed requests (default 3)")
     p.add_argument("--no-upstream", action="store_true")
     p.add_argument("--out", default="bench/results")
+    p.add_argument("--tag", default="", help="suffix of the result files (bench_s3gen_<tag>.json / .md)")
     a = p.parse_args(argv)
     a.preset = a.preset or ("tiny" if a.smoke else "full")
     a.device = a.device or ("cpu" if a.smoke else "cuda")
@@ -105,6 +106,8 @@ def engine_config(a, mode: str) -> S3GenEngineConfig:
         kw.update(dtype="bf16", compile=True)
     elif mode == "bf16-compile-all":    # the estimator and HiFT's trunk compiled
         kw.update(dtype="bf16", compile=True, compile_hift=True)
+    elif mode == "bf16-compile-enc16":  # and the flow encoder in bf16 too
+        kw.update(dtype="bf16", compile=True, compile_hift=True, encoder_dtype="bf16")
     elif mode == "bf16-upstream-est":   # upstream's estimator forward (no FastEstimator), graphs as usual
         kw.update(dtype="bf16", fast_estimator=False)
     elif mode == "bf16-eager":          # no CUDA graphs at all
@@ -340,7 +343,7 @@ def main(argv=None) -> dict:
         report["modes"].append(r)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = "bench_s3gen" + ("_smoke" if a.smoke else "")
+    stem = "bench_s3gen" + ("_smoke" if a.smoke else "") + (f"_{a.tag}" if a.tag else "")
     (out / f"{stem}.json").write_text(json.dumps(report, indent=2, default=str))
     (out / f"{stem}.md").write_text(markdown(report))
     sys.stdout.write(markdown(report))

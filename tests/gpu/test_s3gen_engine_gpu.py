@@ -83,23 +83,33 @@ def test_flow_graphs_match_eager(fp32_audio):
     assert graphed.hift.graphs.captures >= 2    # HiFT's trunk is graphed too (its own shapes, same LRU size)
 
 
-def test_fast_estimator_matches_upstream_in_bf16_on_cuda():
+def test_fast_estimator_in_bf16_is_as_close_to_fp32_as_upstream():
+    """bf16 rounding differs between any two kernel orders; the fast path must not be less accurate than
+    upstream's forward in bf16, both measured against upstream in fp32."""
+    import copy
+
     from serve_app.engine.s3gen.estimator import FastEstimator
     from serve_app.engine.s3gen.flow import use_sync_free_masks
 
     use_sync_free_masks()
-    est = fresh_s3gen("full").flow.decoder.estimator.to("cuda", torch.bfloat16)
+    est32 = fresh_s3gen("full").flow.decoder.estimator.to("cuda")
+    est16 = copy.deepcopy(est32).to(torch.bfloat16)
     g = torch.Generator(device="cuda").manual_seed(0)
     B, T = 4, 384
-    x, mu, cond = (torch.randn(B, 80, T, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(3))
-    mask = torch.ones(B, 1, T, device="cuda", dtype=torch.bfloat16)
+    x, mu, cond = (torch.randn(B, 80, T, device="cuda", generator=g) for _ in range(3))
+    mask = torch.ones(B, 1, T, device="cuda")
     mask[1, :, 300:] = 0
-    t = torch.rand(B, device="cuda", generator=g).to(torch.bfloat16)
-    spks = torch.randn(B, 80, device="cuda", generator=g, dtype=torch.bfloat16)
+    t = torch.rand(B, device="cuda", generator=g)
+    spks = torch.randn(B, 80, device="cuda", generator=g)
+    half = [v.to(torch.bfloat16) for v in (x, mask, mu, t, spks, cond)]
     with torch.inference_mode():
-        ref = est(x, mask, mu, t, spks, cond).float()
-        out = FastEstimator(est)(x, mask, mu, t, spks, cond).float()
-    assert float((out - ref).abs().max()) < 0.05 * float(ref.std())
+        ref = est32(x, mask, mu, t, spks, cond)
+        up = est16(*half).float()
+        fast = FastEstimator(est16)(*half).float()
+        fast32 = FastEstimator(est32)(x, mask, mu, t, spks, cond)
+    rms = lambda d: float(d.pow(2).mean().sqrt())  # noqa: E731
+    assert rms(fast - ref) <= 1.25 * rms(up - ref) + 1e-3, (rms(fast - ref), rms(up - ref))
+    assert float((fast32 - ref).abs().max()) < 1e-3 * float(ref.abs().max())   # fp32: the same math
 
 
 def test_flow_and_hift_trunk_have_no_host_sync():

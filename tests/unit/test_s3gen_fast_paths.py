@@ -67,3 +67,20 @@ def test_hift_length_bucket_padding_is_masked_out():
     for w0, w1 in zip(exact[0], padded[0]):
         assert w0.shape == w1.shape
         torch.testing.assert_close(w1, w0, atol=1e-5, rtol=1e-4)
+
+
+def test_folding_hift_weight_norm_keeps_its_output():
+    from serve_app.engine.s3gen.vocoder import fold_weight_norm
+
+    import copy
+
+    hift = fresh_s3gen("tiny").mel2wav.eval()
+    twin = copy.deepcopy(hift)                                            # shares the parametrized classes
+    mel = torch.randn(80, 20, generator=torch.Generator().manual_seed(3)) - 5
+    before = HiftRunner(hift)([HiftRow(mel, seed=1)])[0][0]
+    assert fold_weight_norm(hift) > 10
+    assert fold_weight_norm(hift) == 0                                    # nothing left to fold
+    assert not any("Parametrized" in type(m).__name__ for m in hift.modules())
+    after = HiftRunner(hift)([HiftRow(mel, seed=1)])[0][0]
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(HiftRunner(twin)([HiftRow(mel, seed=1)])[0][0], before)   # the copy still works

@@ -25,7 +25,7 @@ from .estimator import FastEstimator, supports
 from .graphs import ShapeGraphs
 from .noise import NoiseBank
 from .streaming import apply_trim_fade, crossfade, is_fresh, next_state, to_numpy, trim_fade
-from .vocoder import HiftRow, HiftRunner
+from .vocoder import HiftRow, HiftRunner, fold_weight_norm
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,7 @@ class S3GenEngine:
         flow.decoder.estimator.to(DTYPES[config.dtype])
         flow.encoder.to(DTYPES[config.encoder_dtype])
         hift.to(DTYPES[config.hift_dtype])
+        folded = fold_weight_norm(hift)
         self.quantized: list[str] = []
         if config.quant is not None and getattr(config.quant, "method", "none") != "none":
             from quant.apply import apply_quant  # optional dependency, only when asked for
@@ -96,8 +97,9 @@ class S3GenEngine:
         if self.device.type == "cuda" and not config.enforce_eager:
             self.hift.graphs = ShapeGraphs(self.hift.trunk_fn, config.graph_batch_sizes, config.max_graphs,
                                            config.graph_capture_after, name="HiFT trunk")
-        log.info("S3Gen engine: estimator %s (%s), flow graphs %s, HiFT graphs %s", config.dtype,
-                 type(estimator_fn).__name__, self.flow.graphs is not None, self.hift.graphs is not None)
+        log.info("S3Gen engine: estimator %s (%s), flow graphs %s, HiFT graphs %s (%d weight-normed convs folded)",
+                 config.dtype, type(estimator_fn).__name__, self.flow.graphs is not None,
+                 self.hift.graphs is not None, folded)
         self._trim_fade = trim_fade().to(self.device)
 
     # ---- conditioning ---------------------------------------------------------------------------------

@@ -34,6 +34,30 @@ class HiftRow:
 NOISE_BLOCK = 24_000  # source noise is drawn per (seed, block of 1 s) so a sample gets the same noise in any chunk
 
 
+def fold_weight_norm(module: torch.nn.Module) -> int:
+    """Replace weight-norm parametrized convs by plain ones holding their current weights (upstream HiFT
+    recomputes every conv's weight from (g, v) at each call: ~80 extra kernels a chunk). Same values.
+    Swaps modules rather than calling `remove_parametrizations`, which deletes the property from the
+    parametrized class that deep copies share (and so breaks every other copy). -> number of convs folded."""
+    from torch.nn.utils import parametrize
+
+    n = 0
+    for parent in list(module.modules()):
+        for name, m in list(parent.named_children()):
+            if not parametrize.is_parametrized(m, "weight") or len(m.parametrizations) != 1:
+                continue
+            plain_cls = type(m).__bases__[0]                      # parametrize subclasses the original class
+            plain = plain_cls.__new__(plain_cls)
+            plain.__dict__.update(m.__dict__)
+            plain._parameters = dict(m._parameters)
+            plain._buffers = dict(m._buffers)
+            plain._modules = {k: v for k, v in m._modules.items() if k != "parametrizations"}
+            plain.weight = torch.nn.Parameter(m.weight.detach().clone(), requires_grad=False)
+            setattr(parent, name, plain)
+            n += 1
+    return n
+
+
 def _masks(lengths: torch.Tensor, T: int) -> torch.Tensor:
     # lengths: [B] -> [B, 1, T] float32
     return (torch.arange(T, device=lengths.device)[None, :] < lengths[:, None]).float()[:, None, :]
