@@ -148,25 +148,6 @@ def bench_mode(a, base, gen, mode: str, ref_audio: np.ndarray | None) -> dict:
     eng = S3GenEngine(s3gen, engine_config(a, mode))
     res: dict = dict(mode=mode, quantized_linears=len(eng.quantized), batches={})
     eng.vocode(requests(a, min(8, max(a.batches)), gen))  # warm-up (kernels, noise buffers)
-    for b in a.batches:
-        reqs = requests(a, b, gen)
-        for _ in range(eng.config.graph_capture_after):
-            eng.vocode(reqs)  # untimed: until this shape's CUDA graph is captured (a server does it once a shape)
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-        runs = 2 if b <= 8 else 1
-        times = []
-        for _ in range(runs):
-            sync(a.device)
-            t0 = time.perf_counter()
-            wavs = eng.vocode(reqs)
-            sync(a.device)
-            times.append(time.perf_counter() - t0)
-        t = statistics.median(times)
-        audio = sum(w.size for w in wavs) / SR
-        res["batches"][b] = dict(seconds=t, audio_seconds=audio, audio_s_per_s=audio / t,
-                                 peak_vram_gb=torch.cuda.max_memory_allocated() / 2**30 if cuda else None)
-        logger.info("%s batch %d: %.3f s for %.2f s of audio = %.2f s/s", mode, b, t, audio, audio / t)
     # first streamed chunk: vocoder time of the first step of a stream (flow on prompt + chunk, HiFT, fades)
     tok = requests(a, 1, gen)[0].speech_tokens[:a.stream_chunk]
     firsts = []
@@ -201,6 +182,25 @@ def bench_mode(a, base, gen, mode: str, ref_audio: np.ndarray | None) -> dict:
     res["first_chunk"]["parts_seconds"] = parts
     logger.info("%s first chunk %.1f ms: %s", mode, 1e3 * res["first_chunk"]["seconds"],
                 {k: round(1e3 * v, 1) for k, v in parts.items()})
+    for b in a.batches:
+        reqs = requests(a, b, gen)
+        for _ in range(eng.config.graph_capture_after):
+            eng.vocode(reqs)  # untimed: until this shape's CUDA graph is captured (a server does it once a shape)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        runs = 2 if b <= 8 else 1
+        times = []
+        for _ in range(runs):
+            sync(a.device)
+            t0 = time.perf_counter()
+            wavs = eng.vocode(reqs)
+            sync(a.device)
+            times.append(time.perf_counter() - t0)
+        t = statistics.median(times)
+        audio = sum(w.size for w in wavs) / SR
+        res["batches"][b] = dict(seconds=t, audio_seconds=audio, audio_s_per_s=audio / t,
+                                 peak_vram_gb=torch.cuda.max_memory_allocated() / 2**30 if cuda else None)
+        logger.info("%s batch %d: %.3f s for %.2f s of audio = %.2f s/s", mode, b, t, audio, audio / t)
     # HiFT alone on the biggest batch's mels (its share of the work)
     big = requests(a, max(a.batches), gen)
     rows = [eng._row(r, True) for r in big[: min(32, len(big))]]
@@ -330,6 +330,14 @@ def main(argv=None) -> dict:
         except Exception as e:  # the profiler is a nice-to-have
             logger.exception("kernel count failed")
             report["estimator_kernels"] = dict(error=f"{type(e).__name__}: {e}")
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = "bench_s3gen" + ("_smoke" if a.smoke else "") + (f"_{a.tag}" if a.tag else "")
+
+    def write():  # after every mode: a run cut short (device time, a hang) keeps what it measured
+        (out / f"{stem}.json").write_text(json.dumps(report, indent=2, default=str))
+        (out / f"{stem}.md").write_text(markdown(report))
+
     report["modes"], ref = [], None
     for mode in a.modes:
         try:
@@ -341,11 +349,8 @@ def main(argv=None) -> dict:
             logger.exception("mode %s failed", mode)
             r = dict(mode=mode, error=f"{type(e).__name__}: {e}")
         report["modes"].append(r)
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = "bench_s3gen" + ("_smoke" if a.smoke else "") + (f"_{a.tag}" if a.tag else "")
-    (out / f"{stem}.json").write_text(json.dumps(report, indent=2, default=str))
-    (out / f"{stem}.md").write_text(markdown(report))
+        write()
+    write()
     sys.stdout.write(markdown(report))
     return report
 
