@@ -146,6 +146,10 @@ class S3GenSettings(DeploymentSettings):
     user_config: S3GenUserConfig = Field(default_factory=S3GenUserConfig)
     engine: dict[str, Any] = Field(default_factory=dict, description="Extra S3GenEngineConfig fields.")
     max_cached_voices: int = Field(64, ge=1)
+    warmup_batch_sizes: list[int] = Field(
+        [1, 4], description="GPU engine replicas capture the first streamed chunk's CUDA graphs for these numbers "
+        "of concurrent new streams at start (built-in voice); [] skips the warm-up.")
+    warmup_first_chunk_tokens: int = Field(25, ge=1, description="Keep equal to the router's first_chunk_tokens.")
 
 
 class VoiceSettings(DeploymentSettings):

@@ -58,6 +58,21 @@ def make_s3gen_backend(checkpoint: Any, settings: S3GenSettings, rd: ReplicaDevi
     return UpstreamS3GenBackend(s3gen)
 
 
+def warm_up(backend: S3GenBackend, checkpoint: Any, settings: S3GenSettings, device: str) -> int:
+    """Capture the engine's first-chunk CUDA graphs with the built-in voice before taking requests
+    (`S3GenEngine.warmup`). GPU engine replicas only; -> engine steps run (0: skipped)."""
+    if not settings.warmup_batch_sizes or not isinstance(backend, EngineS3GenBackend) \
+            or not str(device).startswith("cuda"):
+        return 0
+    from serve_app.model.loader import load_builtin_conds
+
+    conds = load_builtin_conds(checkpoint, device) if hasattr(checkpoint, "layout") else None
+    if conds is None:
+        log.info("S3Gen warm-up skipped: the checkpoint has no built-in voice (conds.pt)")
+        return 0
+    return backend.engine.warmup(conds.gen, settings.warmup_first_chunk_tokens, tuple(settings.warmup_batch_sizes))
+
+
 class S3GenReplica:
     def __init__(self, checkpoint: Any, voice_handle: Any, settings: S3GenSettings, quantization: str | None = None,
                  backend: S3GenBackend | None = None) -> None:
@@ -66,6 +81,7 @@ class S3GenReplica:
         self.rd = ReplicaDevice.setup("s3gen", stage_device(settings), settings.num_gpus, settings.dtype)
         t0 = time.perf_counter()
         self.backend = backend or make_s3gen_backend(checkpoint, settings, self.rd, quantization)
+        warm_up(self.backend, checkpoint, settings, self.rd.device)
         self._voice = voice_handle
         self.conds = CondsCache(self._fetch_conds, self.backend.prepare_conds, settings.max_cached_voices, "s3gen")
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="s3gen")

@@ -84,3 +84,35 @@ def test_folding_hift_weight_norm_keeps_its_output():
     after = HiftRunner(hift)([HiftRow(mel, seed=1)])[0][0]
     torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(HiftRunner(twin)([HiftRow(mel, seed=1)])[0][0], before)   # the copy still works
+
+
+def test_warmup_captures_the_shapes_a_first_chunk_uses():
+    """Warm-up at replica start must capture exactly the shapes a new stream's first chunk then replays
+    (graphs replaced by recording fakes: CPU)."""
+    from test_s3gen_graphs import RecordingGraphs
+
+    from serve_app.serving.contracts import StreamState
+
+    eng = S3GenEngine(fresh_s3gen("tiny"), S3GenEngineConfig(n_cfm_timesteps=2))
+    eng.use_graphs = True
+    eng.flow.graphs = RecordingGraphs(eng.flow.core, (1, 2, 4), max_graphs=8, capture_after=2, name="flow")
+    eng.hift.graphs = RecordingGraphs(eng.hift.trunk, (1, 2, 4), max_graphs=8, capture_after=2, name="hift")
+    builtin, other = random_voice(10, 1), random_voice(12, 2)          # prompts in the same length bucket
+    assert eng.warmup(builtin, first_chunk_tokens=8, batch_sizes=(1, 2), progress=False) == 4
+    assert eng.flow.graphs.captures == 2 and eng.hift.graphs.captures == 2
+    audio, state = eng.vocode_stream_step(random_tokens(8, 9), other, None, finalize=False, seed=3)
+    assert audio.size > 0 and isinstance(state, StreamState)
+    assert eng.flow.graphs.captures == 2 and eng.hift.graphs.captures == 2   # replayed, nothing new captured
+    assert not eng.flow.graphs.seen and not eng.hift.graphs.seen
+
+
+def test_stage_warm_up_only_on_gpu_engine_replicas():
+    from serve_app.serving.config import S3GenSettings
+    from serve_app.serving.s3gen_backend import EngineS3GenBackend
+    from serve_app.serving.s3gen_stage import warm_up
+
+    backend = EngineS3GenBackend(S3GenEngine(fresh_s3gen("tiny"), S3GenEngineConfig(n_cfm_timesteps=2)), "cpu",
+                                 torch.float32)
+    assert warm_up(backend, None, S3GenSettings(), "cpu") == 0
+    assert warm_up(backend, None, S3GenSettings(warmup_batch_sizes=[]), "cuda") == 0
+    assert warm_up(backend, object(), S3GenSettings(), "cuda") == 0     # no built-in voice: skipped

@@ -228,6 +228,27 @@ class S3GenEngine:
             new_state.extra["source_phase"] = to_numpy(phase)
         return to_numpy(out), new_state
 
+    def warmup(self, conds: dict, first_chunk_tokens: int = 25, batch_sizes: tuple[int, ...] = (1,),
+               progress: bool = True) -> int:
+        """Run the first streamed chunk of `batch_sizes` new streams with this voice's prompt until its CUDA
+        graphs are captured, so a replica's first requests replay graphs instead of paying for captures.
+        (Graphs key on shapes: other voices with a prompt in the same length bucket hit them too.)
+        -> engine steps run."""
+        from tqdm import tqdm
+
+        conds = self.prepare_conds(conds)
+        rng = np.random.default_rng(0)
+        reps = self.config.graph_capture_after if self.use_graphs else 1
+        todo = [b for b in batch_sizes for _ in range(reps)]
+        for b in tqdm(todo, desc="S3Gen warm-up (first-chunk graphs)", unit="step", disable=not progress):
+            self.step([VocodeInput(rng.integers(0, 6561, first_chunk_tokens), conds, seed=i, finalize=False,
+                                   stream_state=StreamState()) for i in range(b)])
+        log.info("S3Gen warm-up: %d steps, first chunk of %d tokens at batch sizes %s; %d flow / %d HiFT graphs",
+                 len(todo), first_chunk_tokens, list(batch_sizes),
+                 len(self.flow.graphs.graphs) if self.flow.graphs else 0,
+                 len(self.hift.graphs.graphs) if self.hift.graphs else 0)
+        return len(todo)
+
     # ---- API --------------------------------------------------------------------------------------------
     def vocode(self, batch: list[VocodeInput]) -> list[np.ndarray]:
         """One-shot decode of whole token sequences. -> per input audio [960 T - prompt spill] float32 at 24 kHz
