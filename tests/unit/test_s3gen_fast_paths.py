@@ -116,3 +116,35 @@ def test_stage_warm_up_only_on_gpu_engine_replicas():
     assert warm_up(backend, None, S3GenSettings(), "cpu") == 0
     assert warm_up(backend, None, S3GenSettings(warmup_batch_sizes=[]), "cuda") == 0
     assert warm_up(backend, object(), S3GenSettings(), "cuda") == 0     # no built-in voice: skipped
+
+
+def _compute_ops(fn, *args) -> int:
+    """aten ops a call dispatches, views and metadata ops excluded (a CPU proxy for CUDA kernels a call)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    views = {"view", "_unsafe_view", "transpose", "permute", "unsqueeze", "squeeze", "expand", "slice", "select",
+             "as_strided", "unbind", "t", "alias", "split", "chunk", "detach", "reshape", "unfold",
+             "split_with_sizes", "_reshape_alias"}
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ not in views:
+                Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with torch.inference_mode(), Count():
+        fn(*args)
+    return Count.n
+
+
+@pytest.mark.parametrize("preset,max_ratio", [("tiny", 0.65), pytest.param("full", 0.6, marks=pytest.mark.slow)])
+def test_fast_estimator_dispatches_fewer_ops(preset, max_ratio):
+    """The point of FastEstimator: fewer kernels a call (measured on an H100: 1,464 -> 943 CUDA kernels before
+    the interior masks were dropped; here aten ops on CPU, full preset 1,362 -> 748)."""
+    use_sync_free_masks()
+    est = fresh_s3gen(preset).flow.decoder.estimator
+    inputs = _estimator_inputs(3, 48, torch.float32)
+    up, fast = _compute_ops(est, *inputs), _compute_ops(FastEstimator(est), *inputs)
+    assert fast <= max_ratio * up, (fast, up)
