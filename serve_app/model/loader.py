@@ -162,29 +162,10 @@ def load_s3gen(info: CheckpointInfo, device: str | torch.device = "cpu", *, enro
     if real_missing or unexpected:
         raise CheckpointError(f"S3Gen checkpoint mismatch: missing {real_missing[:5]}, unexpected {unexpected[:5]}")
     if not enrollment:
+        from serve_app.engine.s3gen.strip import strip_enrollment_modules
+
         strip_enrollment_modules(s3gen)
     return s3gen.to(device).eval()
-
-
-class _EnrollmentRemoved(torch.nn.Module):
-    """Stands in for the S3 tokenizer / CAMPPlus in a vocoder replica; upstream reads `.device` off it."""
-
-    def __init__(self, name: str):
-        super().__init__()
-        self.name = name
-        self.anchor = torch.nn.Parameter(torch.empty(0), requires_grad=False)
-
-    def forward(self, *args, **kwargs):
-        raise RuntimeError(f"{self.name} was removed from this S3Gen (a vocoder replica); enroll voices in the "
-                           f"voice stage, which loads it")
-
-    inference = forward
-
-
-def strip_enrollment_modules(s3gen) -> None:
-    """Drop the S3 tokenizer (124M) and CAMPPlus from an S3Gen that only vocodes."""
-    s3gen.tokenizer = _EnrollmentRemoved("S3Tokenizer")
-    s3gen.speaker_encoder = _EnrollmentRemoved("CAMPPlus")
 
 
 def load_voice_encoder(info: CheckpointInfo, device: str | torch.device = "cpu"):

@@ -68,6 +68,9 @@ def test_conds_pt_roundtrip_is_upstream_compatible(enrolled, tmp_path):
 def test_enrolled_voice_vocodes_on_a_stripped_s3gen(enrolled):
     s3gen = fresh_s3gen("tiny")
     assert strip_enrollment_modules(s3gen) == ["tokenizer", "speaker_encoder"]
+    assert strip_enrollment_modules(s3gen) == []                          # already stripped
+    with pytest.raises(RuntimeError, match="voice stage"):
+        s3gen.tokenizer(torch.zeros(1, 16_000))
     with pytest.raises(ValueError, match="stripped"):
         VoiceEnroller.from_s3gen(torch.nn.Module(), s3gen)
     eng = S3GenEngine(s3gen, S3GenEngineConfig(n_cfm_timesteps=2))

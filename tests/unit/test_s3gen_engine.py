@@ -9,6 +9,7 @@ from s3gen_helpers import one_thread, fresh_s3gen, random_tokens, random_voice  
 from serve_app.engine.s3gen import (
     S3GenEngine, S3GenEngineConfig, VocodeInput, plan_batches, strip_enrollment_modules,
 )
+from serve_app.engine.s3gen.strip import is_removed
 from serve_app.engine.s3gen.vocoder import HiftRow
 
 STEPS = 3
@@ -18,7 +19,8 @@ STEPS = 3
 def engine():
     s3gen = fresh_s3gen("tiny")
     strip_enrollment_modules(s3gen)  # the engine must not need the tokenizer / speaker encoder
-    assert s3gen.tokenizer is None and s3gen.speaker_encoder is None
+    assert is_removed(s3gen.tokenizer) and is_removed(s3gen.speaker_encoder)
+    assert sum(p.numel() for p in s3gen.tokenizer.parameters()) == 0
     return S3GenEngine(s3gen, S3GenEngineConfig(n_cfm_timesteps=STEPS, length_bucket=16))
 
 

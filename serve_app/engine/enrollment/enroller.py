@@ -13,6 +13,8 @@ import librosa
 import numpy as np
 import torch
 
+from serve_app.engine.s3gen.strip import is_removed
+
 log = logging.getLogger(__name__)
 
 S3GEN_SR = 24_000
@@ -33,7 +35,7 @@ class VoiceEnroller:
     @classmethod
     def from_s3gen(cls, ve: torch.nn.Module, s3gen: torch.nn.Module, device="cpu", **kw) -> VoiceEnroller:
         parts = (getattr(s3gen, "tokenizer", None), getattr(s3gen, "speaker_encoder", None))
-        if any(p is None or type(p).__name__ == "_EnrollmentRemoved" for p in parts):
+        if any(is_removed(p) for p in parts):
             raise ValueError("this S3Gen had its enrollment modules stripped; enroll with a full S3Gen module")
         return cls(ve, s3gen.tokenizer, s3gen.speaker_encoder, device, **kw)
 
