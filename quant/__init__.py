@@ -1,6 +1,6 @@
 """Quantization for Chatterbox serving (issue 3): a pass per component that model code never knows about.
 
-    specs = resolve_strategy("mixed", device="cuda")            # or resolve_from_env("cuda")
+    specs = resolve_strategy("mixed", device="cuda")            # or resolve_quantization("mixed,t3=int8", "cuda")
     apply_quant(t3.tfmr, specs["t3"], name="t3")                 # logs "t3: 210 Linear -> nf4/bf16"
     estimate_replica(specs, num_requests=8, seq_len=1024)        # MemoryEstimate breakdown
 
@@ -10,7 +10,7 @@ from quant.apply import apply_quant, bnb_unavailable_reason, find_linears
 from quant.components import COMPONENT_KEYS, quantize_model
 from quant.estimator import MemoryEstimate, estimate_replica
 from quant.spec import QuantSpec, parse_spec
-from quant.strategies import ENV_VAR, parse_quantization, resolve_from_env, resolve_strategy
+from quant.strategies import ENV_VAR, parse_quantization, resolve_quantization, resolve_strategy
 
 __all__ = ["COMPONENT_KEYS", "MemoryEstimate", "estimate_replica", "quantize_model", "QuantSpec", "apply_quant", "bnb_unavailable_reason", "find_linears", "parse_spec", "resolve_strategy",
-           "resolve_from_env", "parse_quantization", "ENV_VAR"]
+           "resolve_quantization", "parse_quantization", "ENV_VAR"]

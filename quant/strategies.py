@@ -14,7 +14,6 @@ Environment: CHATTERBOX_QUANTIZATION="mixed", "mixed,t3=int8", "auto,vram=20GiB"
 """
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -172,10 +171,9 @@ def parse_quantization(value: str, device: str) -> tuple[str, dict[str, QuantSpe
     return name, overrides, budget
 
 
-def resolve_from_env(device: str, environ: Mapping[str, str] | None = None, default: str = "none",
-                     **kwargs) -> dict[str, QuantSpec]:
-    """Read CHATTERBOX_QUANTIZATION (default `default`) and resolve it for `device`."""
-    value = (environ if environ is not None else os.environ).get(ENV_VAR, default)
+def resolve_quantization(value: str, device: str, **kwargs) -> dict[str, QuantSpec]:
+    """Resolve a CHATTERBOX_QUANTIZATION value ("mixed,t3=int8,vram=20GiB") for `device`. This package reads no
+    environment: the serving app declares the variable once (`serve_app.envs`) and passes its value."""
     name, overrides, budget = parse_quantization(value, device)
     if budget is not None:
         kwargs["vram_budget_bytes"] = budget

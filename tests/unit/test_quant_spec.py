@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from quant.spec import QuantSpec, parse_spec
-from quant.strategies import (COMPONENT_KEYS, parse_bytes, parse_quantization, resolve_from_env,
+from quant.strategies import (COMPONENT_KEYS, parse_bytes, parse_quantization, resolve_quantization,
                               resolve_strategy)
 
 
@@ -74,14 +74,14 @@ def test_env_parsing():
     assert name == "mixed" and budget == 20 << 30
     assert over["t3"] == QuantSpec("int8", "fp32", int8_threshold=0.0)  # keeps the strategy's dtype
     assert over["s3gen_flow_encoder"].dtype == over["s3gen_flow_decoder"].dtype == "fp16"
-    specs = resolve_from_env("cpu", {"CHATTERBOX_QUANTIZATION": "conservative,t3=nf4"})
+    specs = resolve_quantization("conservative,t3=nf4", "cpu")
     assert (specs["t3"].method, specs["s3gen_flow_decoder"].method) == ("nf4", "int8")
-    assert resolve_from_env("cpu", {})["t3"].method == "none"
+    assert resolve_quantization("none", "cpu")["t3"].method == "none"
     assert resolve_strategy("mixed,t3=int8", device="cpu")["t3"].method == "int8"  # full syntax accepted too
     for bad, msg in [("", "empty"), ("mixed,t3", "component=method"), ("mixed,t9=int8", "unknown component"),
                      ("turbo", "unknown quantization strategy"), ("auto,vram=lots", "memory size")]:
         with pytest.raises(ValueError, match=msg):
-            resolve_from_env("cpu", {"CHATTERBOX_QUANTIZATION": bad})
+            resolve_quantization(bad, "cpu")
     assert parse_bytes("512MiB") == 512 << 20 and parse_bytes("1e9") == 10**9
 
 
