@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serve_app.serving.errors import to_api_error
+from serve_app.serving.errors import RateLimitedError, to_api_error
 from serve_app.serving.protocol import (
     HealthResponse,
     MemoryReport,
@@ -46,6 +46,35 @@ def error_response(exc: BaseException, request_id: str | None = None) -> JSONRes
     if request_id:
         headers["X-Request-Id"] = request_id
     return JSONResponse(api_error.body.model_dump(), status_code=api_error.status_code, headers=headers)
+
+
+class SpeechAdmission:
+    """ASGI middleware: at most `max_active_speech_requests` speech requests run in a router replica at once
+    (streams count until their last byte); the next one gets an OpenAI-shaped 429 at once. Keep the cap below the
+    deployment's Ray `max_ongoing_requests`: requests past that wait in Ray's proxy, and past its
+    `max_queued_requests` the proxy answers a plain-text 503 that this app never sees."""
+
+    def __init__(self, app: Any, router: SpeechRouter) -> None:
+        self.app = app
+        self.router = router
+        self.active = 0
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != "/v1/audio/speech":
+            await self.app(scope, receive, send)
+            return
+        cap = self.router.settings.max_active_speech_requests
+        if self.active >= cap:
+            exc = RateLimitedError(f"This server is running its maximum of {cap} speech requests; retry shortly.",
+                                   code="server_busy", retry_after_s=1.0)
+            self.router.record_request("speech", exc.status_code, time.monotonic(), stream=False)
+            await error_response(exc)(scope, receive, send)
+            return
+        self.active += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.active -= 1
 
 
 def _route_class(router: SpeechRouter) -> type[APIRoute]:
@@ -136,6 +165,7 @@ def build_app(router: SpeechRouter) -> FastAPI:
         return await router.ready()
 
     app.include_router(api)
+    app.add_middleware(SpeechAdmission, router=router)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

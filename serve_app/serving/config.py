@@ -201,9 +201,14 @@ class ServeConfig(_Model):
             raise ValueError(f"router.settings may not set {sorted(reserved & set(self.router.settings))}: they "
                              "come from the checkpoint and the top-level watermark/api_keys fields")
         try:
-            RouterSettings(**self.router.settings)
+            settings = RouterSettings(**self.router.settings)
         except ValueError as e:
             raise ValueError(f"router.settings: {e}") from None
+        if settings.max_active_speech_requests >= self.router.max_ongoing_requests:
+            raise ValueError(
+                f"router.settings.max_active_speech_requests={settings.max_active_speech_requests} must be below "
+                f"router.max_ongoing_requests={self.router.max_ongoing_requests}: past the deployment's limit Ray's "
+                "proxy queues requests and answers plain-text 503s instead of the app's OpenAI-shaped 429")
         return self
 
     # -- resolution against the environment and the cluster --------------------------------------------

@@ -29,6 +29,9 @@ class RouterSettings(BaseModel):
         "random weights, which never emit the stop token. 0: only max_new_tokens.")
 
     # streaming and joining
+    max_active_speech_requests: int = Field(
+        48, ge=1, description="Speech requests one router replica runs at once (streams until their end); more get "
+        "an OpenAI-shaped 429 with Retry-After. Keep it below the router deployment's max_ongoing_requests (64).")
     first_chunk_tokens: int = Field(25, ge=1, description="Tokens before a text chunk's first streamed vocode.")
     stream_chunk_tokens: int = Field(50, ge=1, description="Tokens between later streamed vocode calls.")
     lookahead_chunks: int = Field(1, ge=0, description="Text chunks T3 may run ahead of the vocoder.")

@@ -370,3 +370,22 @@ async def test_short_text_gets_a_length_based_token_cap():
     off = Stack(max_new_tokens=1000, max_seconds_per_char=0)
     await speech(off, input="Hi.", response_format="wav")
     assert off.t3.jobs[0].params.max_new_tokens == 1000
+
+
+async def test_speech_requests_past_the_replica_cap_get_an_openai_429():
+    """A request holds its slot until its last byte; the one past the cap is refused at once with an
+    OpenAI-shaped 429 and Retry-After, other routes still answer, and the slot frees when the first ends."""
+    stack = Stack(t3=FakeT3(step_delay_s=0.05), max_active_speech_requests=1)
+    body = dict(model="chatterbox", input=TEXT, stream=True, response_format="pcm")
+    async with client(stack) as c:
+        first = asyncio.create_task(c.post("/v1/audio/speech", json=body))
+        await asyncio.sleep(0.1)                                   # the first is generating now
+        assert not first.done()
+        refused = await c.post("/v1/audio/speech", json=body)
+        err = assert_error(refused, 429, code="server_busy")
+        assert "maximum of 1" in err["message"] and refused.headers["retry-after"] == "1"
+        assert (await c.get("/v1/models")).status_code == 200
+        assert not first.done()
+        assert (await first).status_code == 200
+        again = await c.post("/v1/audio/speech", json={**body, "stream": False})
+        assert again.status_code == 200 and len(again.content) > 0

@@ -49,6 +49,7 @@ def test_gpu_cluster_keeps_fractions():
     ({"router": {"ray_actor_options": {"num_gpus": 0.1}}}, "router does no model work"),
     ({"router": {"settings": {"max_new_tokens": 0}}}, "router.settings"),
     ({"router": {"settings": {"watermark": False}}}, "top-level"),
+    ({"router": {"max_ongoing_requests": 8, "settings": {"max_active_speech_requests": 8}}}, "must be below"),
     ({"t3": {"backend": "engine", "max_ongoing_requests": 4, "user_config": {"max_batch_size": 8}}},
      "raise max_ongoing_requests"),
     ({"device": "tpu"}, "device"),
