@@ -148,3 +148,17 @@ def test_fast_estimator_dispatches_fewer_ops(preset, max_ratio):
     inputs = _estimator_inputs(3, 48, torch.float32)
     up, fast = _compute_ops(est, *inputs), _compute_ops(FastEstimator(est), *inputs)
     assert fast <= max_ratio * up, (fast, up)
+
+
+def test_hift_snake_matches_upstream_module():
+    hift = fresh_s3gen("tiny").mel2wav.eval()
+    runner = HiftRunner(hift)
+    snakes = [m for m in hift.modules() if type(m).__name__ == "Snake"]
+    assert len(snakes) == len(runner._snake) > 20
+    for snake in snakes[:3]:
+        with torch.no_grad():
+            snake.alpha.uniform_(0.3, 2.0)
+    runner = HiftRunner(hift)                                              # parameters read at construction
+    x = torch.randn(2, snakes[0].in_features, 50)
+    with torch.inference_mode():
+        torch.testing.assert_close(runner._act(snakes[0], x), snakes[0](x))
