@@ -144,3 +144,26 @@ def test_compiled_estimator_in_graphs_matches_eager():
         wav = eng.vocode(_inputs()[:1])[0]
         assert wav.shape == ref.shape and log_spectral_distance(wav, ref) < 0.5
     assert eng.flow.graphs.captures == 1
+
+
+def test_hift_waits_for_the_gpu_at_most_in_istft():
+    """Between the flow and HiFT nothing may wait for the GPU: HiFT's host-side work (f0, source, STFT) must be
+    queued while the flow graph still runs. torch.istft's window check is the one sync left (one per row)."""
+    import warnings
+
+    from serve_app.engine.s3gen.vocoder import HiftRow
+
+    eng = S3GenEngine(fresh_s3gen("full"), S3GenEngineConfig(device="cuda", dtype="bf16"))
+    rows = [HiftRow(torch.randn(80, n, device="cuda") - 5, seed=n, phase_at=(n - 8) * 480) for n in (44, 61)]
+    for _ in range(3):
+        eng.hift(rows)                                                       # captures the trunk graph
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            eng.hift(rows)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) <= len(rows), [str(w.message) for w in syncs]

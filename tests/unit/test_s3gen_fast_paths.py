@@ -162,3 +162,16 @@ def test_hift_snake_matches_upstream_module():
     x = torch.randn(2, snakes[0].in_features, 50)
     with torch.inference_mode():
         torch.testing.assert_close(runner._act(snakes[0], x), snakes[0](x))
+
+
+def test_to_device_copies_values_and_dtypes():
+    import numpy as np
+
+    from serve_app.engine.s3gen.transfer import to_device
+
+    arr = np.arange(5, dtype=np.int32)
+    t = to_device(arr, "cpu", torch.long)
+    arr[0] = 99                                                           # the result does not alias the input
+    assert t.dtype == torch.long and t.tolist() == [0, 1, 2, 3, 4]
+    assert to_device([[1, 2], [3, 4]], "cpu").shape == (2, 2)
+    assert to_device(torch.ones(3), "cpu", torch.float16).dtype == torch.float16

@@ -25,6 +25,7 @@ from .estimator import FastEstimator, supports
 from .graphs import ShapeGraphs
 from .noise import NoiseBank
 from .streaming import apply_trim_fade, crossfade, is_fresh, next_state, to_numpy, trim_fade
+from .transfer import to_device
 from .vocoder import HiftRow, HiftRunner, fold_weight_norm
 
 log = logging.getLogger(__name__)
@@ -118,7 +119,7 @@ class S3GenEngine:
         vocab = self.flow.flow.vocab_size
         if tokens.numel() and int(tokens.max()) >= vocab:   # checked here, on the host, not inside the flow
             raise ValueError(f"speech token >= {vocab} (a special token) reached the flow; drop them first")
-        tokens = tokens.to(self.device, torch.long)
+        tokens = to_device(tokens, self.device, torch.long)
         prompt = c["prompt_token"].reshape(-1)
         plen = c.get("prompt_token_len")
         if plen is not None:
@@ -171,10 +172,10 @@ class S3GenEngine:
                 hift_rows[i] = HiftRow(mels[i], rows[i].seed, phase_at=self._phase_at(batch[i], n_frames, 0))
             else:
                 start = st.num_mel_frames_emitted
-                cache = None if st.hift_cache_source is None else torch.from_numpy(
-                    np.asarray(st.hift_cache_source, np.float32).reshape(-1)).to(self.device)
+                cache = None if st.hift_cache_source is None else to_device(
+                    np.asarray(st.hift_cache_source, np.float32).reshape(-1), self.device)
                 phase0 = st.extra.get("source_phase")
-                phase0 = None if phase0 is None else torch.from_numpy(np.asarray(phase0, np.float32)).to(self.device)
+                phase0 = None if phase0 is None else to_device(np.asarray(phase0, np.float32), self.device)
                 hift_rows[i] = HiftRow(mels[i][:, start - K:], rows[i].seed, cache,
                                        sample_offset=(start - K) * SAMPLES_PER_MEL_FRAME, phase0=phase0,
                                        phase_at=self._phase_at(batch[i], n_frames, start - K))
@@ -216,7 +217,7 @@ class S3GenEngine:
             wav = apply_trim_fade(wav, self._trim_fade)
         else:
             wav = wav.clone()
-            tail = torch.from_numpy(np.asarray(st.tail_audio, np.float32)).to(wav.device)
+            tail = to_device(np.asarray(st.tail_audio, np.float32), wav.device)
             wav[:n_ov] = crossfade(wav[:n_ov], tail)
         if inp.finalize:
             return to_numpy(wav), next_state(st, mel_frames=num_frames, emitted=wav.shape[0], tail=None,

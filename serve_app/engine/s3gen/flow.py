@@ -22,6 +22,7 @@ from chatterbox.models.s3gen.utils.mask import make_pad_mask
 from .config import MEL_FRAMES_PER_TOKEN, PRE_LOOKAHEAD_TOKENS
 from .graphs import ShapeGraphs
 from .noise import NoiseBank
+from .transfer import to_device
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +137,7 @@ class FlowRunner:
             token[i, :P] = r.prompt_token
             token[i, P:P + r.tokens.shape[0]] = r.tokens
             cond[i, :r.prompt_feat.shape[0]] = r.prompt_feat.float()
-        lens = torch.tensor([[r.num_tokens, r.num_valid_frames] for r in rows], dtype=torch.long).to(device)
+        lens = to_device([[r.num_tokens, r.num_valid_frames] for r in rows], device, torch.long)          # [B, 2]
         return dict(token=token, token_len=lens[:, 0], valid=lens[:, 1], cond=cond,
                     embedding=torch.stack([r.embedding.float() for r in rows]),
                     z=self.initial_noise(rows, Tm))

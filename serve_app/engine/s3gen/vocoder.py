@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import SAMPLES_PER_MEL_FRAME
+from .transfer import to_device
 
 
 @dataclass
@@ -203,7 +204,7 @@ class HiftRunner:
         B = len(rows)
         lens = [int(r.mel.shape[1]) for r in rows]                                             # host ints
         M = -(-max(lens) // self.length_bucket) * self.length_bucket                          # padded: masked
-        lengths = torch.tensor(lens).to(device)                                                # [B]
+        lengths = to_device(lens, device, torch.long)                                          # [B], no sync
         mel = torch.zeros(B, 80, M, device=device, dtype=self.dtype)                          # [B, 80, M]
         for i, r in enumerate(rows):
             mel[i, :, :r.mel.shape[1]] = r.mel.to(self.dtype)
