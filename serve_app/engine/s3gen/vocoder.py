@@ -76,6 +76,7 @@ class HiftRunner:
                 a = m.alpha.detach()[None, :, None]
                 a = torch.exp(a) if m.alpha_logscale else a
                 self._snake[id(m)] = (a, 1.0 / (a + m.no_div_by_zero))
+        self._windows: dict[torch.device, torch.Tensor] = {}   # STFT window per device
         self.trunk_fn = self.trunk                  # what runs: `trunk` or a compiled `trunk`
         self.graphs = None                          # ShapeGraphs of `trunk_fn`, set by the engine (None: eager)
         self.n_fft = hift.istft_params["n_fft"]
@@ -165,7 +166,12 @@ class HiftRunner:
         return torch.cat([spec[..., 0], spec[..., 1]], dim=0)
 
     def _window(self, like: torch.Tensor) -> torch.Tensor:
-        return self.hift.stft_window.to(device=like.device, dtype=torch.float32)
+        # upstream keeps the window as a plain CPU tensor and copies it to the device at every call: a blocking
+        # copy (a stream sync) per STFT / iSTFT. Copied once per device here.
+        w = self._windows.get(like.device)
+        if w is None:
+            w = self._windows[like.device] = self.hift.stft_window.to(device=like.device, dtype=torch.float32)
+        return w
 
     # ---- the convolution trunk (graphable: device work only, fixed shapes) -------------------------------
     def trunk(self, mel: torch.Tensor, lengths: torch.Tensor, s_stft: torch.Tensor) -> torch.Tensor:
