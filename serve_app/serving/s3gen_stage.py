@@ -70,7 +70,12 @@ def warm_up(backend: S3GenBackend, checkpoint: Any, settings: S3GenSettings, dev
     if conds is None:
         log.info("S3Gen warm-up skipped: the checkpoint has no built-in voice (conds.pt)")
         return 0
-    return backend.engine.warmup(conds.gen, settings.warmup_first_chunk_tokens, tuple(settings.warmup_batch_sizes))
+    try:
+        return backend.engine.warmup(conds.gen, settings.warmup_first_chunk_tokens,
+                                     tuple(settings.warmup_batch_sizes))
+    except Exception:  # an optimization: the first requests capture their graphs themselves instead
+        log.exception("S3Gen warm-up failed; continuing without pre-captured graphs")
+        return 0
 
 
 class S3GenReplica:
