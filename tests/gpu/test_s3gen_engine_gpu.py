@@ -167,3 +167,16 @@ def test_hift_waits_for_the_gpu_at_most_in_istft():
         torch.cuda.set_sync_debug_mode("default")
     syncs = [w for w in caught if "synchroniz" in str(w.message)]
     assert len(syncs) <= len(rows), [str(w.message) for w in syncs]
+
+
+def test_prepared_conds_keep_the_prompt_length_on_the_host():
+    """`_row` reads the prompt length at every step: on the device that read would wait for the GPU."""
+    eng = S3GenEngine(fresh_s3gen("full"), S3GenEngineConfig(device="cuda", dtype="bf16"))
+    gen = eng.prepare_conds(random_voice(150, 1))
+    assert gen["prompt_token"].is_cuda and gen["prompt_token_len"].device.type == "cpu"
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        eng._row(VocodeInput(np.arange(30), gen, seed=0), True)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -171,7 +171,8 @@ def test_to_device_copies_values_and_dtypes():
 
     arr = np.arange(5, dtype=np.int32)
     t = to_device(arr, "cpu", torch.long)
-    arr[0] = 99                                                           # the result does not alias the input
+    arr[0] = 99                                                           # converted on the host: a copy
     assert t.dtype == torch.long and t.tolist() == [0, 1, 2, 3, 4]
     assert to_device([[1, 2], [3, 4]], "cpu").shape == (2, 2)
     assert to_device(torch.ones(3), "cpu", torch.float16).dtype == torch.float16
+

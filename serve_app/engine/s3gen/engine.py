@@ -109,8 +109,13 @@ class S3GenEngine:
         from .conds import gen_dict_from_voice_conds
 
         if isinstance(conds, dict):
-            return {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in conds.items()}
-        return gen_dict_from_voice_conds(conds, self.device)
+            gen = {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in conds.items()}
+        else:
+            gen = gen_dict_from_voice_conds(conds, self.device)
+        # a length is host metadata: kept on the CPU, `_row` reads it without waiting for the GPU at every step
+        if torch.is_tensor(gen.get("prompt_token_len")):
+            gen["prompt_token_len"] = gen["prompt_token_len"].cpu()
+        return gen
 
     def _row(self, inp: VocodeInput, finalize: bool) -> FlowRow:
         c = inp.conds

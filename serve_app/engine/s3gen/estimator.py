@@ -29,11 +29,6 @@ from torch import nn
 from chatterbox.models.s3gen.decoder import mask_to_bias
 
 
-def _fusable(linears: list[nn.Module]) -> bool:
-    return all(type(m).__name__ in ("Linear", "LoRACompatibleLinear") and isinstance(m, nn.Linear)
-               and m.bias is None and getattr(m, "lora_layer", None) is None for m in linears)
-
-
 def _block_supported(blk: nn.Module) -> bool:
     a = blk.attn1
     return (not blk.use_ada_layer_norm and not blk.use_ada_layer_norm_zero and blk.attn2 is None
@@ -113,10 +108,6 @@ class FastEstimator(nn.Module):
         for group in (est.down_blocks, est.mid_blocks, est.up_blocks):
             for b in group:
                 yield from b[1]
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.est.final_proj.weight.dtype
 
     def _conv(self, conv: nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
         return self.convs[id(conv)](x)
