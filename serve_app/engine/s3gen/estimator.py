@@ -49,13 +49,15 @@ def supports(est: nn.Module) -> bool:
             and all(_block_supported(t) for b in blocks for t in b[1]))
 
 
-def _plain(m: nn.Module) -> bool:
-    return type(m) in (nn.Linear, nn.Conv1d) or type(m).__name__ in ("LoRACompatibleLinear", "CausalConv1d")
+def _plain_linear(m: nn.Module) -> bool:
+    # nn.Linear or diffusers' LoRACompatibleLinear without a LoRA layer; not a quantized subclass (bnb, dynamic)
+    return (type(m) is nn.Linear or type(m).__name__ == "LoRACompatibleLinear") and \
+        getattr(m, "lora_layer", None) is None
 
 
 def _concat_linear(mods: list[nn.Module]) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """One [sum(out), in] weight (and bias) for Linears that share an input; None if any is not plain."""
-    if not all(_plain(m) and isinstance(m, nn.Linear) and getattr(m, "lora_layer", None) is None for m in mods):
+    if not all(_plain_linear(m) for m in mods):
         return None
     w = torch.cat([m.weight.detach() for m in mods])
     has_bias = [m.bias is not None for m in mods]
