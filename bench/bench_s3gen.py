@@ -45,6 +45,8 @@ def parse_args(argv=None):
     p.add_argument("--modes", default=None,
                    help="comma list of fp32 | bf16 | fp16 | int8 (bnb, threshold 0, bf16) | int8-t6 | "
                         "dynamic_int8 | bf16-hift (bf16 estimator and HiFT) | bf16-compile (torch.compile estimator) | "
+                        "bf16-varlen (flash varlen attention) | bf16-compile-flow (estimator + encoder compiled, dynamic "
+                        "shapes) | bf16-varlen-compile-flow | bf16-compile-static (estimator compiled per shape) | "
                         "bf16-upstream-est (upstream estimator forward) | bf16-eager (no CUDA graphs). "
                         "Default fp32,bf16,int8,bf16-hift; "
                         "smoke fp32,bf16")
@@ -108,6 +110,14 @@ def engine_config(a, mode: str) -> S3GenEngineConfig:
         kw.update(dtype="bf16", compile=True, compile_hift=True)
     elif mode == "bf16-compile-enc16":  # and the flow encoder in bf16 too
         kw.update(dtype="bf16", compile=True, compile_hift=True, encoder_dtype="bf16")
+    elif mode == "bf16-varlen":         # FastEstimator with flash varlen attention
+        kw.update(dtype="bf16", estimator_attention="varlen")
+    elif mode == "bf16-compile-flow":   # estimator and flow encoder compiled, dynamic shapes
+        kw.update(dtype="bf16", compile=True, compile_encoder=True)
+    elif mode == "bf16-varlen-compile-flow":
+        kw.update(dtype="bf16", estimator_attention="varlen", compile=True, compile_encoder=True)
+    elif mode == "bf16-compile-static":  # estimator compiled per shape (the previous default)
+        kw.update(dtype="bf16", compile=True, compile_dynamic=False)
     elif mode == "bf16-upstream-est":   # upstream's estimator forward (no FastEstimator), graphs as usual
         kw.update(dtype="bf16", fast_estimator=False)
     elif mode == "bf16-eager":          # no CUDA graphs at all

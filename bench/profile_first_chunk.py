@@ -29,11 +29,14 @@ def main(argv=None):
     p.add_argument("--stream-chunk", type=int, default=25)
     p.add_argument("--tokens", type=int, default=150)
     p.add_argument("--dtype", default="bf16")
-    p.add_argument("--compile", action="store_true")
+    p.add_argument("--compile", action="store_true", help="estimator and encoder compiled (dynamic shapes)")
+    p.add_argument("--attention", default="sdpa", help="FastEstimator attention: sdpa | varlen")
     p.add_argument("--out", default="bench/results")
     a = p.parse_args(argv)
     base, gen, _ = load_model(a)
-    eng = S3GenEngine(base, S3GenEngineConfig(device=a.device, dtype=a.dtype, compile=a.compile))
+    eng = S3GenEngine(base, S3GenEngineConfig(device=a.device, dtype=a.dtype, compile=a.compile,
+                                                       compile_encoder=a.compile,
+                                                       estimator_attention=a.attention))
     tok = requests(a, 1, gen)[0].speech_tokens[:a.stream_chunk]
     step = lambda: eng.vocode_stream_step(tok, gen, None, finalize=False, seed=0)  # noqa: E731
     for _ in range(3):
@@ -49,14 +52,14 @@ def main(argv=None):
         step()
         torch.cuda.synchronize()
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    lines = [f"first chunk ({a.stream_chunk} tokens, {a.dtype}, compile={a.compile}): median {1e3 * statistics.median(times):.1f} ms "
+    lines = [f"first chunk ({a.stream_chunk} tokens, {a.dtype}, {a.attention}, compile={a.compile}): median {1e3 * statistics.median(times):.1f} ms "
              f"of wall time; one profiled step: {len(kernels)} CUDA kernels, {sum(e.device_time for e in kernels) / 1e3:.2f} ms "
              "of summed kernel time", "", "by self CPU time:",
              prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30), "", "by CUDA time:",
              prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)]
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"profile_first_chunk{'_compile' if a.compile else ''}.txt"
+    path = out / f"profile_first_chunk_{a.attention}{'_compile' if a.compile else ''}.txt"
     path.write_text("\n".join(lines) + "\n")
     print(lines[0])
 

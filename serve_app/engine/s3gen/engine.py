@@ -78,16 +78,22 @@ class S3GenEngine:
         self.noise = NoiseBank(self.device)
         use_sync_free_masks()
         est = flow.decoder.estimator
-        estimator_fn = FastEstimator(est) if config.fast_estimator and supports(est) else est
+        estimator_fn = (FastEstimator(est, config.estimator_attention) if config.fast_estimator and supports(est)
+                        else est)
+        dynamic = config.compile_dynamic
+        when = "once for all shapes" if dynamic else "on first use of each shape"
         if config.compile:
-            estimator_fn = torch.compile(estimator_fn, dynamic=False)
-            log.info("CFM estimator wrapped in torch.compile (compiles on first use of each shape)")
+            estimator_fn = torch.compile(estimator_fn, dynamic=dynamic)
+            log.info("CFM estimator wrapped in torch.compile (compiles %s)", when)
         self.flow = FlowRunner(flow, self.noise, DTYPES[config.dtype], DTYPES[config.encoder_dtype],
                                config.cfg_rate, estimator_fn)
+        if config.compile_encoder:
+            self.flow.encode_fn = torch.compile(self.flow.encode, dynamic=dynamic)
+            log.info("flow encoder wrapped in torch.compile (compiles %s)", when)
         self.hift = HiftRunner(hift, DTYPES[config.hift_dtype], config.hift_length_bucket)
         if config.compile_hift:
-            self.hift.trunk_fn = torch.compile(self.hift.trunk, dynamic=False)
-            log.info("HiFT trunk wrapped in torch.compile (compiles on first use of each shape)")
+            self.hift.trunk_fn = torch.compile(self.hift.trunk, dynamic=dynamic)
+            log.info("HiFT trunk wrapped in torch.compile (compiles %s)", when)
         # bnb int8 with outliers (threshold > 0) syncs on the host: not capturable
         method = getattr(config.quant, "method", "none")
         capturable = method != "dynamic_int8" and not (method == "int8" and config.quant.int8_threshold > 0)
