@@ -45,12 +45,13 @@ def parse_args(argv=None):
     p.add_argument("--modes", default=None,
                    help="comma list of fp32 | bf16 | fp16 | int8 (bnb, threshold 0, bf16) | int8-t6 | "
                         "dynamic_int8 | bf16-hift (bf16 estimator and HiFT) | bf16-compile (torch.compile estimator) | "
-                        "bf16-varlen (flash varlen attention) | bf16-compile-flow (estimator + encoder compiled, dynamic "
-                        "shapes) | bf16-varlen-compile-flow | bf16-compile-static (estimator compiled per shape) | "
+                        "bf16-enc16 (encoder bf16 too) | bf16-compile-flow (estimator + encoder compiled, dynamic "
+                        "shapes) | bf16-compile-static (estimator compiled per shape) | "
                         "bf16-upstream-est (upstream estimator forward) | bf16-eager (no CUDA graphs). "
                         "Default fp32,bf16,int8,bf16-hift; "
                         "smoke fp32,bf16")
     p.add_argument("--stream-chunk", type=int, default=None, help="tokens in the first streamed chunk (default 25)")
+    p.add_argument("--first-chunk-reps", type=int, default=20, help="timed first chunks (median, min, p90)")
     p.add_argument("--upstream-requests", type=int, default=None, help="upstream timed requests (default 3)")
     p.add_argument("--no-upstream", action="store_true")
     p.add_argument("--out", default="bench/results")
@@ -110,12 +111,10 @@ def engine_config(a, mode: str) -> S3GenEngineConfig:
         kw.update(dtype="bf16", compile=True, compile_hift=True)
     elif mode == "bf16-compile-enc16":  # and the flow encoder in bf16 too
         kw.update(dtype="bf16", compile=True, compile_hift=True, encoder_dtype="bf16")
-    elif mode == "bf16-varlen":         # FastEstimator with flash varlen attention
-        kw.update(dtype="bf16", estimator_attention="varlen")
+    elif mode == "bf16-enc16":          # the flow encoder in bf16 too
+        kw.update(dtype="bf16", encoder_dtype="bf16")
     elif mode == "bf16-compile-flow":   # estimator and flow encoder compiled, dynamic shapes
         kw.update(dtype="bf16", compile=True, compile_encoder=True)
-    elif mode == "bf16-varlen-compile-flow":
-        kw.update(dtype="bf16", estimator_attention="varlen", compile=True, compile_encoder=True)
     elif mode == "bf16-compile-static":  # estimator compiled per shape (the previous default)
         kw.update(dtype="bf16", compile=True, compile_dynamic=False)
     elif mode == "bf16-upstream-est":   # upstream's estimator forward (no FastEstimator), graphs as usual
@@ -158,19 +157,24 @@ def bench_mode(a, base, gen, mode: str, ref_audio: np.ndarray | None) -> dict:
     eng = S3GenEngine(s3gen, engine_config(a, mode))
     gen = eng.prepare_conds(gen)   # as a replica's voice cache holds it
     res: dict = dict(mode=mode, quantized_linears=len(eng.quantized), batches={})
-    eng.vocode(requests(a, min(8, max(a.batches)), gen))  # warm-up (kernels, noise buffers)
+    t0 = time.perf_counter()
+    eng.vocode(requests(a, min(8, max(a.batches)), gen))  # warm-up (kernels, noise buffers; compiles)
     # first streamed chunk: vocoder time of the first step of a stream (flow on prompt + chunk, HiFT, fades)
     tok = requests(a, 1, gen)[0].speech_tokens[:a.stream_chunk]
-    firsts = []
     for _ in range(eng.config.graph_capture_after):
         eng.vocode_stream_step(tok, gen, None, finalize=False, seed=0)   # untimed: capture
-    for _ in range(3):
+    res["warmup_seconds"] = time.perf_counter() - t0
+    firsts = []
+    for _ in range(a.first_chunk_reps):
         sync(a.device)
         t0 = time.perf_counter()
         audio, _ = eng.vocode_stream_step(tok, gen, None, finalize=False, seed=0)
         sync(a.device)
         firsts.append(time.perf_counter() - t0)
-    res["first_chunk"] = dict(tokens=len(tok), seconds=statistics.median(firsts), audio_seconds=audio.size / SR)
+    firsts.sort()
+    res["first_chunk"] = dict(tokens=len(tok), seconds=statistics.median(firsts), audio_seconds=audio.size / SR,
+                              min_seconds=firsts[0], p90_seconds=firsts[int(0.9 * (len(firsts) - 1))],
+                              reps=len(firsts))
     # where the first chunk's time goes: the flow (encoder + euler loop) and HiFT, each alone, as the step runs them
     from serve_app.engine.s3gen.config import VocodeInput
     from serve_app.engine.s3gen.vocoder import HiftRow
@@ -183,7 +187,7 @@ def bench_mode(a, base, gen, mode: str, ref_audio: np.ndarray | None) -> dict:
                      ("hift", lambda: eng.hift([HiftRow(mel, 0, phase_at=eng._phase_at(
                          VocodeInput(tok, gen, 0, finalize=False), mel.shape[1], 0))]))):
         ts = []
-        for _ in range(3):
+        for _ in range(max(3, a.first_chunk_reps // 2)):
             sync(a.device)
             t0 = time.perf_counter()
             fn()
@@ -191,8 +195,9 @@ def bench_mode(a, base, gen, mode: str, ref_audio: np.ndarray | None) -> dict:
             ts.append(time.perf_counter() - t0)
         parts[name] = statistics.median(ts)
     res["first_chunk"]["parts_seconds"] = parts
-    logger.info("%s first chunk %.1f ms: %s", mode, 1e3 * res["first_chunk"]["seconds"],
-                {k: round(1e3 * v, 1) for k, v in parts.items()})
+    logger.info("%s first chunk %.1f ms (min %.1f, p90 %.1f; warm-up %.0f s): %s", mode,
+                1e3 * res["first_chunk"]["seconds"], 1e3 * firsts[0], 1e3 * res["first_chunk"]["p90_seconds"],
+                res["warmup_seconds"], {k: round(1e3 * v, 1) for k, v in parts.items()})
     for b in a.batches:
         reqs = requests(a, b, gen)
         for _ in range(eng.config.graph_capture_after):
@@ -293,8 +298,8 @@ def markdown(report: dict) -> str:
                   f"({up['requests']} requests, {up['seconds']:.2f} s)", ""]
     batches = report["config"]["batches"]
     lines.append("| mode | " + " | ".join(f"batch {b} audio s/s (peak GB)" for b in batches)
-                 + " | first chunk ms (flow/HiFT alone) | HiFT s/s | LSD vs fp32 dB |")
-    lines.append("|---" * (len(batches) + 4) + "|")
+                 + " | first chunk ms: median [min, p90] (flow/HiFT alone) | HiFT s/s | LSD vs fp32 dB | warm-up s |")
+    lines.append("|---" * (len(batches) + 5) + "|")
     for r in report["modes"]:
         if "error" in r:
             lines.append(f"| {r['mode']} | error: {r['error'][:120]} |")
@@ -308,8 +313,11 @@ def markdown(report: dict) -> str:
         lsd = r.get("lsd_vs_fp32_db")
         fc = r["first_chunk"]
         split = "/".join(f"{1000 * fc.get('parts_seconds', {}).get(k, float('nan')):.1f}" for k in ("flow", "hift"))
-        lines.append(f"| {r['mode']} | " + " | ".join(cells) + f" | {1000 * fc['seconds']:.1f} ({split}) | "
-                     f"{h['audio_seconds'] / h['seconds']:.0f} | {'' if lsd is None else f'{lsd:.2f}'} |")
+        spread = f" [{1000 * fc['min_seconds']:.1f}, {1000 * fc['p90_seconds']:.1f}]" if "min_seconds" in fc else ""
+        warm = r.get("warmup_seconds")
+        lines.append(f"| {r['mode']} | " + " | ".join(cells) + f" | {1000 * fc['seconds']:.1f}{spread} ({split}) | "
+                     f"{h['audio_seconds'] / h['seconds']:.0f} | {'' if lsd is None else f'{lsd:.2f}'} | "
+                     f"{'' if warm is None else f'{warm:.0f}'} |")
     ek = report.get("estimator_kernels")
     if ek and "fast" in ek:
         lines += ["", f"One bf16 estimator call at the first chunk's shape (2 CFG rows x {ek['frames']} frames), eager: "

@@ -30,13 +30,11 @@ def main(argv=None):
     p.add_argument("--tokens", type=int, default=150)
     p.add_argument("--dtype", default="bf16")
     p.add_argument("--compile", action="store_true", help="estimator and encoder compiled (dynamic shapes)")
-    p.add_argument("--attention", default="sdpa", help="FastEstimator attention: sdpa | varlen")
     p.add_argument("--out", default="bench/results")
     a = p.parse_args(argv)
     base, gen, _ = load_model(a)
     eng = S3GenEngine(base, S3GenEngineConfig(device=a.device, dtype=a.dtype, compile=a.compile,
-                                                       compile_encoder=a.compile,
-                                                       estimator_attention=a.attention))
+                                                       compile_encoder=a.compile))
     tok = requests(a, 1, gen)[0].speech_tokens[:a.stream_chunk]
     step = lambda: eng.vocode_stream_step(tok, gen, None, finalize=False, seed=0)  # noqa: E731
     for _ in range(3):
@@ -51,15 +49,27 @@ def main(argv=None):
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize()
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    lines = [f"first chunk ({a.stream_chunk} tokens, {a.dtype}, {a.attention}, compile={a.compile}): median {1e3 * statistics.median(times):.1f} ms "
+    kernels = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                     key=lambda e: e.time_range.start)
+    gaps = [(kernels[i + 1].time_range.start - kernels[i].time_range.end, kernels[i].name, kernels[i + 1].name)
+            for i in range(len(kernels) - 1)]
+    busy = sum(e.time_range.elapsed_us() for e in kernels)
+    span = kernels[-1].time_range.end - kernels[0].time_range.start if kernels else 0
+    cpu0 = min(e.time_range.start for e in prof.events() if e.device_type == torch.autograd.DeviceType.CPU)
+    lines = [f"first chunk ({a.stream_chunk} tokens, {a.dtype}, compile={a.compile}): median {1e3 * statistics.median(times):.1f} ms "
              f"of wall time; one profiled step: {len(kernels)} CUDA kernels, {sum(e.device_time for e in kernels) / 1e3:.2f} ms "
-             "of summed kernel time", "", "by self CPU time:",
+             "of summed kernel time",
+             f"GPU timeline: first to last kernel {span / 1e3:.2f} ms, kernels busy {busy / 1e3:.2f} ms, idle gaps "
+             f"{sum(g for g, _, _ in gaps if g > 0) / 1e3:.2f} ms ({sum(g for g, _, _ in gaps if g > 20) / 1e3:.2f} ms in "
+             f"gaps > 20 us); the first kernel starts {(kernels[0].time_range.start - cpu0) / 1e3:.2f} ms after the "
+             "step's first host op", "largest gaps (us, kernel before -> after):",
+             *(f"  {g:8.1f}  {a[:70]} -> {b[:70]}" for g, a, b in sorted(gaps, reverse=True)[:12]),
+             "", "by self CPU time:",
              prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30), "", "by CUDA time:",
              prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)]
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"profile_first_chunk_{a.attention}{'_compile' if a.compile else ''}.txt"
+    path = out / f"profile_first_chunk{'_compile' if a.compile else ''}.txt"
     path.write_text("\n".join(lines) + "\n")
     print(lines[0])
 

@@ -115,39 +115,12 @@ def test_fast_estimator_in_bf16_is_as_close_to_fp32_as_upstream():
     assert float((fast32 - ref).abs().max()) < 1e-2 * float(ref.abs().max())
 
 
-def test_varlen_attention_equals_the_key_mask():
-    """Flash over (valid, padding) segments computes what the key-masked SDPA computes on valid frames, for a
-    full row, a padded row and a fully masked row (upstream: it attends everywhere)."""
-    from serve_app.engine.s3gen.estimator import FastEstimator
-    from serve_app.engine.s3gen.flow import use_sync_free_masks
-
-    use_sync_free_masks()
-    est = fresh_s3gen("full").flow.decoder.estimator.to("cuda", torch.bfloat16)
-    g = torch.Generator(device="cuda").manual_seed(0)
-    B, T = 3, 384
-    x, mu, cond = (torch.randn(B, 80, T, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(3))
-    mask = torch.ones(B, 1, T, device="cuda", dtype=torch.bfloat16)
-    mask[1, :, 301:] = 0
-    mask[2] = 0
-    t = torch.rand(B, device="cuda", generator=g).to(torch.bfloat16)
-    spks = torch.randn(B, 80, device="cuda", generator=g, dtype=torch.bfloat16)
-    with torch.inference_mode():
-        sdpa = FastEstimator(est, "sdpa")(x, mask, mu, t, spks, cond).float()
-        varlen = FastEstimator(est, "varlen")(x, mask, mu, t, spks, cond).float()
-    assert torch.isfinite(varlen).all()
-    scale = float(sdpa.abs().max())
-    assert float((varlen - sdpa).abs().max()) < 2e-2 * scale       # bf16: kernels round differently
-    assert float((varlen[1, :, :301] - sdpa[1, :, :301]).abs().mean()) < 2e-3 * scale
-    assert float(varlen[1, :, 301:].abs().max()) == 0.0
-
-
-def test_compiled_flow_with_varlen_in_graphs_matches_eager():
-    """Estimator and encoder compiled once for all shapes (dynamic), varlen attention, inside CUDA graphs:
-    two different lengths, no recompilation per length."""
+def test_compiled_flow_in_graphs_matches_eager():
+    """Estimator and encoder compiled once for all shapes (dynamic), inside CUDA graphs: two different
+    lengths, each captured once."""
     kw = dict(device="cuda", dtype="bf16", n_cfm_timesteps=4)
     eager = S3GenEngine(fresh_s3gen("full"), S3GenEngineConfig(enforce_eager=True, **kw))
     eng = S3GenEngine(fresh_s3gen("full"), S3GenEngineConfig(compile=True, compile_encoder=True,
-                                                            estimator_attention="varlen",
                                                             graph_capture_after=1, **kw))
     for inp in _inputs()[:2]:
         ref = eager.vocode([inp])[0]

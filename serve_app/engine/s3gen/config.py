@@ -39,8 +39,6 @@ class S3GenEngineConfig:
     compile_dynamic: bool = True         # compile once for all lengths and batches (False: once per shape)
     compile_hift: bool = False           # torch.compile HiFT's conv trunk (fuses its Snake activations and masks)
     fast_estimator: bool = True          # FastEstimator: upstream's estimator math with half its kernels
-    estimator_attention: str = "sdpa"    # FastEstimator attention: "sdpa" (key mask) | "varlen" (flash over
-                                         # valid / padding segments; CUDA bf16 / fp16, else sdpa)
     hift_length_bucket: int = 16         # HiFT rows are padded (masked) to a multiple of this many mel frames
     graph_capture_after: int = 2         # a flow shape is captured at its 2nd call (eager at the 1st)
     max_graphs: int = 32                 # captured (batch, frames, steps) shapes kept, least recently used dropped
@@ -53,8 +51,6 @@ class S3GenEngineConfig:
             raise ValueError(f"n_cfm_timesteps={self.n_cfm_timesteps} must be >= 1 (upstream uses 10)")
         if self.max_batch_tokens < 64:
             raise ValueError(f"max_batch_tokens={self.max_batch_tokens} is too small; use >= 64 (e.g. 32768)")
-        if self.estimator_attention not in ("sdpa", "varlen"):
-            raise ValueError(f"estimator_attention={self.estimator_attention!r} is not 'sdpa' or 'varlen'")
         if self.hift_length_bucket < 1:
             raise ValueError(f"hift_length_bucket={self.hift_length_bucket} must be >= 1 (e.g. 16)")
         if self.length_bucket < 1:

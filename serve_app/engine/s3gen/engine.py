@@ -78,8 +78,7 @@ class S3GenEngine:
         self.noise = NoiseBank(self.device)
         use_sync_free_masks()
         est = flow.decoder.estimator
-        estimator_fn = (FastEstimator(est, config.estimator_attention) if config.fast_estimator and supports(est)
-                        else est)
+        estimator_fn = FastEstimator(est) if config.fast_estimator and supports(est) else est
         dynamic = config.compile_dynamic
         when = "once for all shapes" if dynamic else "on first use of each shape"
         if config.compile:

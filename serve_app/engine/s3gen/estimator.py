@@ -12,9 +12,7 @@ runs the same parameters with less glue:
 - q, k, v as one matmul and the 14 resnet time projections as one (weights concatenated once; plain
   `nn.Linear` only: quantized layers are called as they are);
 - `F.scaled_dot_product_attention` called directly: no diffusers mask repeat per head per block, no
-  `/ rescale_output_factor` (1.0), no dropout (0.0) kernels; or (attention="varlen", CUDA, half precision)
-  flash attention over variable-length segments: each row's valid frames are one segment and its padding
-  another, so no key mask is needed and q, k, v, and the output stay in the [B T, H, D] layout of the linears;
+  `/ rescale_output_factor` (1.0), no dropout (0.0) kernels;
 - no mask multiplications inside the network, only on its output. Rows are right-padded and every op along
   time is causal (the convs read only earlier frames) or masks its keys (attention), so a valid frame never
   sees a padded one: upstream's ~75 interior `x * mask` per call change only padded frames, which are zeroed
@@ -68,18 +66,6 @@ def _concat_linear(mods: list[nn.Module]) -> tuple[torch.Tensor, torch.Tensor | 
     return w, (torch.cat([m.bias.detach() for m in mods]) if all(has_bias) else None)
 
 
-def _segments(mask: torch.Tensor) -> torch.Tensor:
-    """Flash varlen segments for right-padded rows: row i's valid frames [i T, i T + v_i) and its padding
-    [i T + v_i, (i + 1) T) are two sequences. Valid frames then see exactly the valid keys, as with upstream's
-    key mask; a fully masked row (v_i = 0) is one sequence over all its frames, as upstream (it attends
-    everywhere); empty segments are skipped by the kernel.  mask: [B, 1, T] prefix -> [2B + 1] int32"""
-    B, _, T = mask.shape
-    v = mask[:, 0].float().sum(dim=-1).to(torch.int32)                                    # [B] valid frames
-    starts = torch.arange(B, device=mask.device, dtype=torch.int32) * T                   # [B]
-    bounds = torch.stack([starts, starts + v], dim=1).reshape(-1)                          # [2B]
-    return torch.cat([bounds, bounds.new_full((1,), B * T)])
-
-
 class _Conv:
     """A causal (left-padded) or 1x1 Conv1d, applied channels-last as one matmul.
     weight [Cout, Cin, k] -> [Cout, Cin k] with index c k + j, matching unfold's [.., Cin, k] windows."""
@@ -105,14 +91,11 @@ class FastEstimator(nn.Module):
     dtype, device and quantization are set (the fused weights are copies). `mask` must be a prefix per row (valid
     frames first, padding after), as the engine builds it; frames past it come out zero, as upstream."""
 
-    def __init__(self, est: nn.Module, attention: str = "sdpa"):
+    def __init__(self, est: nn.Module):
         super().__init__()
         if not supports(est):
             raise ValueError("this S3Gen estimator is not the standard chatterbox one; use its own forward")
-        if attention not in ("sdpa", "varlen"):
-            raise ValueError(f"attention={attention!r}: use 'sdpa' or 'varlen'")
         self.est = est
-        self.attention = attention
         self.qkv: list[torch.Tensor | None] = []        # per transformer block: [3 H D, C] or None (quantized)
         for blk in self._blocks():
             a = blk.attn1
@@ -142,20 +125,11 @@ class FastEstimator(nn.Module):
         h = self._causal_block(r.block2, h)
         return h + self._conv(r.res_conv, x)
 
-    def _attention(self, blk, w_qkv, h: torch.Tensor, bias: torch.Tensor | None,
-                   cu_seqlens: torch.Tensor | None) -> torch.Tensor:
-        # h: [B, T, C] (after norm1); bias: [B, 1, 1, T] key bias, or cu_seqlens: [2B + 1] int32 segments -> [B, T, C]
+    def _attention(self, blk, w_qkv, h: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        # h: [B, T, C] (after norm1), bias: [B, 1, 1, T] -> [B, T, C]
         a = blk.attn1
         B, T, _ = h.shape
         H = a.heads
-        if cu_seqlens is not None:                                                        # flash, variable length
-            if w_qkv is not None:
-                q, k, v = F.linear(h, w_qkv).view(B * T, 3, H, -1).unbind(1)                # 3 x [B T, H, D]
-            else:
-                q, k, v = (m(h).view(B * T, H, -1) for m in (a.to_q, a.to_k, a.to_v))
-            o = torch.ops.aten._flash_attention_forward(q, k, v, cu_seqlens, cu_seqlens, T, T, 0.0, False, False,
-                                                        scale=a.scale)[0]                    # [B T, H, D]
-            return a.to_out[0](o.view(B, T, -1))
         if w_qkv is not None:
             q, k, v = F.linear(h, w_qkv).view(B, T, 3, H, -1).permute(2, 0, 3, 1, 4).unbind(0)  # 3 x [B, H, T, D]
         else:
@@ -163,10 +137,10 @@ class FastEstimator(nn.Module):
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)                    # [B, H, T, D]
         return a.to_out[0](o.transpose(1, 2).reshape(B, T, -1))
 
-    def _transformers(self, blocks, first: int, h: torch.Tensor, attn: dict) -> torch.Tensor:
+    def _transformers(self, blocks, first: int, h: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         # h: [B, T, C] -> [B, T, C]; upstream BasicTransformerBlock (layer_norm, self-attention, gelu FF)
         for i, blk in enumerate(blocks):
-            h = self._attention(blk, self.qkv[first + i], blk.norm1(h), **attn) + h
+            h = self._attention(blk, self.qkv[first + i], blk.norm1(h), bias) + h
             ff = blk.ff.net
             h = ff[2](ff[0](blk.norm3(h))) + h                                           # GELU(proj), Linear
         return h
@@ -187,27 +161,24 @@ class FastEstimator(nn.Module):
             parts.append(cond)
         h = torch.cat(parts, dim=1).transpose(1, 2)                                        # [B, T, 320]
         m = mask.transpose(1, 2)                                                           # [B, T, 1]
-        if self.attention == "varlen" and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
-            attn = dict(bias=None, cu_seqlens=_segments(mask))
-        else:
-            keys = mask.bool()
-            keys = keys | (keys.sum(dim=-1, keepdim=True) == 0)   # upstream: fully masked rows attend everywhere
-            attn = dict(bias=mask_to_bias(keys, h.dtype)[:, None], cu_seqlens=None)        # bias [B, 1, 1, T]
+        keys = mask.bool()
+        keys = keys | (keys.sum(dim=-1, keepdim=True) == 0)   # upstream: fully masked rows attend everywhere
+        bias = mask_to_bias(keys, h.dtype)[:, None]                                        # [B, 1, 1, T]
         n, r = 0, 0
         (resnet, blocks, downsample), = est.down_blocks
         h = self._resnet(resnet, h, t_projs[r])
-        h = self._transformers(blocks, n, h, attn)
+        h = self._transformers(blocks, n, h, bias)
         n, r = n + len(blocks), r + 1
         skip = h
         h = self._conv(downsample, h)
         for resnet, blocks in est.mid_blocks:
             h = self._resnet(resnet, h, t_projs[r])
-            h = self._transformers(blocks, n, h, attn)
+            h = self._transformers(blocks, n, h, bias)
             n, r = n + len(blocks), r + 1
         (resnet, blocks, upsample), = est.up_blocks
         h = torch.cat([h, skip], dim=2)                                                    # [B, T, 2 C]
         h = self._resnet(resnet, h, t_projs[r])
-        h = self._transformers(blocks, n, h, attn)
+        h = self._transformers(blocks, n, h, bias)
         h = self._conv(upsample, h)
         h = self._causal_block(est.final_block, h)
         return (self._conv(est.final_proj, h) * m).transpose(1, 2)                        # [B, 80, T]
