@@ -45,8 +45,7 @@ def parse_args(argv=None):
     p.add_argument("--modes", default=None,
                    help="comma list of fp32 | bf16 | fp16 | int8 (bnb, threshold 0, bf16) | int8-t6 | "
                         "dynamic_int8 | bf16-hift (bf16 estimator and HiFT) | bf16-compile (torch.compile estimator) | "
-                        "bf16-enc16 (encoder bf16 too) | bf16-compile-flow (estimator + encoder compiled, dynamic "
-                        "shapes) | bf16-compile-static (estimator compiled per shape) | "
+                        "bf16-enc32 (flow encoder fp32) | bf16-compile-static (estimator compiled per shape) | "
                         "bf16-upstream-est (upstream estimator forward) | bf16-eager (no CUDA graphs). "
                         "Default fp32,bf16,int8,bf16-hift; "
                         "smoke fp32,bf16")
@@ -109,12 +108,8 @@ def engine_config(a, mode: str) -> S3GenEngineConfig:
         kw.update(dtype="bf16", compile=True)
     elif mode == "bf16-compile-all":    # the estimator and HiFT's trunk compiled
         kw.update(dtype="bf16", compile=True, compile_hift=True)
-    elif mode == "bf16-compile-enc16":  # and the flow encoder in bf16 too
-        kw.update(dtype="bf16", compile=True, compile_hift=True, encoder_dtype="bf16")
-    elif mode == "bf16-enc16":          # the flow encoder in bf16 too
-        kw.update(dtype="bf16", encoder_dtype="bf16")
-    elif mode == "bf16-compile-flow":   # estimator and flow encoder compiled, dynamic shapes
-        kw.update(dtype="bf16", compile=True, compile_encoder=True)
+    elif mode == "bf16-enc32":          # the flow encoder in fp32 (the bf16 default runs it in bf16)
+        kw.update(dtype="bf16", encoder_dtype="fp32")
     elif mode == "bf16-compile-static":  # estimator compiled per shape (the previous default)
         kw.update(dtype="bf16", compile=True, compile_dynamic=False)
     elif mode == "bf16-upstream-est":   # upstream's estimator forward (no FastEstimator), graphs as usual

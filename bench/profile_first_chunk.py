@@ -29,12 +29,11 @@ def main(argv=None):
     p.add_argument("--stream-chunk", type=int, default=25)
     p.add_argument("--tokens", type=int, default=150)
     p.add_argument("--dtype", default="bf16")
-    p.add_argument("--compile", action="store_true", help="estimator and encoder compiled (dynamic shapes)")
+    p.add_argument("--compile", action="store_true", help="estimator compiled (dynamic shapes)")
     p.add_argument("--out", default="bench/results")
     a = p.parse_args(argv)
     base, gen, _ = load_model(a)
-    eng = S3GenEngine(base, S3GenEngineConfig(device=a.device, dtype=a.dtype, compile=a.compile,
-                                                       compile_encoder=a.compile))
+    eng = S3GenEngine(base, S3GenEngineConfig(device=a.device, dtype=a.dtype, compile=a.compile))
     tok = requests(a, 1, gen)[0].speech_tokens[:a.stream_chunk]
     step = lambda: eng.vocode_stream_step(tok, gen, None, finalize=False, seed=0)  # noqa: E731
     for _ in range(3):

@@ -9,8 +9,9 @@ from s3gen_helpers import one_thread, fresh_s3gen, log_spectral_distance, random
 from serve_app.engine.s3gen import S3GenEngine, S3GenEngineConfig, VocodeInput
 
 # Stated tolerances vs the fp32 engine on the same weights and noise (tiny preset, 3 steps):
-# mel max |diff| / mel std < 0.1 (bf16, measured 0.04) or 0.05 (fp16, measured 0.008); audio LSD < 0.5 dB
-# (measured 0.08 dB bf16, 0.02 dB fp16). The estimator runs in half; x, the encoder and HiFT stay fp32.
+# mel max |diff| / mel std < 0.1 (bf16, measured 0.043) or 0.05 (fp16, measured 0.006); audio LSD < 0.5 dB
+# (measured 0.10 dB bf16, 0.02 dB fp16). The estimator runs in half, and the flow encoder too in bf16; x and
+# HiFT stay fp32.
 MEL_REL_TOL = {"bf16": 0.1, "fp16": 0.05}
 MAX_LSD_DB = 0.5
 

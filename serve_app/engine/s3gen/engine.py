@@ -70,7 +70,7 @@ class S3GenEngine:
             q = config.quant
             if q.method == "dynamic_int8" and (config.dtype, config.encoder_dtype) != ("fp32", "fp32"):
                 raise ValueError("dynamic_int8 computes in fp32: set the S3Gen dtype to fp32")
-            # each part keeps its own compute dtype (the encoder fp32, the estimator config.dtype)
+            # each part keeps its own compute dtype (config.encoder_dtype, config.dtype)
             for part, dtype in ((flow.encoder, config.encoder_dtype), (flow.decoder.estimator, config.dtype)):
                 spec = dataclasses.replace(q, dtype=dtype)
                 self.quantized += apply_quant(part, spec)
@@ -86,9 +86,6 @@ class S3GenEngine:
             log.info("CFM estimator wrapped in torch.compile (compiles %s)", when)
         self.flow = FlowRunner(flow, self.noise, DTYPES[config.dtype], DTYPES[config.encoder_dtype],
                                config.cfg_rate, estimator_fn)
-        if config.compile_encoder:
-            self.flow.encode_fn = torch.compile(self.flow.encode, dynamic=dynamic)
-            log.info("flow encoder wrapped in torch.compile (compiles %s)", when)
         self.hift = HiftRunner(hift, DTYPES[config.hift_dtype], config.hift_length_bucket)
         if config.compile_hift:
             self.hift.trunk_fn = torch.compile(self.hift.trunk, dynamic=dynamic)

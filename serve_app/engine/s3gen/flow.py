@@ -116,7 +116,6 @@ class FlowRunner:
         self.noise = noise
         self.estimator = flow.decoder.estimator               # the upstream module (weights, dtype)
         self.estimator_fn = self.estimator if estimator_fn is None else estimator_fn   # what runs: it, a FastEstimator, or a compiled one
-        self.encode_fn = self.encode                            # what runs: `encode` or a compiled one
         self.estimator_dtype = estimator_dtype
         self.encoder_dtype = encoder_dtype
         self.cfg_rate = float(flow.decoder.inference_cfg_rate if cfg_rate is None else cfg_rate)
@@ -186,7 +185,7 @@ class FlowRunner:
 
     def core(self, token, token_len, valid, cond, embedding, z, n_steps: int) -> torch.Tensor:
         # `prepare`'s tensors -> x [B, 80, Tm] float32 (prompt frames included); device work only
-        mu, mask, cond_t, spks = self.encode_fn(token, token_len, valid, cond, embedding)
+        mu, mask, cond_t, spks = self.encode(token, token_len, valid, cond, embedding)
         return self.solve(z, mu, mask, spks, cond_t, n_steps)
 
     @torch.inference_mode()
