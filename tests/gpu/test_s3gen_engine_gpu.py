@@ -136,16 +136,16 @@ def test_flow_and_hift_trunk_have_no_host_sync():
         torch.cuda.set_sync_debug_mode("default")
 
 
-def test_compiled_estimator_in_graphs_matches_eager():
-    """The estimator compiled once for all shapes (dynamic), inside CUDA graphs, at two lengths."""
-    kw = dict(device="cuda", dtype="bf16", n_cfm_timesteps=4)
-    eager = S3GenEngine(fresh_s3gen("full"), S3GenEngineConfig(enforce_eager=True, **kw))
-    eng = S3GenEngine(fresh_s3gen("full"), S3GenEngineConfig(compile=True, graph_capture_after=1, **kw))
-    for inp in _inputs()[:2]:
-        ref = eager.vocode([inp])[0]
+def test_compiled_estimator_in_graphs_close_to_fp32(fp32_audio):
+    """The estimator compiled once for all shapes (dynamic), inside CUDA graphs, at two lengths: within the bf16
+    bound of fp32. (Not against eager bf16: two bf16 kernel orders differ by about both their distances from
+    fp32, measured 0.72 dB.)"""
+    eng = S3GenEngine(fresh_s3gen("full"), S3GenEngineConfig(device="cuda", dtype="bf16", compile=True,
+                                                            graph_capture_after=1))
+    for inp, ref in list(zip(_inputs(), fp32_audio[1]))[:2]:
         for _ in range(2):
             wav = eng.vocode([inp])[0]
-            assert wav.shape == ref.shape and log_spectral_distance(wav, ref) < 0.5
+            assert wav.shape == ref.shape and log_spectral_distance(wav, ref) < MAX_LSD_DB["bf16"]
     assert eng.flow.graphs.captures == 2
 
 
