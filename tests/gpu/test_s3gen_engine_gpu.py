@@ -183,3 +183,17 @@ def test_prepared_conds_keep_the_prompt_length_on_the_host():
         eng._row(VocodeInput(np.arange(30), gen, seed=0), True)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_warmup_captures_what_a_new_streams_first_chunk_replays():
+    """Replica warm-up with real CUDA graphs: a new stream of another voice (prompt in the same length bucket)
+    replays the warm-up's flow and HiFT graphs; nothing is captured on the request path."""
+    from serve_app.serving.contracts import StreamState
+
+    eng = S3GenEngine(fresh_s3gen("full"), S3GenEngineConfig(device="cuda", dtype="bf16"))
+    assert eng.warmup(random_voice(150, 1), first_chunk_tokens=25, batch_sizes=(1, 4), progress=False) == 4
+    flow, hift = eng.flow.graphs.captures, eng.hift.graphs.captures
+    assert flow == 2 and hift == 2
+    audio, state = eng.vocode_stream_step(random_tokens(25, 9), random_voice(145, 2), None, finalize=False, seed=3)
+    assert audio.size > 0 and np.isfinite(audio).all() and isinstance(state, StreamState)
+    assert (eng.flow.graphs.captures, eng.hift.graphs.captures) == (flow, hift)
