@@ -34,7 +34,7 @@ def serve(
     checkpoint: Optional[str] = typer.Option(None, help="Override the config's checkpoint: a folder, 'hub' or 'random'."),
 ) -> None:
     """Start Ray Serve with the speech pipeline and block until Ctrl-C."""
-    from serve_app.serving.run import serve_main
+    from serve_app.serving.launch.run import serve_main
 
     serve_main(config, host=host, port=port, checkpoint=checkpoint)
 

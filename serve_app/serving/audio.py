@@ -22,7 +22,7 @@ import av
 import numpy as np
 from av.filter import Graph
 
-from serve_app.serving.contracts import SAMPLE_RATE
+from serve_app.contracts import SAMPLE_RATE
 from serve_app.serving.errors import UnsupportedMediaError
 
 logger = logging.getLogger(__name__)

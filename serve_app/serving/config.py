@@ -23,7 +23,7 @@ Device = Literal["auto", "cpu", "cuda"]
 Backend = Literal["upstream", "engine"]
 DType = Literal["float32", "float16", "bfloat16"]
 
-APP_IMPORT_PATH = "serve_app.serving.builder:app_builder"
+APP_IMPORT_PATH = "serve_app.serving.launch.builder:app_builder"
 
 
 class _Model(BaseModel):
@@ -194,7 +194,7 @@ class ServeConfig(_Model):
     def _router(self) -> ServeConfig:
         if self.router.num_gpus:
             raise ValueError("router.ray_actor_options.num_gpus must be 0: the router does no model work")
-        from .router_settings import RouterSettings
+        from serve_app.serving.router_settings import RouterSettings
 
         reserved = {"is_random_weights", "checkpoint_source", "multilingual", "watermark", "api_keys"}
         if reserved & set(self.router.settings):

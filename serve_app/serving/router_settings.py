@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from serve_app.serving.contracts import SAMPLE_RATE
+from serve_app.contracts import SAMPLE_RATE
 
 
 class RouterSettings(BaseModel):

@@ -188,7 +188,7 @@ def test_prepared_conds_keep_the_prompt_length_on_the_host():
 def test_warmup_captures_what_a_new_streams_first_chunk_replays():
     """Replica warm-up with real CUDA graphs: a new stream of another voice (prompt in the same length bucket)
     replays the warm-up's flow and HiFT graphs; nothing is captured on the request path."""
-    from serve_app.serving.contracts import StreamState
+    from serve_app.contracts import StreamState
 
     eng = S3GenEngine(fresh_s3gen("full"), S3GenEngineConfig(device="cuda", dtype="bf16"))
     assert eng.warmup(random_voice(150, 1), first_chunk_tokens=25, batch_sizes=(1, 4), progress=False) == 4

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 
 from serve_app.serving.config import ServeConfig, load_deploy_file
-from serve_app.serving.local_ray import LocalRay, free_ports, start_local_ray
+from serve_app.serving.launch.local_ray import LocalRay, free_ports, start_local_ray
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def test_config(checkpoint: Path, voices_dir: Path) -> ServeConfig:
 
 
 def start_serve(checkpoint: Path) -> ServeInstance:
-    from serve_app.serving.run import run_app
+    from serve_app.serving.launch.run import run_app
 
     root = Path(tempfile.mkdtemp(prefix="cbit-", dir="/tmp"))
     config = test_config(checkpoint, root / "voices")

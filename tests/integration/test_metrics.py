@@ -16,7 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from serve_app.serving.local_ray import free_ports
+from serve_app.serving.launch.local_ray import free_ports
 
 pytestmark = pytest.mark.timeout(600)
 

@@ -10,7 +10,7 @@ import av
 import numpy as np
 import soundfile as sf
 
-from serve_app.serving.contracts import (
+from serve_app.contracts import (
     BUILTIN_VOICE,
     SAMPLE_RATE,
     SAMPLES_PER_TOKEN,
@@ -21,8 +21,8 @@ from serve_app.serving.contracts import (
     VocodeResult,
     VoiceInfo,
 )
-from serve_app.serving.api import build_app
-from serve_app.serving.router import SpeechRouter
+from serve_app.serving.api.app import build_app
+from serve_app.serving.api.router import SpeechRouter
 from serve_app.serving.router_settings import RouterSettings
 
 
@@ -163,7 +163,7 @@ class Stack:
         self.app = build_app(self.router)
 
     def expected_samples(self, text: str, max_chunk_chars: int | None = None) -> int:
-        from serve_app.serving.chunking import chunk_text
+        from serve_app.serving.pipeline.chunking import chunk_text
 
         chunks = chunk_text(text, max_chunk_chars or self.router.settings.max_chunk_chars)
         total = sum(tokens_for(c) for c in chunks) * SAMPLES_PER_TOKEN

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from serve_app.serving.chunking import chunk_text, punc_norm, split_sentences
+from serve_app.serving.pipeline.chunking import chunk_text, punc_norm, split_sentences
 
 SAMPLES = [
     "", "hello", "hello world", "  lots   of   space  ", "Wait... what?", "A: b; c — d – e", "ellipsis…",

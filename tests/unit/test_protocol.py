@@ -43,8 +43,8 @@ def test_voice_object_form_and_unknown_fields():
 
 def test_http_modules_do_not_import_torch():
     code = ("import sys; import serve_app.serving.protocol, serve_app.serving.errors, serve_app.serving.audio, "
-            "serve_app.serving.chunking, serve_app.serving.router, serve_app.serving.api, serve_app.serving.streaming, "
-            "serve_app.serving.pipeline, serve_app.serving.stage_client, serve_app.serving.router_settings; "
+            "serve_app.serving.pipeline.chunking, serve_app.serving.api.router, serve_app.serving.api.app, serve_app.serving.pipeline.audio_out, "
+            "serve_app.serving.pipeline.pipeline, serve_app.serving.stages.stage_client, serve_app.serving.router_settings; "
             "sys.exit(1 if 'torch' in sys.modules else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]

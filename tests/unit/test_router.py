@@ -12,7 +12,7 @@ from ray.serve._private.common import DeploymentID
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from router_fakes import SAMPLE_RATES, TOLERANCE_S, FakeS3Gen, FakeT3, Stack, decode_any, tokens_for
 
-from serve_app.serving.contracts import BUILTIN_VOICE, SAMPLES_PER_TOKEN
+from serve_app.contracts import BUILTIN_VOICE, SAMPLES_PER_TOKEN
 
 pytestmark = pytest.mark.anyio
 ALL_FORMATS = ["mp3", "opus", "aac", "flac", "wav", "pcm"]
@@ -143,7 +143,7 @@ async def test_text_reaches_t3_normalised_with_params():
 
 async def test_enrolled_voice_wins_over_openai_name():
     stack = Stack()
-    from serve_app.serving.contracts import VoiceInfo
+    from serve_app.contracts import VoiceInfo
 
     stack.voices.voices["alloy"] = VoiceInfo("alloy", "my alloy", 0, 5.0)
     await speech(stack, input="hi", voice={"id": "alloy"}, response_format="pcm")
@@ -307,7 +307,7 @@ async def test_disconnect_cancels_a_stream():
 
 async def test_closing_the_pipeline_cancels_running_t3_streams():
     stack = Stack(t3=FakeT3(step_delay_s=0.01), max_chunk_chars=80)
-    from serve_app.serving.contracts import SynthesisParams
+    from serve_app.contracts import SynthesisParams
 
     gen = stack.router.pipeline.run("req-x", ["A first chunk of text here.", "A second chunk of text here."],
                                     BUILTIN_VOICE, SynthesisParams(), streaming=True)

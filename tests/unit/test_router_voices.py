@@ -174,7 +174,7 @@ async def test_router_records_into_the_real_metrics_module(caplog):
 def test_settings_as_model_dict_or_keywords():
     from router_fakes import FakeS3Gen, FakeT3
 
-    from serve_app.serving.router import SpeechRouter
+    from serve_app.serving.api.router import SpeechRouter
     from serve_app.serving.router_settings import RouterSettings
 
     fakes = (FakeT3(), FakeS3Gen(), FakeVoices())

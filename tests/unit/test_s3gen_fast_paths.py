@@ -91,7 +91,7 @@ def test_warmup_captures_the_shapes_a_first_chunk_uses():
     (graphs replaced by recording fakes: CPU)."""
     from test_s3gen_graphs import RecordingGraphs
 
-    from serve_app.serving.contracts import StreamState
+    from serve_app.contracts import StreamState
 
     eng = S3GenEngine(fresh_s3gen("tiny"), S3GenEngineConfig(n_cfm_timesteps=2))
     eng.use_graphs = True
@@ -108,8 +108,8 @@ def test_warmup_captures_the_shapes_a_first_chunk_uses():
 
 def test_stage_warm_up_only_on_gpu_engine_replicas():
     from serve_app.serving.config import S3GenSettings
-    from serve_app.serving.s3gen_backend import EngineS3GenBackend
-    from serve_app.serving.s3gen_stage import warm_up
+    from serve_app.serving.stages.s3gen_backend import EngineS3GenBackend
+    from serve_app.serving.stages.s3gen_stage import warm_up
 
     backend = EngineS3GenBackend(S3GenEngine(fresh_s3gen("tiny"), S3GenEngineConfig(n_cfm_timesteps=2)), "cpu",
                                  torch.float32)

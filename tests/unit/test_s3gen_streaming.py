@@ -6,7 +6,7 @@ import pytest
 
 from s3gen_helpers import one_thread, fresh_s3gen, log_spectral_distance, random_tokens, random_voice  # noqa: F401  (one_thread: autouse fixture)
 from serve_app.engine.s3gen import S3GenEngine, S3GenEngineConfig, VocodeInput
-from serve_app.serving.contracts import StreamState
+from serve_app.contracts import StreamState
 
 # Stated tolerance (random tiny weights, 3 CFM steps): stream vs one-shot LSD < 3 dB (measured ~1.4 dB; the
 # same tokens with another seed are ~7 dB apart). Clicks: every join's sample-to-sample jump <= the p99 jump.

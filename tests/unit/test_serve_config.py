@@ -87,7 +87,7 @@ def test_env_defaults(monkeypatch, tmp_path):
 
 
 def test_router_settings_from_builder():
-    from serve_app.serving.builder import router_settings
+    from serve_app.serving.launch.builder import router_settings
     from serve_app.serving.router_settings import RouterSettings
 
     class Info:
@@ -107,7 +107,7 @@ class _FakeCheckpoint:
 
 
 def test_build_app_binds_four_deployments_with_config_options():
-    from serve_app.serving.builder import build_app
+    from serve_app.serving.launch.builder import build_app
 
     config = load_deploy_file(DEPLOY / "gpu-1x.yaml").config.with_env_defaults().for_cluster(num_cluster_gpus=1)
     ingress = build_app(config, checkpoint=_FakeCheckpoint(), resolve=False)._bound_deployment
@@ -130,20 +130,20 @@ def test_deploy_files_are_ray_serve_config_files(name):
     import yaml
     from ray.serve.schema import ServeDeploySchema
 
-    from serve_app.serving.builder import app_builder
+    from serve_app.serving.launch.builder import app_builder
 
     schema = ServeDeploySchema.model_validate(yaml.safe_load((DEPLOY / f"{name}.yaml").read_text())) \
         if hasattr(ServeDeploySchema, "model_validate") else ServeDeploySchema.parse_obj(
             yaml.safe_load((DEPLOY / f"{name}.yaml").read_text()))
     (app,) = schema.applications
     module, _, attr = app.import_path.partition(":")
-    assert (module, attr) == ("serve_app.serving.builder", "app_builder") and callable(app_builder)
+    assert (module, attr) == ("serve_app.serving.launch.builder", "app_builder") and callable(app_builder)
     ServeConfig.model_validate(app.args)
 
 
 def test_local_ray_gets_enough_logical_cpus_for_the_deploy_file(monkeypatch, caplog):
     """default.yaml reserves 4 CPUs (T3, S3Gen, voices, router): on a 2-core box Ray must still schedule all."""
-    from serve_app.serving import run
+    from serve_app.serving.launch import run
 
     config = load_deploy_file(DEPLOY / "default.yaml").config
     assert config.cpus_requested() == 4

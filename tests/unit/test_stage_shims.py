@@ -6,9 +6,9 @@ import asyncio
 import numpy as np
 import pytest
 
-from serve_app.serving.conds_cache import CondsCache
+from serve_app.serving.stages.conds_cache import CondsCache
 from serve_app.serving.config import S3GenSettings, T3Settings, VoiceSettings
-from serve_app.serving.contracts import BUILTIN_VOICE, T3Job, TokenChunk, VocodeJob, VocodeResult, VoiceConds
+from serve_app.contracts import BUILTIN_VOICE, T3Job, TokenChunk, VocodeJob, VocodeResult, VoiceConds
 from serve_app.serving.errors import InvalidRequestError, VoiceNotFoundError
 
 
@@ -72,7 +72,7 @@ class FakeS3GenBackend:
 
 
 def test_t3_replica_streams_and_caches_conds():
-    from serve_app.serving.t3_stage import T3Replica
+    from serve_app.serving.stages.t3_stage import T3Replica
 
     voice = FakeVoiceHandle()
     replica = T3Replica(None, voice, T3Settings(), backend=FakeT3Backend())
@@ -95,7 +95,7 @@ def test_s3gen_replica_batches_by_total_tokens(monkeypatch):
 
     from ray import serve
 
-    from serve_app.serving.s3gen_stage import S3GenReplica
+    from serve_app.serving.stages.s3gen_stage import S3GenReplica
 
     # @serve.batch reads the replica context (for a warning); outside Ray Serve give it one
     context = SimpleNamespace(_deployment_config=SimpleNamespace(max_ongoing_requests=16))
@@ -137,7 +137,7 @@ def test_conds_cache_is_bounded_lru_and_shares_misses():
 
 
 def test_voice_store_roundtrip(tmp_path):
-    from serve_app.serving.voice_store import VoiceStore, voice_conds_to_conditionals
+    from serve_app.serving.stages.voice_store import VoiceStore, voice_conds_to_conditionals
 
     builtin = _conds(1)
     store = VoiceStore(tmp_path / "voices", builtin)
@@ -169,7 +169,7 @@ def test_voice_store_roundtrip(tmp_path):
 
 
 def test_voice_replica_rejects_short_clip(tmp_path):
-    from serve_app.serving.voice_stage import VoiceReplica
+    from serve_app.serving.stages.voice_stage import VoiceReplica
 
     class NoEnroll:
         name = "fake"
@@ -229,7 +229,7 @@ class FakeTokenizer:
 
 
 def test_engine_t3_backend_streams_and_cancels():
-    from serve_app.serving.t3_backend import EngineT3Backend
+    from serve_app.serving.stages.t3_backend import EngineT3Backend
 
     engine = FakeEngine()
     backend = EngineT3Backend(engine, FakeTokenizer())
@@ -260,7 +260,7 @@ def test_engine_t3_backend_streams_and_cancels():
 
 
 def test_cpu_replicas_default_to_dynamic_int8_and_ignore_bnb(caplog):
-    from serve_app.serving.stage_common import resolve_quant
+    from serve_app.serving.stages.stage_common import resolve_quant
 
     for strategy in (None, "auto", "dynamic"):
         specs = resolve_quant(strategy, "cpu", "t3")

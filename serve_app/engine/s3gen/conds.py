@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from serve_app.serving.contracts import VoiceConds
+from serve_app.contracts import VoiceConds
 
 
 def _np(x: torch.Tensor, dtype) -> np.ndarray:

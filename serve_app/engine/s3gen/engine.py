@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from serve_app.serving.contracts import StreamState
+from serve_app.contracts import StreamState
 
 from .config import DTYPES, SAMPLES_PER_MEL_FRAME, S3GenEngineConfig, VocodeInput
 from .flow import FlowRow, FlowRunner, use_sync_free_masks

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from serve_app.serving.contracts import StreamState
+from serve_app.contracts import StreamState
 
 from .config import SAMPLE_RATE
 

@@ -26,8 +26,8 @@ from serve_app.serving.protocol import (
     VoiceList,
     VoiceObject,
 )
-from serve_app.serving.router import RANDOM_WEIGHTS_HEADER, STATUS_CLIENT_CLOSED, SpeechRouter
-from serve_app.serving.streaming import ClientDisconnected
+from serve_app.serving.api.router import RANDOM_WEIGHTS_HEADER, STATUS_CLIENT_CLOSED, SpeechRouter
+from serve_app.serving.pipeline.audio_out import ClientDisconnected
 
 
 def _wait_for_disconnect(request: Request) -> Callable[[], Any]:

@@ -5,8 +5,8 @@ through its constructor, so tests pass fakes. `api.build_app(router)` returns th
 call it. A Ray Serve ingress wraps both with the late-bound form of `@serve.ingress` (Ray 2.60 calls
 `__serve_build_asgi_app__` on the replica after `__init__`):
 
-    from serve_app.serving.api import build_app
-    from serve_app.serving.router import SpeechRouter
+    from serve_app.serving.api.app import build_app
+    from serve_app.serving.api.router import SpeechRouter
 
     @serve.deployment
     @serve.ingress()
@@ -34,8 +34,8 @@ import numpy as np
 from fastapi.responses import Response, StreamingResponse
 
 from serve_app.serving.audio import AudioEncoder, change_speed, decode_upload, encode_audio, to_wav_bytes
-from serve_app.serving.chunking import chunk_text
-from serve_app.serving.contracts import BUILTIN_VOICE, SAMPLE_RATE, SynthesisParams, VoiceInfo
+from serve_app.serving.pipeline.chunking import chunk_text
+from serve_app.contracts import BUILTIN_VOICE, SAMPLE_RATE, SynthesisParams, VoiceInfo
 from serve_app.serving.errors import (
     AuthenticationError,
     InvalidRequestError,
@@ -46,7 +46,7 @@ from serve_app.serving.errors import (
     VoiceNotFoundError,
     to_api_error,
 )
-from serve_app.serving.pipeline import PipelineConfig, PipelineStats, SpeechPipeline
+from serve_app.serving.pipeline.pipeline import PipelineConfig, PipelineStats, SpeechPipeline
 from serve_app.serving.protocol import (
     OPENAI_TTS_MODEL_NAMES,
     OPENAI_VOICE_NAMES,
@@ -63,8 +63,8 @@ from serve_app.serving.protocol import (
     VoiceObject,
 )
 from serve_app.serving.router_settings import RouterSettings
-from serve_app.serving.stage_client import StageClient
-from serve_app.serving.streaming import (
+from serve_app.serving.stages.stage_client import StageClient
+from serve_app.serving.pipeline.audio_out import (
     AudioOut,
     apply_watermark,
     cancel_on_disconnect,
@@ -392,9 +392,3 @@ def _voice_object(info: VoiceInfo) -> VoiceObject:
     return VoiceObject(id=info.voice_id, name=info.name, created_at=info.created_at, duration_s=info.duration_s,
                        builtin=info.builtin)
 
-
-def build_app(router: SpeechRouter) -> Any:
-    """The FastAPI app over `router` (see api.build_app; re-exported here for `from .router import build_app`)."""
-    from serve_app.serving.api import build_app as build_fastapi_app
-
-    return build_fastapi_app(router)

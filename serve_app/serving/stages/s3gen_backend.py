@@ -16,7 +16,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from .contracts import SAMPLES_PER_TOKEN, StreamState, VocodeJob, VocodeResult, VoiceConds
+from serve_app.contracts import SAMPLES_PER_TOKEN, StreamState, VocodeJob, VocodeResult, VoiceConds
 
 log = logging.getLogger(__name__)
 

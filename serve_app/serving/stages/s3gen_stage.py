@@ -16,13 +16,13 @@ from typing import Any
 
 from ray import serve
 
-from .conds_cache import CondsCache
-from .config import S3GenSettings, S3GenUserConfig, stage_device
-from .contracts import SAMPLE_RATE, VocodeJob, VocodeResult, VoiceConds
-from .metrics import get_metrics
-from .replica_device import ReplicaDevice
-from .s3gen_backend import EngineS3GenBackend, S3GenBackend, UpstreamS3GenBackend
-from .stage_common import configure_replica_logging, describe, quantize_upstream, resolve_quant, spec_for
+from serve_app.serving.stages.conds_cache import CondsCache
+from serve_app.serving.config import S3GenSettings, S3GenUserConfig, stage_device
+from serve_app.contracts import SAMPLE_RATE, VocodeJob, VocodeResult, VoiceConds
+from serve_app.serving.metrics import get_metrics
+from serve_app.serving.stages.replica_device import ReplicaDevice
+from serve_app.serving.stages.s3gen_backend import EngineS3GenBackend, S3GenBackend, UpstreamS3GenBackend
+from serve_app.serving.stages.stage_common import configure_replica_logging, describe, quantize_upstream, resolve_quant, spec_for
 
 log = logging.getLogger(__name__)
 

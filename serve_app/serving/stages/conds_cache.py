@@ -10,7 +10,7 @@ import asyncio
 from collections import OrderedDict
 from typing import Any, Awaitable, Callable
 
-from .contracts import VoiceConds
+from serve_app.contracts import VoiceConds
 
 
 class CondsCache:
@@ -28,7 +28,7 @@ class CondsCache:
 
     def _count(self, result: str) -> None:
         try:
-            from .metrics import get_metrics
+            from serve_app.serving.metrics import get_metrics
 
             get_metrics().voice_cache_lookups_total.inc(1, tags={"stage": self._stage, "result": result})
         except Exception:  # outside a Ray worker (unit tests): no metrics

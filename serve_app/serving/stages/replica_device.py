@@ -64,7 +64,7 @@ class ReplicaDevice:
     def export_metrics(self) -> None:
         if self.device != "cuda":
             return
-        from .metrics import get_metrics
+        from serve_app.serving.metrics import get_metrics
 
         m, r, tags = get_metrics(), self.memory_report(), {"stage": self.stage}
         m.gpu_memory_allocated_bytes.set(r["allocated_bytes"], tags=tags)

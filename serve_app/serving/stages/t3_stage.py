@@ -13,13 +13,13 @@ from typing import Any, AsyncIterator
 
 from ray import serve
 
-from .conds_cache import CondsCache
-from .config import T3Settings, T3UserConfig, stage_device
-from .contracts import T3Job, TokenChunk, VoiceConds
-from .metrics import get_metrics
-from .replica_device import ReplicaDevice
-from .stage_common import configure_replica_logging, describe, quantize_upstream, resolve_quant, spec_for
-from .t3_backend import EngineT3Backend, T3Backend, UpstreamT3Backend
+from serve_app.serving.stages.conds_cache import CondsCache
+from serve_app.serving.config import T3Settings, T3UserConfig, stage_device
+from serve_app.contracts import T3Job, TokenChunk, VoiceConds
+from serve_app.serving.metrics import get_metrics
+from serve_app.serving.stages.replica_device import ReplicaDevice
+from serve_app.serving.stages.stage_common import configure_replica_logging, describe, quantize_upstream, resolve_quant, spec_for
+from serve_app.serving.stages.t3_backend import EngineT3Backend, T3Backend, UpstreamT3Backend
 
 log = logging.getLogger(__name__)
 

@@ -28,9 +28,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from serve_app.serving.audio import Crossfader
-from serve_app.serving.contracts import SPEECH_TOKEN_RATE, SynthesisParams, T3Job, TokenChunk, VocodeJob, VocodeResult
+from serve_app.contracts import SPEECH_TOKEN_RATE, SynthesisParams, T3Job, TokenChunk, VocodeJob, VocodeResult
 from serve_app.serving.errors import StageError
-from serve_app.serving.stage_client import StageClient
+from serve_app.serving.stages.stage_client import StageClient
 
 logger = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .config import DeployFile, ServeConfig, load_deploy_file
-from .local_ray import start_local_ray
+from serve_app.serving.config import DeployFile, ServeConfig, load_deploy_file
+from serve_app.serving.launch.local_ray import start_local_ray
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ def run_app(config: ServeConfig, *, host: str, port: int, blocking: bool = False
     """Serve `config` on a running Ray instance; returns the ingress handle."""
     from ray import serve
 
-    from .builder import build_app, resolve_checkpoint_for, resolve_config
+    from serve_app.serving.launch.builder import build_app, resolve_checkpoint_for, resolve_config
 
     config = resolve_config(config)
     checkpoint = resolve_checkpoint_for(config)

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from serve_app.serving.audio import AudioEncoder, TimeStretcher
-from serve_app.serving.contracts import SAMPLE_RATE
+from serve_app.contracts import SAMPLE_RATE
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ def default_watermarker(enabled: bool) -> WatermarkFn | None:
     """Perth, as upstream applies it; None when disabled. Importing perth pulls in torch: only when enabled."""
     if not enabled:
         return None
-    from serve_app.serving.watermark import Watermarker as PerthWatermarker
+    from serve_app.serving.pipeline.watermark import Watermarker as PerthWatermarker
 
     return PerthWatermarker(enabled=True, sample_rate=SAMPLE_RATE).apply
 

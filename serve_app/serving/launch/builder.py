@@ -5,7 +5,7 @@
                           ->  VoiceStage
 
 `build_app(config)` is what `chatterbox-serve serve` runs; `app_builder(args)` is the entry a Ray Serve config
-file names (`import_path: serve_app.serving.builder:app_builder`, `args:` = a ServeConfig), so the same
+file names (`import_path: serve_app.serving.launch.builder:app_builder`, `args:` = a ServeConfig), so the same
 deploy/*.yaml works with `serve run`, `serve deploy` and KubeRay.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 
 from ray import serve
 
-from .config import ServeConfig
+from serve_app.serving.config import ServeConfig
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +73,10 @@ def router_settings(config: ServeConfig, checkpoint: Any) -> dict[str, Any]:
 
 def build_app(config: ServeConfig, *, checkpoint: Any = None, resolve: bool = True) -> serve.Application:
     """Bind the four deployments. `resolve=False` takes the config as already resolved (tests, run.py)."""
-    from .ingress import SpeechIngress
-    from .s3gen_stage import S3GenStage
-    from .t3_stage import T3Stage
-    from .voice_stage import VoiceStage
+    from serve_app.serving.api.ingress import SpeechIngress
+    from serve_app.serving.stages.s3gen_stage import S3GenStage
+    from serve_app.serving.stages.t3_stage import T3Stage
+    from serve_app.serving.stages.voice_stage import VoiceStage
 
     if resolve:
         config = resolve_config(config)

@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .contracts import BUILTIN_VOICE, VoiceConds, VoiceInfo
-from .errors import InvalidRequestError, VoiceNotFoundError
+from serve_app.contracts import BUILTIN_VOICE, VoiceConds, VoiceInfo
+from serve_app.serving.errors import InvalidRequestError, VoiceNotFoundError
 
 log = logging.getLogger(__name__)
 

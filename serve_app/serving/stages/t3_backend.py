@@ -22,7 +22,7 @@ from typing import Any, AsyncIterator, Callable, Protocol
 
 import torch
 
-from .contracts import T3Job, TokenChunk, VoiceConds
+from serve_app.contracts import T3Job, TokenChunk, VoiceConds
 
 log = logging.getLogger(__name__)
 

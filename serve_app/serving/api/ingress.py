@@ -11,9 +11,10 @@ from typing import Any
 
 from ray import serve
 
-from .router import SpeechRouter, build_app
-from .router_settings import RouterSettings
-from .stage_common import configure_replica_logging
+from serve_app.serving.api.app import build_app
+from serve_app.serving.api.router import SpeechRouter
+from serve_app.serving.router_settings import RouterSettings
+from serve_app.serving.stages.stage_common import configure_replica_logging
 
 log = logging.getLogger(__name__)
 

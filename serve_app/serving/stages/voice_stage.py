@@ -16,14 +16,14 @@ from typing import Any
 
 from ray import serve
 
-from .config import VoiceSettings, stage_device
-from .contracts import BUILTIN_VOICE, VoiceConds, VoiceInfo
-from .errors import InvalidRequestError, VoiceNotFoundError
-from .metrics import get_metrics
-from .replica_device import ReplicaDevice
-from .stage_common import configure_replica_logging
-from .voice_backend import Enroller, EngineEnroller, UpstreamEnroller
-from .voice_store import VoiceStore, conditionals_to_voice_conds
+from serve_app.serving.config import VoiceSettings, stage_device
+from serve_app.contracts import BUILTIN_VOICE, VoiceConds, VoiceInfo
+from serve_app.serving.errors import InvalidRequestError, VoiceNotFoundError
+from serve_app.serving.metrics import get_metrics
+from serve_app.serving.stages.replica_device import ReplicaDevice
+from serve_app.serving.stages.stage_common import configure_replica_logging
+from serve_app.serving.stages.voice_backend import Enroller, EngineEnroller, UpstreamEnroller
+from serve_app.serving.stages.voice_store import VoiceStore, conditionals_to_voice_conds
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class VoiceReplica:
                  len(self.store.list()))
 
     async def enroll(self, audio: bytes, name: str | None = None, exaggeration: float = 0.5) -> VoiceInfo:
-        from .audio import decode_upload
+        from serve_app.serving.audio import decode_upload
 
         wav, sr = decode_upload(audio)
         duration_s = wav.size / sr
