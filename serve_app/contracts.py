@@ -1,19 +1,22 @@
-"""What crosses a Ray Serve handle between the router and the stages: plain, picklable dataclasses.
+"""What crosses a Ray Serve handle between the router and the stages: plain, picklable dataclasses. Both the
+engine and the serving layer import this module; it imports neither.
 
 No torch, no Starlette objects. Arrays are numpy. The stages' handle methods are:
 
-- T3 stage      `generate(job: T3Job) -> async stream of TokenChunk`   (call with handle.options(stream=True));
-                cancelling the caller's generator cancels the request and frees its engine slot.
-- S3Gen stage   `vocode(job: VocodeJob) -> VocodeResult`  (batched inside the replica with @serve.batch).
-                One-shot decode: finalize=True, stream_state=None. Streaming: call again with the growing token
-                prefix and the StreamState returned last time; the replica itself keeps no per-stream state.
+- S3Gen stage   `synthesize(job: SpeechJob) -> async stream of AudioBlock`   (handle.options(stream=True)).
+                One text chunk, end to end: the S3Gen replica starts the chunk's T3 stream itself, feeds the
+                token blocks into its vocoder scheduler (stream state stays in the replica for the stream's
+                life) and streams audio back. Tokens never pass through the router. Cancelling the caller's
+                generator cancels the T3 request and drops the vocoder state.
+- T3 stage      `generate(job: T3Job) -> async stream of TokenChunk`   (handle.options(stream=True)).
+                Tokens come in blocks: the first of `first_block_tokens`, then at least `block_tokens` each
+                (the last one may be shorter); cancelling the caller's generator frees the engine slot.
 - Voice stage   `enroll(audio: bytes, name: str | None) -> VoiceInfo`, `list_voices() -> list[VoiceInfo]`,
                 `delete(voice_id) -> None`, `get_conds(voice_id) -> VoiceConds`.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
@@ -44,6 +47,8 @@ class T3Job:
     text: str                  # one text chunk, already normalised by the router (punc_norm)
     voice_id: str
     params: SynthesisParams = field(default_factory=SynthesisParams)
+    first_block_tokens: int = 1   # tokens in the first TokenChunk (fewer only when the request ends first)
+    block_tokens: int = 1         # then at least this many per TokenChunk
 
 
 @dataclass(frozen=True)
@@ -56,30 +61,36 @@ class TokenChunk:
 
 @dataclass
 class StreamState:
-    """Carried between streaming vocode calls by the router; opaque to it."""
+    """Deprecated: the S3Gen engine's stream state moves into serve_app.engine.s3gen (kept until it does)."""
 
     num_mel_frames_emitted: int = 0
     num_samples_emitted: int = 0
     hift_cache_source: np.ndarray | None = None   # [1, 1, S] float32
     tail_audio: np.ndarray | None = None          # float32, kept back for the crossfade
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
-class VocodeJob:
+class SpeechJob:
+    """One text chunk for the S3Gen stage, which runs it through T3 and the vocoder."""
+
     request_id: str
-    speech_tokens: list[int]   # the whole token prefix so far (streaming) or all tokens (one-shot)
+    text: str                  # already normalised by the router (punc_norm)
     voice_id: str
-    finalize: bool = True
-    stream_state: StreamState | None = None
-    seed: int | None = None
+    params: SynthesisParams = field(default_factory=SynthesisParams)
+    streaming: bool = True     # False: one block with the whole chunk's audio (one-shot decode, the cheapest)
+    first_step_tokens: int = 25   # streaming: tokens of the first vocoder step (time to first audio)
+    step_tokens: int = 50         # streaming: the second step's tokens; later steps grow (VocodePolicy)
+    t3_block_tokens: int = 16     # T3 sends its tokens to the vocoder in blocks of at least this many
 
 
 @dataclass(frozen=True)
-class VocodeResult:
+class AudioBlock:
     request_id: str
-    audio: np.ndarray          # float32 [N] at 24 kHz: the *new* audio since the last call
-    stream_state: StreamState | None = None
+    audio: np.ndarray          # float32 [N] at 24 kHz: the new audio since the last block
+    num_speech_tokens: int = 0        # speech tokens vocoded into this block (new ones, not the context)
+    finished: bool = False
+    finish_reason: str | None = None  # with finished: T3's "stop" | "length"
 
 
 @dataclass(frozen=True)

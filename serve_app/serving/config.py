@@ -120,8 +120,14 @@ class T3UserConfig(_Model):
 
 
 class S3GenUserConfig(_Model):
-    max_batch_tokens: int = Field(4000, ge=1, description="Total speech tokens vocoded in one batch.")
-    batch_wait_timeout_s: float = Field(0.02, ge=0)
+    max_batch_tokens: int = Field(4096, ge=1, description="New speech tokens vocoded in one engine step, over "
+                                  "all of the replica's streams (the most urgent go first).")
+    max_step_tokens: int = Field(200, ge=1, description="A stream's later steps grow (doubling) up to this many "
+                                 "new tokens: fewer, larger steps cost less flow context and batch better.")
+    min_step_tokens: int = Field(8, ge=1, description="A stream whose listener runs low steps early, with at "
+                                 "least this many new tokens.")
+    low_water_s: float = Field(1.0, ge=0, description="A stream steps early when less than this much audio is "
+                               "left to play (at real time since its first block).")
 
 
 class T3Settings(DeploymentSettings):

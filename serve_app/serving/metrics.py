@@ -32,6 +32,9 @@ class Metrics:
             "chatterbox_audio_seconds_total", "Seconds of audio produced.", tag_keys=("stage",))
         self.requests_total = C(
             "chatterbox_requests_total", "Requests finished, by outcome.", tag_keys=("route", "status"))
+        self.streams_total = C(
+            "chatterbox_streams_total", "Streamed speech responses finished, by whether every audio piece came "
+            "before a listener starting at the first one needed it.", tag_keys=("stall_free",))
         # T3
         self.t3_request_seconds = H(
             "chatterbox_t3_request_seconds", "T3 generation time for one text chunk.",
@@ -42,6 +45,12 @@ class Metrics:
         self.t3_batch_size = H(
             "chatterbox_t3_batch_size", "Requests in a T3 batch or engine step.",
             boundaries=BATCH_BOUNDARIES, tag_keys=("backend",))
+        self.t3_busy_seconds_total = C(
+            "chatterbox_t3_busy_seconds_total", "Wall time of T3 engine steps (the replica's GPU-busy time).",
+            tag_keys=("backend",))
+        self.t3_batch_occupancy_ratio = H(
+            "chatterbox_t3_batch_occupancy_ratio", "Requests in a T3 engine step / the replica's KV slots.",
+            boundaries=[0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0], tag_keys=("backend",))
         self.t3_speech_tokens_total = C(
             "chatterbox_t3_speech_tokens_total", "Speech tokens generated.", tag_keys=("backend",))
         self.t3_queue_depth = G(
@@ -49,16 +58,26 @@ class Metrics:
             tag_keys=("backend",))
         # S3Gen
         self.s3gen_batch_seconds = H(
-            "chatterbox_s3gen_batch_seconds", "Time to vocode one S3Gen batch.",
+            "chatterbox_s3gen_batch_seconds", "One S3Gen engine step.",
             boundaries=LATENCY_BOUNDARIES_S, tag_keys=("backend",))
         self.s3gen_batch_size = H(
-            "chatterbox_s3gen_batch_size", "Jobs in one S3Gen batch.", boundaries=BATCH_BOUNDARIES,
+            "chatterbox_s3gen_batch_size", "Streams and one-shot jobs in one S3Gen engine step.", boundaries=BATCH_BOUNDARIES,
             tag_keys=("backend",))
         self.s3gen_batch_tokens = H(
-            "chatterbox_s3gen_batch_tokens", "Speech tokens in one S3Gen batch.", boundaries=TOKEN_BOUNDARIES,
+            "chatterbox_s3gen_batch_tokens", "New speech tokens in one S3Gen engine step.", boundaries=TOKEN_BOUNDARIES,
+            tag_keys=("backend",))
+        self.s3gen_busy_seconds_total = C(
+            "chatterbox_s3gen_busy_seconds_total", "Wall time of S3Gen engine steps (the replica's GPU-busy time).",
+            tag_keys=("backend",))
+        self.s3gen_speech_tokens_total = C(
+            "chatterbox_s3gen_speech_tokens_total", "New speech tokens vocoded (each produced token once).",
+            tag_keys=("backend",))
+        self.s3gen_flow_tokens_total = C(
+            "chatterbox_s3gen_flow_tokens_total", "Speech tokens run through the flow, left context and "
+            "look-ahead included, voice prompt excluded (/ speech tokens: vocoded per produced token).",
             tag_keys=("backend",))
         self.s3gen_queue_depth = G(
-            "chatterbox_s3gen_queue_depth", "Vocode jobs admitted to this replica and not finished.",
+            "chatterbox_s3gen_queue_depth", "Text chunks (streams) open in this replica.",
             tag_keys=("backend",))
         # voices
         self.voice_enroll_seconds = H(

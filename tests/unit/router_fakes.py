@@ -1,4 +1,7 @@
-"""Fakes of the three stage handles (same methods as contracts.py), a metrics recorder, and audio decoding."""
+"""Fakes of the stage handles (same methods as contracts.py), a metrics recorder, and audio decoding.
+
+The S3Gen "fake" is the real `S3GenReplica` (its vocoder scheduler, T3 feed and cancellation) over a backend
+that makes a tone for every vocoded token, with the fake T3 as its T3 handle."""
 from __future__ import annotations
 
 import asyncio
@@ -10,17 +13,7 @@ import av
 import numpy as np
 import soundfile as sf
 
-from serve_app.contracts import (
-    BUILTIN_VOICE,
-    SAMPLE_RATE,
-    SAMPLES_PER_TOKEN,
-    StreamState,
-    T3Job,
-    TokenChunk,
-    VocodeJob,
-    VocodeResult,
-    VoiceInfo,
-)
+from serve_app.contracts import BUILTIN_VOICE, SAMPLE_RATE, SAMPLES_PER_TOKEN, SpeechJob, T3Job, TokenChunk, VoiceInfo
 from serve_app.serving.api.app import build_app
 from serve_app.serving.api.router import SpeechRouter
 from serve_app.serving.router_settings import RouterSettings
@@ -75,28 +68,78 @@ def tone(num_samples: int, start: int = 0) -> np.ndarray:
     return (0.3 * np.sin(2 * np.pi * 220.0 * t)).astype(np.float32)
 
 
-class FakeS3Gen:
-    """Returns SAMPLES_PER_TOKEN samples per token, whether called once or with growing prefixes."""
+class ToneBackend:
+    """An S3Gen backend: SAMPLES_PER_TOKEN samples of a tone per vocoded token, the flow's 3 look-ahead tokens
+    held back until the stream's last step, as the engine does. Records every item and step."""
 
-    def __init__(self, delay_s: float = 0.0, raise_exc: BaseException | None = None):
+    name = "tone"
+
+    def __init__(self, delay_s: float = 0.0):
         self.delay_s = delay_s
-        self.raise_exc = raise_exc
-        self.jobs: list[VocodeJob] = []
+        self.items: list = []                 # every VocodeItem, in order
+        self.steps: list[list] = []           # the items of each engine step
         self.events: list[tuple[str, str, float]] = []
 
-    async def vocode(self, job: VocodeJob) -> VocodeResult:
+    def prepare_conds(self, conds):
+        return conds
+
+    def new_stream_state(self) -> dict:
+        return {"num_samples": 0}
+
+    def vocode_batch(self, items):
+        self.steps.append(list(items))
+        for it in items:
+            self.items.append(it)
+            self.events.append(("vocode_start", it.request_id, time.monotonic()))
+        time.sleep(self.delay_s)
+        out = []
+        for it in items:
+            start = 0 if it.state is None else it.state["num_samples"]
+            held = 0 if it.finalize else 3
+            n = max(0, (len(it.tokens) - held) * SAMPLES_PER_TOKEN - start)
+            out.append((tone(n, start), None if it.state is None else {"num_samples": start + n}))
+            self.events.append(("vocode_end", it.request_id, time.monotonic()))
+        return out
+
+
+class _CondsMethod:
+    async def remote(self, voice_id):
+        return ("conds", voice_id)
+
+
+class _CondsHandle:
+    get_conds = _CondsMethod()
+
+
+class FakeS3Gen:
+    """`synthesize` of a real S3GenReplica (ToneBackend), or `raise_exc` at the call, as an unavailable stage."""
+
+    def __init__(self, delay_s: float = 0.0, raise_exc: BaseException | None = None):
+        self.backend = ToneBackend(delay_s)
+        self.raise_exc = raise_exc
+        self.jobs: list[SpeechJob] = []
+        self.replica = None
+
+    def attach(self, t3) -> None:
+        from serve_app.serving.config import S3GenSettings
+        from serve_app.serving.stages.s3gen_stage import S3GenReplica
+
+        self.replica = S3GenReplica(None, _CondsHandle(), S3GenSettings(), backend=self.backend, t3_handle=t3)
+
+    @property
+    def items(self) -> list:
+        return self.backend.items
+
+    @property
+    def events(self) -> list:
+        return self.backend.events
+
+    async def synthesize(self, job: SpeechJob):
         self.jobs.append(job)
-        self.events.append(("vocode_start", job.request_id, time.monotonic()))
-        await asyncio.sleep(self.delay_s)
         if self.raise_exc is not None:
             raise self.raise_exc
-        state = job.stream_state or StreamState()
-        done_tokens = state.num_samples_emitted // SAMPLES_PER_TOKEN
-        new_tokens = len(job.speech_tokens) - done_tokens
-        audio = tone(new_tokens * SAMPLES_PER_TOKEN, state.num_samples_emitted)
-        new_state = None if job.finalize else StreamState(num_samples_emitted=state.num_samples_emitted + audio.size)
-        self.events.append(("vocode_end", job.request_id, time.monotonic()))
-        return VocodeResult(job.request_id, audio, new_state)
+        async for block in self.replica.synthesize(job):
+            yield block
 
     async def memory_report(self) -> dict:
         return {"stage": "s3gen", "device": "cpu", "allocated_bytes": 0}
@@ -156,6 +199,7 @@ class Stack:
 
     def __init__(self, t3=None, s3gen=None, voices=None, watermarker=None, **settings):
         self.t3, self.s3gen, self.voices = t3 or FakeT3(), s3gen or FakeS3Gen(), voices or FakeVoices()
+        self.s3gen.attach(self.t3)
         self.metrics = FakeMetrics()
         settings.setdefault("watermark", False)
         self.router = SpeechRouter(self.t3, self.s3gen, self.voices, RouterSettings(**settings),

@@ -96,23 +96,32 @@ async def test_sse_events_carry_the_audio_then_usage():
                                                            "total_tokens": len(TEXT) + total_tokens}}
 
 
-async def test_streaming_sends_growing_prefixes_with_state():
-    stack = Stack(first_chunk_tokens=10, stream_chunk_tokens=20)
+async def test_streaming_vocodes_growing_prefixes_in_steps():
+    stack = Stack(t3=FakeT3(step_delay_s=0.01), first_chunk_tokens=10, stream_chunk_tokens=20)
     await speech(stack, input=TEXT, response_format="pcm", stream=True)
-    jobs = stack.s3gen.jobs
-    assert len(jobs) >= 3
-    assert not jobs[0].finalize and jobs[0].stream_state is None and len(jobs[0].speech_tokens) >= 10
-    for prev, job in zip(jobs, jobs[1:]):
-        assert job.speech_tokens[:len(prev.speech_tokens)] == prev.speech_tokens  # a growing prefix
-        assert job.stream_state is not None
-    assert jobs[-1].finalize and len(jobs[-1].speech_tokens) == tokens_for(stack.t3.jobs[0].text)
+    items = [it for it in stack.s3gen.items if it.request_id.endswith("-0")]
+    assert len(items) >= 3
+    assert not items[0].finalize and items[0].state == {"num_samples": 0} and len(items[0].tokens) >= 10 + 3
+    for prev, item in zip(items, items[1:]):
+        assert item.tokens[:len(prev.tokens)] == prev.tokens  # the stream's tokens so far, growing
+        assert item.state is not None
+    assert items[-1].finalize and len(items[-1].tokens) == tokens_for(stack.t3.jobs[0].text)
+    # T3 sent its tokens in blocks (first_chunk_tokens + 3 look-ahead, then >= t3_block_tokens), not per token
+    assert stack.t3.jobs[0].first_block_tokens == 13 and stack.t3.jobs[0].block_tokens == 16
 
 
 async def test_one_shot_vocodes_each_chunk_once():
     stack = Stack(max_chunk_chars=40)
     await speech(stack, input=TEXT, response_format="wav")
-    assert len(stack.s3gen.jobs) == len(stack.t3.jobs) >= 2 and all(j.finalize for j in stack.s3gen.jobs)
-    assert all(j.stream_state is None for j in stack.s3gen.jobs)
+    items = stack.s3gen.items
+    assert len(items) == len(stack.t3.jobs) >= 2 and all(it.finalize and it.state is None for it in items)
+
+
+async def test_streams_of_concurrent_requests_share_vocoder_steps():
+    stack = Stack(t3=FakeT3(step_delay_s=0.002), s3gen=FakeS3Gen(delay_s=0.03), first_chunk_tokens=5,
+                  stream_chunk_tokens=5)
+    await asyncio.gather(*(speech(stack, input=TEXT, response_format="pcm", stream=True) for _ in range(6)))
+    assert max(len({it.request_id for it in step}) for step in stack.s3gen.backend.steps) >= 3
 
 
 async def test_t3_of_the_next_chunk_runs_while_this_chunk_is_vocoded():
@@ -122,8 +131,10 @@ async def test_t3_of_the_next_chunk_runs_while_this_chunk_is_vocoded():
     vocode_end = {rid: t for what, rid, t in stack.s3gen.events if what == "vocode_end"}
     ids = sorted(t3_start, key=t3_start.get)
     assert len(ids) >= 4
+    # chunk k+1 is in flight (T3 started, not yet vocoded) while chunk k is: the pipeline runs ahead
     for this, nxt in zip(ids, ids[1:]):
-        assert t3_start[nxt] < vocode_end[this]
+        assert t3_start[nxt] < vocode_end[nxt] and t3_start[nxt] <= vocode_end[this] + 0.2
+    assert t3_start[ids[1]] < vocode_end[ids[0]]
     # and never more than lookahead_chunks=1 ahead: chunk k+2 starts only after chunk k's vocode began
     vocode_start = {rid: t for what, rid, t in stack.s3gen.events if what == "vocode_start"}
     for k in range(len(ids) - 2):
@@ -138,7 +149,7 @@ async def test_text_reaches_t3_normalised_with_params():
     assert job.text == "Hello there,  friend." and job.voice_id == BUILTIN_VOICE
     assert (job.params.seed, job.params.exaggeration, job.params.cfg_weight, job.params.temperature) == (
         7, 0.9, 0.2, 0.5)
-    assert stack.s3gen.jobs[0].seed == 7
+    assert stack.s3gen.items[0].seed == 7
 
 
 async def test_enrolled_voice_wins_over_openai_name():
@@ -309,7 +320,8 @@ async def test_closing_the_pipeline_cancels_running_t3_streams():
     stack = Stack(t3=FakeT3(step_delay_s=0.01), max_chunk_chars=80)
     from serve_app.contracts import SynthesisParams
 
-    gen = stack.router.pipeline.run("req-x", ["A first chunk of text here.", "A second chunk of text here."],
+    long = " and it goes on long enough that T3 is still speaking it when the first audio arrives."
+    gen = stack.router.pipeline.run("req-x", ["A first chunk of text here" + long, "A second chunk" + long],
                                     BUILTIN_VOICE, SynthesisParams(), streaming=True)
     await gen.__anext__()
     await gen.aclose()

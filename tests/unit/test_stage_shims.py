@@ -8,7 +8,7 @@ import pytest
 
 from serve_app.serving.stages.conds_cache import CondsCache
 from serve_app.serving.config import S3GenSettings, T3Settings, VoiceSettings
-from serve_app.contracts import BUILTIN_VOICE, T3Job, TokenChunk, VocodeJob, VocodeResult, VoiceConds
+from serve_app.contracts import BUILTIN_VOICE, SpeechJob, SynthesisParams, T3Job, TokenChunk, VoiceConds
 from serve_app.serving.errors import InvalidRequestError, VoiceNotFoundError
 
 
@@ -58,17 +58,46 @@ class FakeT3Backend:
 
 
 class FakeS3GenBackend:
+    """960 zeros per new usable token; records the token counts of every engine step."""
+
     name = "fake"
 
     def __init__(self):
-        self.batches = []
+        self.steps = []
 
     def prepare_conds(self, conds):
         return "ref"
 
-    def vocode_batch(self, jobs, conds):
-        self.batches.append([len(j.speech_tokens) for j in jobs])
-        return [VocodeResult(j.request_id, np.zeros(len(j.speech_tokens) * 960, np.float32)) for j in jobs]
+    def new_stream_state(self):
+        return {"n": 0}
+
+    def vocode_batch(self, items):
+        self.steps.append([(it.request_id, len(it.tokens), it.finalize) for it in items])
+        out = []
+        for it in items:
+            usable = len(it.tokens) - (0 if it.finalize else 3)
+            done = 0 if it.state is None else it.state["n"]
+            out.append((np.zeros((usable - done) * 960, np.float32), None if it.state is None else {"n": usable}))
+        return out
+
+
+class BlockT3:
+    """A T3 handle (plain object) that streams `total` tokens in blocks of `step`, `delay_s` apart."""
+
+    def __init__(self, total=60, step=4, delay_s=0.002):
+        self.total, self.step, self.delay_s = total, step, delay_s
+        self.jobs, self.cancelled = [], []
+
+    async def generate(self, job):
+        self.jobs.append(job)
+        try:
+            for start in range(0, self.total, self.step):
+                await asyncio.sleep(self.delay_s)
+                yield TokenChunk(job.request_id, list(range(start, min(self.total, start + self.step))))
+            yield TokenChunk(job.request_id, [], finished=True, finish_reason="length")
+        except asyncio.CancelledError:
+            self.cancelled.append(job.request_id)
+            raise
 
 
 def test_t3_replica_streams_and_caches_conds():
@@ -90,29 +119,35 @@ def test_t3_replica_streams_and_caches_conds():
     assert replica.memory_report()["device"] == "cpu"
 
 
-def test_s3gen_replica_batches_by_total_tokens(monkeypatch):
-    from types import SimpleNamespace
-
-    from ray import serve
-
+def test_s3gen_replica_streams_chunks_batched_and_cancels_t3():
     from serve_app.serving.stages.s3gen_stage import S3GenReplica
 
-    # @serve.batch reads the replica context (for a warning); outside Ray Serve give it one
-    context = SimpleNamespace(_deployment_config=SimpleNamespace(max_ongoing_requests=16))
-    monkeypatch.setattr(serve, "get_replica_context", lambda: context)
+    backend, t3 = FakeS3GenBackend(), BlockT3()
+    replica = S3GenReplica(None, FakeVoiceHandle(), S3GenSettings(), backend=backend, t3_handle=t3)
 
-    backend = FakeS3GenBackend()
-    settings = S3GenSettings(user_config={"max_batch_tokens": 100, "batch_wait_timeout_s": 0.2})
-    replica = S3GenReplica(None, FakeVoiceHandle(), settings, backend=backend)
+    async def collect(job):
+        return [b async for b in replica.synthesize(job)]
 
     async def run():
-        jobs = [VocodeJob(f"r{i}", [1] * 40, "default") for i in range(4)] + [VocodeJob("big", [1] * 150, "default")]
-        return await asyncio.gather(*(replica.vocode(j) for j in jobs))
+        jobs = [SpeechJob(f"s{i}", "Hi.", "default", SynthesisParams(), streaming=True, first_step_tokens=10,
+                          step_tokens=10) for i in range(4)]
+        jobs.append(SpeechJob("once", "Hi.", "default", SynthesisParams(), streaming=False))
+        results = await asyncio.gather(*(collect(j) for j in jobs))
+        # a consumer that leaves after the first block cancels its T3 stream and frees the stream's state
+        gen = replica.synthesize(SpeechJob("gone", "Hi.", "default", first_step_tokens=10, step_tokens=10))
+        await gen.__anext__()
+        await gen.aclose()
+        return results
 
     results = asyncio.run(run())
-    assert [r.audio.size for r in results] == [40 * 960] * 4 + [150 * 960]
-    assert sorted(backend.batches) == sorted([[40, 40], [40, 40], [150]])   # <= 100 tokens a batch; big runs alone
-    replica.reconfigure({"max_batch_tokens": 200, "batch_wait_timeout_s": 0.0})
+    for blocks in results:
+        assert blocks[-1].finished and blocks[-1].finish_reason == "length"
+        assert sum(b.audio.size for b in blocks) == 60 * 960 and sum(b.num_speech_tokens for b in blocks) == 60
+    assert all(len(blocks) >= 3 for blocks in results[:4]) and len(results[4]) == 1
+    assert max(len(step) for step in backend.steps) >= 3          # streams of different chunks share steps
+    assert t3.jobs[0].first_block_tokens == 13 and t3.jobs[0].block_tokens == 16
+    assert t3.cancelled == ["gone"] and len(replica.scheduler) == 0 and not replica._outputs
+    replica.reconfigure({"max_batch_tokens": 200})
     assert replica.memory_report()["max_batch_tokens"] == 200
 
 
@@ -254,7 +289,8 @@ def test_engine_t3_backend_streams_and_cancels():
     finally:
         backend.close()
     for chunks in results:
-        assert [c.tokens for c in chunks] == [[1, 1], [2, 2], [3, 3]]
+        # in order; steps that arrived while the reader was busy come as one chunk
+        assert [t for c in chunks for t in c.tokens] == [1, 1, 2, 2, 3, 3] and all(c.tokens for c in chunks)
         assert chunks[-1].finished and chunks[-1].finish_reason == "length"
     assert backend.num_unfinished() == 0
 

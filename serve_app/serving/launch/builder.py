@@ -92,8 +92,9 @@ def build_app(config: ServeConfig, *, checkpoint: Any = None, resolve: bool = Tr
     voice = VoiceStage.options(**_options(config.voice)).bind(checkpoint, config.voice)
     t3 = T3Stage.options(**_options(config.t3), user_config=config.t3.user_config.model_dump()).bind(
         checkpoint, voice, config.t3, config.quantization)
+    # S3Gen calls T3 itself (tokens go T3 -> S3Gen in blocks; the router gets only audio)
     s3gen = S3GenStage.options(**_options(config.s3gen), user_config=config.s3gen.user_config.model_dump()).bind(
-        checkpoint, voice, config.s3gen, config.quantization)
+        checkpoint, voice, config.s3gen, config.quantization, t3_handle=t3)
     return SpeechIngress.options(**_options(config.router)).bind(t3, s3gen, voice,
                                                                  router_settings(config, checkpoint))
 

@@ -2,23 +2,38 @@
 
 One contract (`S3GenBackend.vocode_batch`, synchronous, run on the stage's worker thread), two implementations:
 
-- `UpstreamS3GenBackend`: upstream `S3Gen.inference` per item (batch-1 upstream code). Streaming calls
-  re-synthesise the whole token prefix less the 3 look-ahead tokens and hand out only the samples past `StreamState.num_samples_emitted`: simple and correct in length,
-  O(T^2) in work, which is why it is the fallback.
-- `EngineS3GenBackend`: our batched `S3GenEngine` (`vocode` for one-shot jobs in one batch,
-  `vocode_stream_step` for streams, which carries HiFT's source cache in the StreamState).
+- `UpstreamS3GenBackend`: upstream `S3Gen.inference` per item (batch-1 upstream code). Streaming steps
+  re-synthesise the whole token prefix less the 3 look-ahead tokens and hand out only the samples past those
+  already emitted: simple and correct in length, O(T^2) in work, which is why it is the fallback.
+- `EngineS3GenBackend`: our batched `S3GenEngine`: one `step` for one-shot items and stream steps together; a
+  stream step runs the flow on the new tokens plus a bounded left context (the engine's stream state, kept on
+  the device in this replica for the stream's life).
+
+A `VocodeItem` is one stream's (or one-shot job's) part of a step: the tokens so far, `finalize` on its last
+step, and the backend's stream state (`new_stream_state()` at the first step; None for a one-shot decode).
 """
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-from serve_app.contracts import SAMPLES_PER_TOKEN, StreamState, VocodeJob, VocodeResult, VoiceConds
+from serve_app.contracts import VoiceConds
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class VocodeItem:
+    tokens: list[int]          # the stream's speech tokens so far (< 6561)
+    conds: Any                 # the backend's prepared conditioning (prepare_conds)
+    seed: int | None
+    finalize: bool = True      # the stream's last step (one-shot: always)
+    state: Any = None          # None: one-shot decode; else the backend's stream state
+    request_id: str = ""       # for logs
 
 
 class S3GenBackend(Protocol):
@@ -27,8 +42,11 @@ class S3GenBackend(Protocol):
     def prepare_conds(self, conds: VoiceConds) -> Any:
         """VoiceConds (numpy) -> this backend's conditioning on its device (cached by the stage)."""
 
-    def vocode_batch(self, jobs: list[VocodeJob], conds: list[Any]) -> list[VocodeResult]:
-        """One result per job, in order. Runs on a worker thread."""
+    def new_stream_state(self) -> Any:
+        """The state of a stream before its first step."""
+
+    def vocode_batch(self, items: list[VocodeItem]) -> list[tuple[np.ndarray, Any]]:
+        """Per item, in order: (the new audio, float32 [N] at 24 kHz; the stream's next state). Worker thread."""
 
 
 def gen_ref_dict(vc: VoiceConds, device: str, dtype: torch.dtype) -> dict[str, torch.Tensor | None]:
@@ -65,12 +83,14 @@ class UpstreamS3GenBackend:
         wav, _ = self.s3gen.inference(speech_tokens=speech, ref_dict=dict(ref))
         return wav.squeeze(0).float().cpu().numpy()
 
-    def _stream(self, job: VocodeJob, ref: dict) -> VocodeResult:
-        state = job.stream_state or StreamState()
-        tokens = job.speech_tokens
-        lookahead = 0 if job.finalize else int(getattr(self.s3gen.flow, "pre_lookahead_len", 3))
+    def new_stream_state(self) -> dict:
+        return {"num_samples": 0}
+
+    def _stream(self, item: VocodeItem, ref: dict) -> tuple[np.ndarray, dict]:
+        state, tokens = item.state, item.tokens
+        lookahead = 0 if item.finalize else int(getattr(self.s3gen.flow, "pre_lookahead_len", 3))
         if len(tokens) - lookahead <= 0:
-            return VocodeResult(job.request_id, np.zeros(0, np.float32), state)
+            return np.zeros(0, np.float32), state
         # Upstream's finalize=False path mis-sizes its mask when a prompt is present, so the prefix without the
         # look-ahead tokens is synthesised as if final: same length, slightly different last frames.
         speech = torch.tensor(tokens[: len(tokens) - lookahead], dtype=torch.long, device=self.device)[None]  # [1, T']
@@ -79,26 +99,24 @@ class UpstreamS3GenBackend:
             wav, _ = self.s3gen.hift_inference(mels.to(self.dtype), None)                        # [1, 960 T']
             wav[:, : len(self.s3gen.trim_fade)] *= self.s3gen.trim_fade
         wav = wav.squeeze(0).float().cpu().numpy()
-        new = wav[state.num_samples_emitted:]
-        new_state = StreamState(num_mel_frames_emitted=int(mels.shape[-1]),
-                                num_samples_emitted=state.num_samples_emitted + int(new.size))
-        return VocodeResult(job.request_id, new, None if job.finalize else new_state)
+        new = wav[state["num_samples"]:]
+        return new, {"num_samples": state["num_samples"] + int(new.size)}
 
-    def vocode_batch(self, jobs: list[VocodeJob], conds: list[dict]) -> list[VocodeResult]:
+    def vocode_batch(self, items: list[VocodeItem]) -> list[tuple[np.ndarray, Any]]:
         out = []
-        for job, ref in zip(jobs, conds):
-            if job.seed is not None:
-                torch.manual_seed(job.seed)
-            if job.stream_state is None and job.finalize:
-                out.append(VocodeResult(job.request_id, self._one_shot(job.speech_tokens, ref)))
+        for item in items:
+            if item.seed is not None:
+                torch.manual_seed(item.seed)
+            if item.state is None:
+                out.append((self._one_shot(item.tokens, item.conds), None))
             else:
-                out.append(self._stream(job, ref))
+                out.append(self._stream(item, item.conds))
         return out
 
 
 class EngineS3GenBackend:
-    """`serve_app.engine.s3gen.S3GenEngine`: one batched `step` for the whole batch, one-shot and stream jobs
-    alike (the engine carries HiFT's source cache and the crossfade tail in the StreamState)."""
+    """`serve_app.engine.s3gen.S3GenEngine`: one batched `step` for the whole batch, one-shot and stream items
+    alike."""
 
     name = "engine"
 
@@ -119,21 +137,17 @@ class EngineS3GenBackend:
     def prepare_conds(self, conds: VoiceConds) -> Any:
         return self.engine.prepare_conds(conds)
 
-    def vocode_batch(self, jobs: list[VocodeJob], conds: list[Any]) -> list[VocodeResult]:
+    def new_stream_state(self) -> Any:
+        from serve_app.engine.s3gen import StreamState
+
+        return StreamState()
+
+    def vocode_batch(self, items: list[VocodeItem]) -> list[tuple[np.ndarray, Any]]:
         from serve_app.engine.s3gen import VocodeInput
 
-        inputs = []
-        for job, c in zip(jobs, conds):
-            streaming = not (job.finalize and job.stream_state is None)
-            inputs.append(VocodeInput(job.speech_tokens, c, job.seed, job.finalize,
-                                      (job.stream_state or StreamState()) if streaming else None))
-        results = []
-        for job, (audio, state) in zip(jobs, self.engine.step(inputs)):
-            results.append(VocodeResult(job.request_id, np.asarray(audio, np.float32).reshape(-1),
-                                        None if job.finalize else state))
-        return results
+        inputs = [VocodeInput(it.tokens, it.conds, it.seed, it.finalize, it.state) for it in items]
+        return [(np.asarray(audio, np.float32).reshape(-1), state) for audio, state in self.engine.step(inputs)]
 
-
-def expected_num_samples(num_tokens: int) -> int:
-    """One-shot output length of upstream S3Gen for `num_tokens` speech tokens (no trimming, only a fade-in)."""
-    return num_tokens * SAMPLES_PER_TOKEN
+    def stats(self) -> Any:
+        """The engine's running counters (tokens through the flow, steps, busy time), or None."""
+        return getattr(self.engine, "stats", None)

@@ -1,10 +1,11 @@
-"""S3Gen stage: speech tokens -> 24 kHz audio, batched by total tokens with @serve.batch.
+"""S3Gen stage: one text chunk end to end, T3's speech tokens -> 24 kHz audio, vocoded with continuous batching.
 
-Handle method: `vocode(job: VocodeJob) -> VocodeResult`. Jobs wait up to `batch_wait_timeout_s` to be vocoded
-together while their tokens sum to at most `max_batch_tokens` (both from `user_config`, tunable at runtime via
-`reconfigure`); a job larger than a whole batch runs alone. The replica keeps no per-stream state: streaming
-callers pass back the `StreamState` they got last time. (The Perth watermark is applied by the router, where
-the final audio is assembled.)
+Handle method: `synthesize(job: SpeechJob)`, streaming `AudioBlock`s (handle.options(stream=True)). The replica
+starts the chunk's T3 stream itself (tokens arrive in blocks and never pass through the router), keeps the
+chunk's vocoder state for its whole life, and one loop runs every ready stream step and one-shot decode of all
+its chunks together in one engine step (`VocodeScheduler` decides what is ready). Closing the caller's stream
+cancels the T3 request and drops the state. (The Perth watermark is applied by the router, where the final
+audio is assembled.)
 """
 from __future__ import annotations
 
@@ -12,27 +13,24 @@ import asyncio
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, AsyncIterator
 
 from ray import serve
 
 from serve_app.serving.stages.conds_cache import CondsCache
 from serve_app.serving.config import S3GenSettings, S3GenUserConfig, stage_device
-from serve_app.contracts import SAMPLE_RATE, VocodeJob, VocodeResult, VoiceConds
+from serve_app.contracts import SAMPLE_RATE, AudioBlock, SpeechJob, T3Job, TokenChunk, VoiceConds
 from serve_app.serving.metrics import get_metrics
 from serve_app.serving.stages.replica_device import ReplicaDevice
-from serve_app.serving.stages.s3gen_backend import EngineS3GenBackend, S3GenBackend, UpstreamS3GenBackend
+from serve_app.serving.errors import StageError
+from serve_app.serving.stages.s3gen_backend import EngineS3GenBackend, S3GenBackend, UpstreamS3GenBackend, VocodeItem
+from serve_app.serving.stages.stage_client import StageClient
+from serve_app.serving.stages.vocode_scheduler import LOOKAHEAD_TOKENS, VocodePolicy, VocodeScheduler, VocodeStream
 from serve_app.serving.stages.stage_common import configure_replica_logging, describe, quantize_upstream, resolve_quant, spec_for
 
 log = logging.getLogger(__name__)
 
-_DEFAULTS = S3GenUserConfig()
 S3GEN_COMPONENTS = ("s3gen_flow_encoder", "s3gen_flow_decoder")   # what runs per request (HiFT: convolutions)
-
-
-def num_batch_tokens(items: list[tuple[VocodeJob, Any]]) -> int:
-    """@serve.batch size of a batch: its total speech tokens (at least 1 per job)."""
-    return sum(max(1, len(job.speech_tokens)) for job, _ in items)
 
 
 def make_s3gen_backend(checkpoint: Any, settings: S3GenSettings, rd: ReplicaDevice,
@@ -80,7 +78,7 @@ def warm_up(backend: S3GenBackend, checkpoint: Any, settings: S3GenSettings, dev
 
 class S3GenReplica:
     def __init__(self, checkpoint: Any, voice_handle: Any, settings: S3GenSettings, quantization: str | None = None,
-                 backend: S3GenBackend | None = None) -> None:
+                 backend: S3GenBackend | None = None, t3_handle: Any = None) -> None:
         configure_replica_logging()
         self.settings = settings
         self.rd = ReplicaDevice.setup("s3gen", stage_device(settings), settings.num_gpus, settings.dtype)
@@ -88,12 +86,15 @@ class S3GenReplica:
         self.backend = backend or make_s3gen_backend(checkpoint, settings, self.rd, quantization)
         warm_up(self.backend, checkpoint, settings, self.rd.device)
         self._voice = voice_handle
+        self._t3 = StageClient(t3_handle, "t3") if t3_handle is not None else None
         self.conds = CondsCache(self._fetch_conds, self.backend.prepare_conds, settings.max_cached_voices, "s3gen")
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="s3gen")
         self._metrics = get_metrics()
         self._tags = {"backend": self.backend.name}
-        self._max_batch_tokens = settings.user_config.max_batch_tokens
-        self._num_running = 0
+        self.scheduler = VocodeScheduler(VocodePolicy(), SAMPLE_RATE)
+        self._outputs: dict[str, asyncio.Queue] = {}     # request_id -> AudioBlock | BaseException
+        self._wake: asyncio.Event | None = None
+        self._loop_task: asyncio.Task | None = None
         self.reconfigure(settings.user_config.model_dump())
         log.info("S3Gen stage ready in %.1fs: backend=%s device=%s dtype=%s quantization=%s weights=%s",
                  time.perf_counter() - t0, self.backend.name, self.rd.device, self.rd.dtype,
@@ -103,55 +104,153 @@ class S3GenReplica:
     async def _fetch_conds(self, voice_id: str) -> VoiceConds:
         return await self._voice.get_conds.remote(voice_id)
 
-    async def vocode(self, job: VocodeJob) -> VocodeResult:
+    # ---- the request's side -------------------------------------------------------------------------------
+    async def synthesize(self, job: SpeechJob) -> AsyncIterator[AudioBlock]:
+        """One text chunk: T3 tokens in blocks -> vocoder scheduler -> audio blocks (the last has finished=True)."""
+        if self._t3 is None:
+            raise StageError("this S3Gen replica was built without a T3 handle", code="s3gen_error")
         conds = await self.conds.get(job.voice_id)
-        self._num_running += 1
-        self._metrics.s3gen_queue_depth.set(self._num_running, tags=self._tags)
+        self._ensure_loop()
+        stream = VocodeStream(job.request_id, conds, job.params.seed, streaming=job.streaming,
+                              first_step_tokens=job.first_step_tokens, step_tokens=job.step_tokens)
+        if not job.streaming:
+            stream.target = 0
+        self.scheduler.add(stream)
+        out: asyncio.Queue = asyncio.Queue()
+        self._outputs[job.request_id] = out
+        self._set_gauge()
+        t3_job = T3Job(job.request_id, job.text, job.voice_id, job.params,
+                       first_block_tokens=job.first_step_tokens + LOOKAHEAD_TOKENS if job.streaming else 1 << 30,
+                       block_tokens=job.t3_block_tokens if job.streaming else 1 << 30)
+        feeder = asyncio.create_task(self._feed(stream, t3_job))
         try:
-            if len(job.speech_tokens) > self._max_batch_tokens:
-                return (await self._run([(job, conds)]))[0]
-            return await self._vocode_batched((job, conds))
+            while True:
+                item = await out.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finished:
+                    return
         finally:
-            self._num_running -= 1
-            self._metrics.s3gen_queue_depth.set(self._num_running, tags=self._tags)
+            feeder.cancel()
+            await asyncio.gather(feeder, return_exceptions=True)
+            self.scheduler.remove(job.request_id)
+            self._outputs.pop(job.request_id, None)
+            self._set_gauge()
 
-    @serve.batch(max_batch_size=_DEFAULTS.max_batch_tokens, batch_wait_timeout_s=_DEFAULTS.batch_wait_timeout_s,
-                 batch_size_fn=num_batch_tokens)
-    async def _vocode_batched(self, items: list[tuple[VocodeJob, Any]]) -> list[VocodeResult]:
-        return await self._run(items)
+    async def _feed(self, stream: VocodeStream, job: T3Job) -> None:
+        """T3's token blocks into the stream; T3's end (or failure) too."""
+        t3 = self._t3.stream("generate", job)
+        try:
+            async for chunk in t3:
+                chunk: TokenChunk
+                stream.tokens.extend(chunk.tokens)
+                if chunk.finished:
+                    if chunk.finish_reason == "error":
+                        raise StageError(f"T3 failed on text chunk {job.request_id}.", code="t3_error")
+                    if chunk.finish_reason == "length":
+                        log.info("%s: T3 hit max_new_tokens=%d", job.request_id, job.params.max_new_tokens)
+                    stream.finish_reason = chunk.finish_reason or "stop"
+                    stream.t3_finished = True
+                self._wake.set()
+                if chunk.finished:
+                    return
+            raise StageError(f"T3 stream of {job.request_id} ended without finishing", code="t3_error")
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # the request's generator raises it
+            q = self._outputs.get(stream.request_id)
+            if q is not None:
+                q.put_nowait(exc)
+        finally:
+            await t3.aclose()
 
-    async def _run(self, items: list[tuple[VocodeJob, Any]]) -> list[VocodeResult]:
-        jobs, conds = [j for j, _ in items], [c for _, c in items]
-        t0 = time.perf_counter()
-        results = await asyncio.get_running_loop().run_in_executor(self._executor, self._vocode_sync, jobs, conds)
-        self._metrics.s3gen_batch_seconds.observe(time.perf_counter() - t0, tags=self._tags)
-        self._metrics.s3gen_batch_size.observe(len(jobs), tags=self._tags)
-        self._metrics.s3gen_batch_tokens.observe(sum(len(j.speech_tokens) for j in jobs), tags=self._tags)
-        return results
+    # ---- the replica's vocoder loop -----------------------------------------------------------------------
+    def _ensure_loop(self) -> None:
+        if self._loop_task is None or self._loop_task.done():
+            self._wake = asyncio.Event()
+            self._loop_task = asyncio.get_running_loop().create_task(self._run_loop())
 
-    def _vocode_sync(self, jobs: list[VocodeJob], conds: list[Any]) -> list[VocodeResult]:
-        # runs on the worker thread
-        results = self.backend.vocode_batch(jobs, conds)
-        num_samples = sum(r.audio.size for r in results)
-        self._metrics.audio_seconds_total.inc(num_samples / SAMPLE_RATE, tags={"stage": "s3gen"})
-        return results
+    async def _run_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            timeout = self.scheduler.next_wakeup(time.monotonic())
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
+            plans = self.scheduler.take_ready(time.monotonic())
+            if not plans:
+                continue
+            items = [VocodeItem(p.tokens, p.stream.conds, p.stream.seed, p.finalize,
+                                None if not p.stream.streaming else
+                                (p.stream.state if p.stream.state is not None else self.backend.new_stream_state()),
+                                p.stream.request_id)
+                     for p in plans]
+            t0 = time.perf_counter()
+            try:
+                results = await loop.run_in_executor(self._executor, self.backend.vocode_batch, items)
+            except Exception as exc:  # noqa: BLE001 - the step's streams fail, the replica goes on
+                log.exception("S3Gen step of %d streams failed", len(plans))
+                for p in plans:
+                    p.stream.running = False
+                    p.stream.done = True
+                    q = self._outputs.get(p.stream.request_id)
+                    if q is not None:
+                        q.put_nowait(StageError(f"vocoding failed: {exc}", code="s3gen_error"))
+                continue
+            self._record_step(plans, results, time.perf_counter() - t0)
+            now = time.monotonic()
+            for p, (audio, state) in zip(plans, results):
+                s = p.stream
+                s.state = state
+                num_new = p.num_new
+                self.scheduler.finish_step(p, int(audio.size), now)
+                q = self._outputs.get(s.request_id)
+                if q is None:
+                    continue   # the caller went away during the step
+                if audio.size or p.finalize:
+                    q.put_nowait(AudioBlock(s.request_id, audio, num_speech_tokens=num_new, finished=p.finalize,
+                                            finish_reason=s.finish_reason if p.finalize else None))
+            self._wake.set()   # blocks that arrived during the step
+
+    def _record_step(self, plans: list, results: list, seconds: float) -> None:
+        m, tags = self._metrics, self._tags
+        num_new = sum(p.num_new for p in plans)
+        num_samples = sum(int(a.size) for a, _ in results)
+        m.s3gen_batch_seconds.observe(seconds, tags=tags)
+        m.s3gen_busy_seconds_total.inc(seconds, tags=tags)
+        m.s3gen_batch_size.observe(len(plans), tags=tags)
+        m.s3gen_batch_tokens.observe(num_new, tags=tags)
+        m.s3gen_speech_tokens_total.inc(num_new, tags=tags)
+        stats = getattr(self.backend, "stats", lambda: None)()
+        flow = getattr(stats, "num_flow_tokens", None)
+        if flow is not None:
+            m.s3gen_flow_tokens_total.inc(flow - getattr(self, "_last_flow_tokens", 0), tags=tags)
+            self._last_flow_tokens = flow
+        m.audio_seconds_total.inc(num_samples / SAMPLE_RATE, tags={"stage": "s3gen"})
+
+    def _set_gauge(self) -> None:
+        self._metrics.s3gen_queue_depth.set(len(self.scheduler), tags=self._tags)
 
     def reconfigure(self, user_config: dict) -> None:
         cfg = S3GenUserConfig.model_validate(user_config or {})
-        self._max_batch_tokens = cfg.max_batch_tokens
-        self._vocode_batched.set_max_batch_size(cfg.max_batch_tokens)
-        self._vocode_batched.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+        self.scheduler.policy = VocodePolicy(max_step_tokens=cfg.max_step_tokens, min_step_tokens=cfg.min_step_tokens,
+                                             low_water_s=cfg.low_water_s, max_batch_new_tokens=cfg.max_batch_tokens)
         log.info("S3Gen stage user_config: %s", cfg.model_dump())
 
     def invalidate_voice(self, voice_id: str) -> None:
         self.conds.invalidate(voice_id)
 
     def memory_report(self) -> dict:
-        return {**self.rd.memory_report(), "backend": self.backend.name,
-                "max_batch_tokens": self._max_batch_tokens, "num_cached_voices": len(self.conds)}
+        return {**self.rd.memory_report(), "backend": self.backend.name, "num_streams": len(self.scheduler),
+                "max_batch_tokens": self.scheduler.policy.max_batch_new_tokens, "num_cached_voices": len(self.conds)}
 
     def check_health(self) -> None:
         self.rd.export_metrics()
+        if self._loop_task is not None and self._loop_task.done() and not self._loop_task.cancelled():
+            raise RuntimeError(f"S3Gen vocoder loop died: {self._loop_task.exception()!r}")
 
 
 S3GenStage = serve.deployment(S3GenReplica, name="S3GenStage")

@@ -5,6 +5,7 @@
                                             fake: `fake.generate(job)` (an async generator).
   Both give a `StageStream`: an async iterator with `aclose()`, which cancels the downstream request (Ray:
   `DeploymentResponseGenerator.cancel()`, which frees the T3 engine slot; fake: `aclose()` on the generator).
+  Both run ahead of the reader (a fake's generator is pumped by a task, as a Ray replica runs on its own).
 """
 from __future__ import annotations
 
@@ -24,23 +25,51 @@ def is_ray_handle(handle: Any) -> bool:
 
 
 class StageStream:
-    """A stage's response stream; `aclose()` cancels the downstream work and is safe to call twice."""
+    """A stage's response stream; `aclose()` cancels the downstream work and is safe to call twice.
+
+    Like a Ray Serve streaming call, which runs in its replica whether or not the caller is reading yet, a plain
+    async generator (tests' fakes) is pumped eagerly by a task into a queue."""
+
+    _END = object()
 
     def __init__(self, source: Any, *, is_ray: bool):
         self._source = source
         self._is_ray = is_ray
-        self._iter = source.__aiter__()
         self._closed = False
+        if is_ray:
+            self._iter = source.__aiter__()
+        else:
+            self._queue: asyncio.Queue = asyncio.Queue()
+            self._pump = asyncio.ensure_future(self._run_pump())
+
+    async def _run_pump(self) -> None:
+        try:
+            async for item in self._source:
+                self._queue.put_nowait(item)
+            self._queue.put_nowait(self._END)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - re-raised to the reader
+            self._queue.put_nowait(exc)
 
     def __aiter__(self) -> AsyncIterator[Any]:
         return self
 
     async def __anext__(self) -> Any:
-        try:
-            return await self._iter.__anext__()
-        except StopAsyncIteration:
-            self._closed = True  # ran to its end: nothing left to cancel
-            raise
+        if self._is_ray:
+            try:
+                return await self._iter.__anext__()
+            except StopAsyncIteration:
+                self._closed = True  # ran to its end: nothing left to cancel
+                raise
+        item = await self._queue.get()
+        if item is self._END:
+            self._closed = True
+            raise StopAsyncIteration
+        if isinstance(item, BaseException):
+            self._closed = True
+            raise item
+        return item
 
     async def aclose(self) -> None:
         if self._closed:
@@ -48,7 +77,10 @@ class StageStream:
         self._closed = True
         if self._is_ray:
             self._source.cancel()
-        elif hasattr(self._source, "aclose"):
+            return
+        self._pump.cancel()
+        await asyncio.gather(self._pump, return_exceptions=True)
+        if hasattr(self._source, "aclose"):
             await self._source.aclose()
 
 

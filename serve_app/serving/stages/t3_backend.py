@@ -67,6 +67,11 @@ def _to_device_conds(vc: VoiceConds, device: str, dtype: torch.dtype) -> _Device
     )
 
 
+def _put_all(items: list[tuple[asyncio.Queue, Any]]) -> None:
+    for q, item in items:
+        q.put_nowait(item)
+
+
 class UpstreamT3Backend:
     """Upstream `T3.inference`, per request, on one worker thread (it is batch-1 and not thread-safe)."""
 
@@ -199,6 +204,16 @@ class EngineT3Backend:
             loop, q = entry
             loop.call_soon_threadsafe(q.put_nowait, item)
 
+    def _deliver_step(self, outputs: list) -> None:
+        """A whole step's outputs in one hop to the event loop (not one callback per request and step)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Any]]] = {}
+        for out in outputs:
+            entry = self._queues.get(out.request_id)
+            if entry is not None:
+                by_loop.setdefault(entry[0], []).append((entry[1], out))
+        for loop, items in by_loop.items():
+            loop.call_soon_threadsafe(_put_all, items)
+
     def _apply_pending(self) -> None:
         with self._lock:
             pending, self._pending = self._pending, []
@@ -235,8 +250,7 @@ class EngineT3Backend:
                 continue
             if self._on_step is not None:
                 self._on_step(time.perf_counter() - t0, len(outputs))
-            for out in outputs:
-                self._deliver(out.request_id, out)
+            self._deliver_step(outputs)
 
     # -- event loop side -----------------------------------------------------------------------------------
 
@@ -262,13 +276,20 @@ class EngineT3Backend:
         self._wake.set()
         try:
             while not finished:
-                out = await q.get()
-                if isinstance(out, BaseException):
-                    raise out
-                finished = out.finished
-                if out.new_tokens or finished:
-                    yield TokenChunk(job.request_id, list(out.new_tokens), finished=finished,
-                                     finish_reason=out.finish_reason if finished else None)
+                outs = [await q.get()]
+                while not q.empty():          # steps that arrived while the consumer was busy: one chunk
+                    outs.append(q.get_nowait())
+                tokens: list[int] = []
+                reason = None
+                for out in outs:
+                    if isinstance(out, BaseException):
+                        raise out
+                    tokens.extend(out.new_tokens)
+                    if out.finished:
+                        finished, reason = True, out.finish_reason
+                        break
+                if tokens or finished:
+                    yield TokenChunk(job.request_id, tokens, finished=finished, finish_reason=reason)
         finally:
             self._queues.pop(job.request_id, None)
             if not finished:

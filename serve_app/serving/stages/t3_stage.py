@@ -2,8 +2,8 @@
 
 `T3Replica` is the plain class (construct it directly in tests, with a fake voice handle and backend);
 `T3Stage` is the Ray Serve deployment built from it. Handle method: `generate(job: T3Job)` streaming
-`TokenChunk`s (call with `handle.options(stream=True)`); cancelling the caller's generator cancels the
-request in the backend.
+`TokenChunk`s in blocks (`blocks_of`; call with `handle.options(stream=True)`); cancelling the caller's
+generator cancels the request in the backend.
 """
 from __future__ import annotations
 
@@ -37,17 +37,39 @@ def make_t3_backend(checkpoint: Any, settings: T3Settings, rd: ReplicaDevice, qu
     if settings.backend == "engine":
         m = get_metrics()
 
+        slots = [settings.user_config.max_batch_size]   # the engine's own count once it exists
+
         def on_step(seconds: float, batch: int) -> None:
-            m.t3_step_seconds.observe(seconds, tags={"backend": "engine"})
-            m.t3_batch_size.observe(batch, tags={"backend": "engine"})
+            tags = {"backend": "engine"}
+            m.t3_step_seconds.observe(seconds, tags=tags)
+            m.t3_busy_seconds_total.inc(seconds, tags=tags)
+            m.t3_batch_size.observe(batch, tags=tags)
+            m.t3_batch_occupancy_ratio.observe(min(1.0, batch / slots[0]), tags=tags)
 
         # the engine quantizes the Llama backbone itself (and captures CUDA graphs around it)
-        return EngineT3Backend.from_model(
+        backend = EngineT3Backend.from_model(
             t3, tokenizer, multilingual=checkpoint.multilingual, device=rd.device, dtype=rd.torch_dtype,
             max_batch_size=settings.user_config.max_batch_size, quant=spec_for(specs, "t3"), extra=settings.engine,
             on_step=on_step)
+        slots[0] = backend.engine.config.max_batch_requests
+        return backend
     quantize_upstream({k: v for k, v in specs.items() if k in T3_COMPONENTS}, t3=t3)
     return UpstreamT3Backend(t3, tokenizer, multilingual=checkpoint.multilingual, dtype=rd.torch_dtype)
+
+
+async def blocks_of(chunks: AsyncIterator[TokenChunk], job: T3Job) -> AsyncIterator[TokenChunk]:
+    """Re-blocks a backend's token stream (the engine yields every step's token) into `job`'s block sizes, so a
+    Ray item carries a block, not a token: the first `first_block_tokens`, then at least `block_tokens`."""
+    pending: list[int] = []
+    want = max(1, job.first_block_tokens)
+    async for chunk in chunks:
+        pending.extend(chunk.tokens)
+        if chunk.finished:
+            yield TokenChunk(job.request_id, pending, finished=True, finish_reason=chunk.finish_reason)
+            return
+        if len(pending) >= want:
+            yield TokenChunk(job.request_id, pending)
+            pending, want = [], max(1, job.block_tokens)
 
 
 class T3Replica:
@@ -78,7 +100,7 @@ class T3Replica:
         self._num_running += 1
         self._metrics.t3_queue_depth.set(self._num_running, tags=self._tags)
         try:
-            async for chunk in self.backend.generate(job, conds):
+            async for chunk in blocks_of(self.backend.generate(job, conds), job):
                 num_tokens += len(chunk.tokens)
                 yield chunk
         finally:

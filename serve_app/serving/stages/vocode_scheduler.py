@@ -1,0 +1,171 @@
+"""Which vocoder work runs next inside an S3Gen replica: the vocoder's counterpart of T3's continuous batching.
+
+Pure bookkeeping (no torch, no asyncio, no Ray), so it is tested on its own. The stage adds one `VocodeStream`
+per text chunk, appends the token blocks T3 sends, and each iteration asks `take_ready(now)` for the streams
+that should be vocoded now; all of them run in one engine step (the engine groups rows by length and replays
+CUDA graphs per shape).
+
+A stream is ready when
+- one-shot (not streaming): T3 has finished; the whole chunk is decoded once;
+- streaming, T3 finished: the last step (the rest of the tokens, the held-back audio tail);
+- streaming, first step: `first_step_tokens` usable tokens (time to first audio);
+- streaming, later: `target` usable tokens (which doubles from `step_tokens` up to `max_step_tokens`: fewer,
+  larger steps cost less context and batch better), or sooner, with at least `min_step_tokens`, when the
+  listener's buffer runs low: less than `low_water_s` of audio left to play at real time since the first block.
+
+"Usable" tokens exclude the flow's look-ahead (`LOOKAHEAD_TOKENS`), which waits for the next block or the end.
+Ready streams are taken most urgent first (first steps, then by audio left to play) within `max_step_tokens`
+of new tokens per step in all (at least one stream always runs).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+LOOKAHEAD_TOKENS = 3    # the flow's pre-look-ahead (flow.pre_lookahead_len): held back until T3 finishes
+
+
+@dataclass(frozen=True)
+class VocodePolicy:
+    max_step_tokens: int = 200          # a stream's later steps grow up to this many new tokens
+    min_step_tokens: int = 8            # a low buffer triggers a step only with at least this many
+    low_water_s: float = 1.0            # step early when less audio than this is left to play
+    max_batch_new_tokens: int = 4096    # new tokens vocoded in one engine step, over all streams
+
+    def __post_init__(self) -> None:
+        if self.min_step_tokens < 1 or self.max_step_tokens < self.min_step_tokens:
+            raise ValueError(f"need 1 <= min_step_tokens ({self.min_step_tokens}) <= max_step_tokens "
+                             f"({self.max_step_tokens})")
+
+
+@dataclass
+class VocodeStream:
+    """One text chunk being vocoded. `tokens` grows as T3 blocks arrive; `state` is the backend's stream state."""
+
+    request_id: str
+    conds: Any
+    seed: int | None
+    streaming: bool = True
+    first_step_tokens: int = 25
+    step_tokens: int = 50
+    tokens: list[int] = field(default_factory=list)
+    t3_finished: bool = False
+    finish_reason: str | None = None
+    state: Any = None                   # backend stream state (None until the first step; one-shot: unused)
+    num_vocoded: int = 0                # tokens whose audio has been produced
+    num_steps: int = 0
+    num_samples: int = 0                # audio handed out
+    first_audio_at: float | None = None
+    target: int = 0                     # usable tokens that trigger the next (non-urgent) step
+    running: bool = False               # in the engine step now
+    done: bool = False
+
+    def __post_init__(self) -> None:
+        self.target = self.first_step_tokens
+
+    def usable(self) -> int:
+        """New tokens a step could vocode now."""
+        held = 0 if self.t3_finished else LOOKAHEAD_TOKENS
+        return max(0, len(self.tokens) - held - self.num_vocoded)
+
+    def seconds_left(self, now: float, sample_rate: int) -> float:
+        """Audio handed out but not yet played, for a listener who started at the first block (inf before it)."""
+        if self.first_audio_at is None:
+            return math.inf
+        return self.num_samples / sample_rate - (now - self.first_audio_at)
+
+
+@dataclass
+class StepPlan:
+    """One stream's part of an engine step: its tokens so far (a snapshot) and whether it is the last step."""
+
+    stream: VocodeStream
+    tokens: list[int]
+    finalize: bool
+
+    @property
+    def num_new(self) -> int:
+        held = 0 if self.finalize else LOOKAHEAD_TOKENS
+        return max(0, len(self.tokens) - held - self.stream.num_vocoded)
+
+
+class VocodeScheduler:
+    def __init__(self, policy: VocodePolicy | None = None, sample_rate: int = 24_000):
+        self.policy = policy or VocodePolicy()
+        self.sample_rate = sample_rate
+        self.streams: dict[str, VocodeStream] = {}
+
+    def add(self, stream: VocodeStream) -> None:
+        if stream.request_id in self.streams:
+            raise ValueError(f"stream {stream.request_id!r} is already open in this replica")
+        self.streams[stream.request_id] = stream
+
+    def remove(self, request_id: str) -> VocodeStream | None:
+        return self.streams.pop(request_id, None)
+
+    def __len__(self) -> int:
+        return len(self.streams)
+
+    def is_ready(self, s: VocodeStream, now: float) -> bool:
+        if s.running or s.done:
+            return False
+        if not s.streaming:
+            return s.t3_finished
+        if s.t3_finished:
+            return True
+        n = s.usable()
+        if n >= s.target:
+            return True
+        return (s.num_steps > 0 and n >= self.policy.min_step_tokens
+                and s.seconds_left(now, self.sample_rate) < self.policy.low_water_s)
+
+    def _urgency(self, s: VocodeStream, now: float) -> tuple:
+        # streams' first steps first (time to first audio), then by audio left to play; a one-shot job ranks as
+        # a stream at the low-water mark (it is not starved by streams with plenty left)
+        if not s.streaming:
+            return (1, self.policy.low_water_s)
+        if s.num_steps == 0:
+            return (0, 0.0)
+        return (1, s.seconds_left(now, self.sample_rate))
+
+    def take_ready(self, now: float) -> list[StepPlan]:
+        """The streams to vocode in the next engine step, marked running; their token snapshots."""
+        ready = sorted((s for s in self.streams.values() if self.is_ready(s, now)),
+                       key=lambda s: self._urgency(s, now))
+        plans: list[StepPlan] = []
+        budget = self.policy.max_batch_new_tokens
+        for s in ready:
+            plan = StepPlan(s, list(s.tokens), finalize=s.t3_finished)
+            if plans and plan.num_new > budget:
+                continue
+            budget -= plan.num_new
+            s.running = True
+            plans.append(plan)
+        return plans
+
+    def finish_step(self, plan: StepPlan, num_samples: int, now: float) -> None:
+        """Book a step's result: tokens vocoded, audio handed out; grows the stream's next target."""
+        s = plan.stream
+        s.running = False
+        s.num_vocoded += plan.num_new
+        s.num_steps += 1
+        s.num_samples += num_samples
+        if num_samples and s.first_audio_at is None:
+            s.first_audio_at = now
+        s.target = s.step_tokens if s.num_steps == 1 else 2 * s.target
+        s.target = min(s.target, self.policy.max_step_tokens)
+        if plan.finalize:
+            s.done = True
+
+    def next_wakeup(self, now: float) -> float | None:
+        """Seconds until a waiting stream's buffer reaches the low-water mark (None: nothing to wait for)."""
+        soonest = None
+        for s in self.streams.values():
+            if s.running or s.done or not s.streaming or s.num_steps == 0 or s.t3_finished:
+                continue
+            if s.usable() < self.policy.min_step_tokens:
+                continue   # its next block from T3 wakes the loop
+            dt = max(0.0, s.seconds_left(now, self.sample_rate) - self.policy.low_water_s)
+            soonest = dt if soonest is None else min(soonest, dt)
+        return soonest

@@ -1,0 +1,127 @@
+"""The S3Gen replica's vocoder scheduler, alone (pure Python): readiness, growth, urgency, budget, wake-ups."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from serve_app.serving.stages.vocode_scheduler import (
+    LOOKAHEAD_TOKENS,
+    StepPlan,
+    VocodePolicy,
+    VocodeScheduler,
+    VocodeStream,
+)
+
+SR = 24_000
+
+
+def _stream(rid, **kw):
+    return VocodeStream(rid, conds=None, seed=None, **kw)
+
+
+def _run(sched: VocodeScheduler, plans: list[StepPlan], now: float, seconds_per_token: float = 0.04) -> None:
+    for p in plans:
+        sched.finish_step(p, int(p.num_new * seconds_per_token * SR), now)
+
+
+def test_first_step_waits_for_first_step_tokens_plus_lookahead():
+    sched = VocodeScheduler(VocodePolicy(), SR)
+    s = _stream("a", first_step_tokens=25, step_tokens=50)
+    sched.add(s)
+    s.tokens.extend(range(25 + LOOKAHEAD_TOKENS - 1))
+    assert sched.take_ready(0.0) == []
+    s.tokens.append(0)
+    (plan,) = sched.take_ready(0.0)
+    assert plan.num_new == 25 and not plan.finalize and s.running
+    assert sched.take_ready(0.0) == []          # running streams are not taken twice
+
+
+def test_later_steps_grow_to_max_and_last_step_flushes():
+    sched = VocodeScheduler(VocodePolicy(max_step_tokens=200, low_water_s=0.0), SR)
+    s = _stream("a", first_step_tokens=25, step_tokens=50)
+    sched.add(s)
+    sizes = []
+    for total in range(1, 1000):
+        s.tokens.append(1)
+        for p in sched.take_ready(0.0):
+            sizes.append(p.num_new)
+            _run(sched, [p], 0.0)
+    assert sizes[:5] == [25, 50, 100, 200, 200]
+    s.t3_finished = True
+    (last,) = sched.take_ready(0.0)
+    assert last.finalize and last.num_new == len(s.tokens) - s.num_vocoded
+    _run(sched, [last], 0.0)
+    assert s.done and s.num_vocoded == len(s.tokens) and sched.take_ready(0.0) == []
+
+
+def test_low_buffer_steps_early_and_next_wakeup_says_when():
+    sched = VocodeScheduler(VocodePolicy(min_step_tokens=8, low_water_s=1.0), SR)
+    s = _stream("a", first_step_tokens=25, step_tokens=50)
+    sched.add(s)
+    s.tokens.extend(range(28))
+    _run(sched, sched.take_ready(10.0), 10.0)            # 1 s of audio handed out at t=10
+    s.tokens.extend(range(10))                           # 10 usable: below the 50 target
+    assert sched.take_ready(10.0) == []                  # 1.0 s left to play: not low yet
+    assert sched.next_wakeup(10.0) == pytest.approx(0.0, abs=1e-9) or sched.next_wakeup(10.0) >= 0
+    assert sched.take_ready(10.5) and s.running          # 0.5 s left < 1.0 s: steps early with 10 tokens
+
+
+def test_next_wakeup_is_when_the_buffer_reaches_low_water():
+    sched = VocodeScheduler(VocodePolicy(min_step_tokens=8, low_water_s=1.0), SR)
+    s = _stream("a", first_step_tokens=25, step_tokens=50)
+    sched.add(s)
+    s.tokens.extend(range(78))
+    _run(sched, sched.take_ready(0.0), 0.0)              # 75 tokens -> 3 s of audio at t=0
+    s.tokens.extend(range(10))
+    assert sched.next_wakeup(0.0) == pytest.approx(2.0)
+    assert sched.next_wakeup(0.0) is not None and not sched.take_ready(1.9)
+    assert sched.take_ready(2.01)
+
+
+def test_one_shot_waits_for_t3_and_urgency_orders_first_steps_first():
+    sched = VocodeScheduler(VocodePolicy(), SR)
+    once = _stream("once", streaming=False)
+    late = _stream("late", first_step_tokens=10, step_tokens=10)
+    new = _stream("new", first_step_tokens=10, step_tokens=10)
+    for s in (once, late, new):
+        sched.add(s)
+    once.tokens.extend(range(100))
+    late.tokens.extend(range(13))
+    _run(sched, sched.take_ready(0.0), 0.0)              # late's first step
+    assert not once.running
+    late.tokens.extend(range(20))
+    new.tokens.extend(range(13))
+    once.t3_finished = True
+    plans = sched.take_ready(0.0)
+    assert [p.stream.request_id for p in plans][0] == "new" and {p.stream.request_id for p in plans} == {
+        "new", "late", "once"}
+    assert next(p for p in plans if p.stream is once).finalize
+
+
+def test_budget_caps_new_tokens_per_step_but_always_runs_one():
+    sched = VocodeScheduler(VocodePolicy(max_batch_new_tokens=60), SR)
+    streams = [_stream(f"s{i}", first_step_tokens=25, step_tokens=50) for i in range(4)]
+    for s in streams:
+        sched.add(s)
+        s.tokens.extend(range(28))
+    plans = sched.take_ready(0.0)
+    assert [p.num_new for p in plans] == [25, 25]
+    big = VocodeScheduler(VocodePolicy(max_batch_new_tokens=10), SR)
+    s = _stream("big", streaming=False)
+    big.add(s)
+    s.tokens.extend(range(500))
+    s.t3_finished = True
+    assert [p.num_new for p in big.take_ready(0.0)] == [500]
+
+
+def test_seconds_left_and_duplicate_ids():
+    s = _stream("a")
+    assert s.seconds_left(0.0, SR) == math.inf
+    s.first_audio_at, s.num_samples = 1.0, 2 * SR
+    assert s.seconds_left(2.5, SR) == pytest.approx(0.5)
+    sched = VocodeScheduler()
+    sched.add(s)
+    with pytest.raises(ValueError, match="already open"):
+        sched.add(_stream("a"))
+    assert sched.remove("a") is s and sched.remove("a") is None
