@@ -62,3 +62,19 @@ def print_plan(gpu_memory_gib: float, strategy: str = "auto", concurrency: int =
     total = sum(p.num_gpus for p in plans)
     fits = "fits" if total <= 1.0 else "does NOT fit"
     typer.echo(f"one replica of each stage: {total:.2f} of the GPU ({fits}); put these num_gpus in deploy/*.yaml")
+
+
+def t3_slots_that_fit(budget_bytes: int, specs: dict, *, preset: str = "full", seq_len: int = 1536,
+                      upper: int = 256, headroom: float = 0.9) -> int:
+    """The most T3 KV slots (requests decoded together) whose estimated replica (weights, KV cache of
+    `seq_len` positions per slot, activations, CUDA context) fits in `headroom` of `budget_bytes`; at least 1."""
+    specs = {k: v for k, v in specs.items() if k in STAGE_COMPONENTS["t3"]}
+    lo, hi = 1, upper
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        est = estimate_replica(specs, preset=preset, num_requests=mid, seq_len=seq_len)
+        if est.total_bytes <= headroom * budget_bytes:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo

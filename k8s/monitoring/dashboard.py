@@ -88,6 +88,28 @@ ROWS: list[tuple[str, list[tuple[str, str, str, list[tuple[str, str]]]]]] = [
              "{{stage}} {{result}}"),
         ]),
     ]),
+    ("Served-system efficiency", [
+        ("Stage GPU-busy ms per second of audio", "ms", "Wall time of each stage's engine steps per second of "
+         "audio delivered (GPU-busy time; both stages share a GPU under time slicing or MPS).", [
+            (f"1000 * sum(rate(ray_chatterbox_{st}_busy_seconds_total{{{APP}}}[{RATE}])) / "
+             f"sum(rate(ray_chatterbox_audio_seconds_total{{{APP}, stage=\"s3gen\"}}[{RATE}]))", st)
+            for st in ("t3", "s3gen")
+        ]),
+        ("Vocoded tokens per produced token", "short", "Speech tokens run through the flow (left context and "
+         "look-ahead included) per new token vocoded: 1.0 is no rework; the whole-prefix design was 2.6.", [
+            (f"sum(rate(ray_chatterbox_s3gen_flow_tokens_total{{{APP}}}[{RATE}])) / "
+             f"sum(rate(ray_chatterbox_s3gen_speech_tokens_total{{{APP}}}[{RATE}]))", "flow / new"),
+        ]),
+        ("Batch occupancy", "percentunit", "T3: requests per engine step / KV slots. S3Gen: streams and one-shot "
+         "jobs per engine step (mean, right axis in streams).", [
+            (mean("chatterbox_t3_batch_occupancy_ratio", "replica"), "t3 {{replica}}"),
+        ]),
+        ("Stall-free streams", "percentunit", "Share of streamed responses whose every audio piece arrived before a "
+         "listener starting at the first one needed it (the router's view).", [
+            (f'sum(rate(ray_chatterbox_streams_total{{{APP}, stall_free="true"}}[{RATE}])) / '
+             f"sum(rate(ray_chatterbox_streams_total{{{APP}}}[{RATE}]))", "stall-free"),
+        ]),
+    ]),
     ("Queues and GPU memory", [
         ("Queue depth", "short", "Waiting for a replica (Ray Serve's queued queries) and admitted to a stage "
          "replica but not finished.", [

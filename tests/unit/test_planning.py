@@ -17,3 +17,17 @@ def test_auto_gets_more_aggressive_on_smaller_cards():
     big, _ = plan_stages(80, "auto", concurrency=32)
     small, _ = plan_stages(8, "auto", concurrency=32)
     assert AUTO_ORDER.index(small) > AUTO_ORDER.index(big)
+
+
+def test_t3_slots_that_fit_grow_with_the_budget_and_match_the_estimator():
+    from quant import QuantSpec, estimate_replica
+    from quant.estimator import GiB
+    from serve_app.planning import t3_slots_that_fit
+
+    specs = {"t3": QuantSpec("nf4", "bf16"), "t3_extra": QuantSpec("none", "fp32")}
+    small, big = (t3_slots_that_fit(int(g * GiB), specs, upper=256) for g in (8, 57))
+    assert 1 <= small < big
+    # the answer is the largest count the estimator fits in 90% of the budget
+    fits = lambda n: estimate_replica(specs, num_requests=n, seq_len=1536).total_bytes <= 0.9 * 8 * GiB
+    assert fits(small) and not fits(small + 1)
+    assert t3_slots_that_fit(int(57 * GiB), specs, upper=64) == 64

@@ -36,8 +36,9 @@ def make_t3_backend(checkpoint: Any, settings: T3Settings, rd: ReplicaDevice, qu
     rd.quantization["t3"] = describe(specs, T3_COMPONENTS)
     if settings.backend == "engine":
         m = get_metrics()
+        num_slots = fit_slots(settings, specs, rd, checkpoint)
 
-        slots = [settings.user_config.max_batch_size]   # the engine's own count once it exists
+        slots = [num_slots]   # the engine's own count once it exists
 
         def on_step(seconds: float, batch: int) -> None:
             tags = {"backend": "engine"}
@@ -49,12 +50,37 @@ def make_t3_backend(checkpoint: Any, settings: T3Settings, rd: ReplicaDevice, qu
         # the engine quantizes the Llama backbone itself (and captures CUDA graphs around it)
         backend = EngineT3Backend.from_model(
             t3, tokenizer, multilingual=checkpoint.multilingual, device=rd.device, dtype=rd.torch_dtype,
-            max_batch_size=settings.user_config.max_batch_size, quant=spec_for(specs, "t3"), extra=settings.engine,
+            max_batch_size=num_slots, quant=spec_for(specs, "t3"), extra=settings.engine,
             on_step=on_step)
         slots[0] = backend.engine.config.max_batch_requests
         return backend
     quantize_upstream({k: v for k, v in specs.items() if k in T3_COMPONENTS}, t3=t3)
     return UpstreamT3Backend(t3, tokenizer, multilingual=checkpoint.multilingual, dtype=rd.torch_dtype)
+
+
+def fit_slots(settings: T3Settings, specs: dict, rd: ReplicaDevice, checkpoint: Any) -> int:
+    """KV slots of a GPU engine replica: `max_batch_size`, lowered to what the memory estimator says fits in the
+    replica's share of its GPU (weights as quantized, KV cache, activations, CUDA context)."""
+    want = settings.user_config.max_batch_size
+    budget = rd.memory_report().get("budget_bytes", 0) if rd.device == "cuda" else 0
+    if not budget:
+        return want
+    from quant import QuantSpec
+    from serve_app.planning import t3_slots_that_fit
+
+    full = {"t3": QuantSpec("none", "bf16" if rd.dtype == "bfloat16" else "fp32"),
+            "t3_extra": QuantSpec("none", "fp32"), **specs}
+    seq_len = int(settings.engine.get("max_seq_len", 1536))
+    preset = getattr(checkpoint, "preset", None) or "full"
+    fits = t3_slots_that_fit(budget, full, preset=preset if preset in ("full", "tiny") else "full", seq_len=seq_len,
+                             upper=want)
+    if fits < want:
+        log.warning("T3: %d KV slots of %d positions fit in this replica's %.1f GiB (max_batch_size=%d); using %d",
+                    fits, seq_len, budget / 2**30, want, fits)
+    else:
+        log.info("T3: %d KV slots (max_batch_size) fit in this replica's %.1f GiB by the memory estimator", want,
+                 budget / 2**30)
+    return fits
 
 
 async def blocks_of(chunks: AsyncIterator[TokenChunk], job: T3Job) -> AsyncIterator[TokenChunk]:
