@@ -12,6 +12,7 @@ import logging
 from dataclasses import dataclass, field
 
 from fastapi.exceptions import RequestValidationError
+from fastapi.sse import format_sse_event
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve_app.serving.protocol import ErrorEvent, ErrorInfo, ErrorResponse
@@ -98,6 +99,16 @@ class RateLimitedError(ChatterboxError):
     error_type = "rate_limit_error"
 
 
+class BodyLimitExceeded(StarletteHTTPException):
+    """A request body passed its limit while it was being read (api/middleware.py: BodySizeLimit). Raised from
+    inside the ASGI `receive`, so it is an HTTPException: FastAPI's body parsing passes those through unchanged
+    (anything else it turns into a 400). Carries the PayloadTooLargeError that to_api_error reports."""
+
+    def __init__(self, error: PayloadTooLargeError):
+        super().__init__(status_code=error.status_code, detail=error.message)
+        self.error = error
+
+
 class ServiceUnavailableError(ChatterboxError):
     status_code = 503
     error_type = "service_unavailable_error"
@@ -119,8 +130,9 @@ class ApiError:
     def to_json(self) -> str:
         return self.body.model_dump_json()
 
-    def to_sse_event(self) -> str:
-        return f"data: {ErrorEvent(error=self.body.error).model_dump_json()}\n\n"
+    def to_sse_event(self) -> bytes:
+        """The `error` event that ends an SSE stream (FastAPI's SSE framing)."""
+        return format_sse_event(data_str=ErrorEvent(error=self.body.error).model_dump_json())
 
 
 def _error(status: int, message: str, error_type: str, *, param: str | None = None, code: str | int | None = None,
@@ -134,6 +146,8 @@ def _error(status: int, message: str, error_type: str, *, param: str | None = No
 
 def _unwrap(exc: BaseException) -> BaseException:
     """A stage's exception arrives as RayTaskError(cause); the cause is what we map."""
+    if isinstance(exc, BodyLimitExceeded):
+        return exc.error
     seen = 0
     while RayTaskError is not None and isinstance(exc, RayTaskError) and seen < 8:
         cause = getattr(exc, "cause", None)

@@ -67,10 +67,11 @@ class SpeechRequest(OpenAIBaseModel):
     repetition_penalty: float = Field(1.2, ge=1.0, le=10.0)
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Makes sampling reproducible.")
     language: str | None = Field(None, min_length=2, max_length=8, description="Multilingual checkpoints only.")
-    stream: bool = Field(
-        False,
-        description="With stream_format='audio': vocode incrementally and send audio as it is made (lowest time to "
-        "first audio). Without it the whole file is made first and sent with a Content-Length. 'sse' always streams.",
+    stream: bool | None = Field(
+        None,
+        description="Unset or true: the audio is sent as it is made (chunked transfer encoding, as OpenAI streams by "
+        "default; lowest time to first audio; wav declares an unknown length). false: the whole file is made first "
+        "and sent with a Content-Length. stream_format='sse' always streams.",
     )
     # --- end of Chatterbox knobs ---------------------------------------------------------------------------------
 
@@ -80,7 +81,8 @@ class SpeechRequest(OpenAIBaseModel):
 
     @property
     def is_streaming(self) -> bool:
-        return self.stream or self.stream_format == "sse"
+        """Streams unless the client opted out with `stream: false` (SSE always streams)."""
+        return self.stream is not False or self.stream_format == "sse"
 
 
 class SpeechUsage(BaseModel):

@@ -95,6 +95,6 @@ def test_http_exception_keeps_status():
 
 def test_sse_error_event_shape():
     event = to_api_error(errors.InvalidRequestError("bad")).to_sse_event()
-    assert event.startswith("data: ") and event.endswith("\n\n")
-    payload = json.loads(event[len("data: "):])
+    assert event.startswith(b"data: ") and event.endswith(b"\n\n") and event.count(b"\n") == 2
+    payload = json.loads(event[len(b"data: "):])
     assert payload["type"] == "error" and payload["error"]["message"] == "bad"

@@ -22,8 +22,9 @@ def test_defaults_match_openai_and_upstream():
     assert (req.voice_name, req.response_format, req.speed, req.stream_format) == ("default", "mp3", 1.0, "audio")
     assert (req.exaggeration, req.cfg_weight, req.temperature, req.min_p, req.repetition_penalty) == (
         0.5, 0.5, 0.8, 0.05, 1.2)
-    assert not req.is_streaming
-    assert SpeechRequest(input="hi", stream_format="sse").is_streaming
+    assert req.is_streaming                                    # OpenAI streams by default
+    assert not SpeechRequest(input="hi", stream=False).is_streaming
+    assert SpeechRequest(input="hi", stream=False, stream_format="sse").is_streaming
 
 
 @pytest.mark.parametrize("bad", [

@@ -64,7 +64,7 @@ async def test_every_format_decodes_to_the_vocoded_length(fmt, stream):
 
 async def test_pcm_is_exact_and_the_tone_survives():
     stack = Stack()
-    response = await speech(stack, input=TEXT, response_format="pcm")
+    response = await speech(stack, input=TEXT, response_format="pcm", stream=False)
     assert len(response.content) == 2 * tokens_for(stack.t3.jobs[0].text) * SAMPLES_PER_TOKEN
     samples, _ = decode_any(response.content, "pcm")
     assert np.abs(samples).max() == pytest.approx(0.3, abs=0.01)
@@ -112,7 +112,7 @@ async def test_streaming_vocodes_growing_prefixes_in_steps():
 
 async def test_one_shot_vocodes_each_chunk_once():
     stack = Stack(max_chunk_chars=40)
-    await speech(stack, input=TEXT, response_format="wav")
+    await speech(stack, input=TEXT, response_format="wav", stream=False)
     items = stack.s3gen.items
     assert len(items) == len(stack.t3.jobs) >= 2 and all(it.finalize and it.state is None for it in items)
 

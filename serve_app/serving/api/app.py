@@ -1,21 +1,37 @@
-"""The FastAPI app over a `SpeechRouter`: thin routes, one route class that adds request ids, Bearer auth on
-/v1/*, request counting and the one error mapping to every route. A Ray Serve ingress wraps it with the
-late-bound form of `@serve.ingress` (see router.py).
+"""The FastAPI app over a `SpeechRouter`: thin routes that turn the router's data into HTTP responses, one route
+class (request ids, the one error mapping, request counting) and the middlewares of middleware.py. A Ray Serve
+ingress wraps it with the late-bound form of `@serve.ingress` (see ingress.py).
+
+Speech responses, by what the router returns:
+- `SpeechFile` (`stream: false`): the whole file with a Content-Length.
+- `SpeechStream`, `stream_format: audio` (the default, as OpenAI): chunked transfer encoding. The first bytes
+  exist before the status line is sent, so errors before any audio keep their status. An error after it cannot
+  change the status: the body is cut off without its final chunk, so the client sees an incomplete body, never
+  a short file that looks complete.
+- `SpeechStream`, `stream_format: sse`: `speech.audio.delta` events then `speech.audio.done`; an error ends the
+  stream with an `error` event carrying the same object as an error body.
+A client that disconnects cancels the request's stage work at any point.
 """
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.routing import APIRoute
+from fastapi.sse import EventSourceResponse, format_sse_event
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serve_app.serving.errors import RateLimitedError, to_api_error
+from serve_app.serving.api.middleware import ApiKeyAuth, BodySizeLimit, SpeechAdmission, error_response
+from serve_app.serving.api.router import SpeechFile, SpeechRouter, SpeechStream
+from serve_app.serving.errors import to_api_error
+from serve_app.serving.pipeline.audio_out import ClientDisconnected
 from serve_app.serving.protocol import (
     HealthResponse,
     MemoryReport,
@@ -26,8 +42,28 @@ from serve_app.serving.protocol import (
     VoiceList,
     VoiceObject,
 )
-from serve_app.serving.api.router import RANDOM_WEIGHTS_HEADER, STATUS_CLIENT_CLOSED, SpeechRouter
-from serve_app.serving.pipeline.audio_out import ClientDisconnected
+
+logger = logging.getLogger(__name__)
+
+RANDOM_WEIGHTS_HEADER = "X-Chatterbox-Random-Weights"
+STATUS_CLIENT_CLOSED = 499  # nginx's convention for "client closed the request", used in logs and metrics
+
+SPEECH_DESCRIPTION = """Text to speech, as OpenAI's `POST /v1/audio/speech`.
+
+**Streams by default**, as OpenAI does: the audio is sent with chunked transfer encoding as it is made, in every
+`response_format` (wav declares an unknown length in its header; pcm is raw 24 kHz 16-bit mono). A client reading
+the body gets the first bytes when the first audio exists. `"stream": false` opts out: the whole file is made
+first and sent with a Content-Length. `"stream_format": "sse"` sends `speech.audio.delta` events with base64
+audio, then `speech.audio.done` with usage.
+
+Errors before the first audio get their HTTP status and an OpenAI-shaped body (`{"error": {...}}`). A failure
+after audio was sent ends an SSE stream with an `error` event and cuts an audio stream off without its final
+chunk (clients report an incomplete body). Chatterbox's own knobs (`exaggeration`, `cfg_weight`, `seed`, ...)
+go in the same JSON body (`extra_body` in the openai SDK)."""
+
+
+class StreamInterrupted(Exception):
+    """An audio stream failed after its first bytes; raised to cut the response off without its last chunk."""
 
 
 def _wait_for_disconnect(request: Request) -> Callable[[], Any]:
@@ -40,50 +76,12 @@ def _wait_for_disconnect(request: Request) -> Callable[[], Any]:
     return wait
 
 
-def error_response(exc: BaseException, request_id: str | None = None) -> JSONResponse:
-    api_error = to_api_error(exc)
-    headers = dict(api_error.headers)
-    if request_id:
-        headers["X-Request-Id"] = request_id
-    return JSONResponse(api_error.body.model_dump(), status_code=api_error.status_code, headers=headers)
-
-
-class SpeechAdmission:
-    """ASGI middleware: at most `max_active_speech_requests` speech requests run in a router replica at once
-    (streams count until their last byte); the next one gets an OpenAI-shaped 429 at once. Keep the cap below the
-    deployment's Ray `max_ongoing_requests`: requests past that wait in Ray's proxy, and past its
-    `max_queued_requests` the proxy answers a plain-text 503 that this app never sees."""
-
-    def __init__(self, app: Any, router: SpeechRouter) -> None:
-        self.app = app
-        self.router = router
-        self.active = 0
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != "/v1/audio/speech":
-            await self.app(scope, receive, send)
-            return
-        cap = self.router.settings.max_active_speech_requests
-        if self.active >= cap:
-            exc = RateLimitedError(f"This server is running its maximum of {cap} speech requests; retry shortly.",
-                                   code="server_busy", retry_after_s=1.0)
-            self.router.record_request("speech", exc.status_code, time.monotonic(), stream=False)
-            await error_response(exc)(scope, receive, send)
-            return
-        self.active += 1
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            self.active -= 1
-
-
 def _route_class(router: SpeechRouter) -> type[APIRoute]:
     class ApiRoute(APIRoute):
-        """Every route: request id, Bearer auth on /v1/*, errors through the one mapping, request counting."""
+        """Every route: request id, errors through the one mapping, request counting, the random-weights header."""
 
         def get_route_handler(self) -> Callable:
             handler = super().get_route_handler()
-            path = self.path
             route_name = self.name
 
             async def wrapped(request: Request) -> Response:
@@ -91,10 +89,6 @@ def _route_class(router: SpeechRouter) -> type[APIRoute]:
                 request.state.request_id = request_id
                 request.state.started_at = time.monotonic()
                 try:
-                    if path.startswith("/v1/"):
-                        router.check_api_key(request.headers.get("authorization"))
-                    # before FastAPI reads (and spools) the body
-                    router.check_body_size(route_name, request.headers.get("content-length"))
                     response = await handler(request)
                 except ClientDisconnected:
                     router.record_request(route_name, STATUS_CLIENT_CLOSED, request.state.started_at, stream=False)
@@ -115,17 +109,81 @@ def _route_class(router: SpeechRouter) -> type[APIRoute]:
     return ApiRoute
 
 
+# -- speech responses ---------------------------------------------------------------------------------------------
+
+def speech_response(router: SpeechRouter, result: SpeechFile | SpeechStream, req: SpeechRequest, request_id: str,
+                    started_at: float) -> Response:
+    if isinstance(result, SpeechFile):
+        router.record_request("speech", 200, started_at, stream=False)
+        return Response(result.audio, media_type=result.media_type)
+    if req.stream_format == "sse":
+        return EventSourceResponse(_sse_body(router, result, request_id, started_at),
+                                   headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return StreamingResponse(_audio_body(router, result, request_id, started_at), media_type=result.media_type)
+
+
+async def _audio_body(router: SpeechRouter, stream: SpeechStream, request_id: str,
+                      started_at: float) -> AsyncIterator[bytes]:
+    status = 200
+    num_bytes = 0
+    try:
+        async for data in stream.chunks:
+            num_bytes += len(data)
+            yield data
+    except asyncio.CancelledError:
+        status = STATUS_CLIENT_CLOSED
+        logger.info("%s: client disconnected; cancelled", request_id)
+        raise
+    except Exception as exc:  # headers are sent: the status cannot change, so the body is cut off
+        api_error = to_api_error(exc)
+        status = api_error.status_code
+        logger.error("%s: audio stream failed after %d bytes (%d %s): %s", request_id, num_bytes, status,
+                     api_error.body.error.code, api_error.body.error.message)
+        raise StreamInterrupted(f"{request_id}: audio stream failed after {num_bytes} bytes") from exc
+    finally:
+        await stream.chunks.aclose()
+        router.record_request("speech", status, started_at, stream=True)
+
+
+async def _sse_body(router: SpeechRouter, stream: SpeechStream, request_id: str,
+                    started_at: float) -> AsyncIterator[bytes]:
+    status = 200
+    try:
+        async for event in router.speech_events(stream):
+            yield format_sse_event(data_str=event.model_dump_json())
+    except asyncio.CancelledError:
+        status = STATUS_CLIENT_CLOSED
+        logger.info("%s: client disconnected; cancelled", request_id)
+        raise
+    except Exception as exc:  # the stream ends with the same error object as a JSON error body
+        api_error = to_api_error(exc)
+        status = api_error.status_code
+        logger.error("%s: SSE stream ended by error %d: %s", request_id, status, exc)
+        yield api_error.to_sse_event()
+    finally:
+        await stream.chunks.aclose()
+        router.record_request("speech", status, started_at, stream=True)
+
+
+# -- the app ------------------------------------------------------------------------------------------------------
+
 def build_app(router: SpeechRouter) -> FastAPI:
-    """The FastAPI app over `router`. Routes are thin: parse, call the router, return its model."""
+    """The FastAPI app over `router`. Routes are thin: parse, call the router, turn its result into a response."""
     app = FastAPI(title="Chatterbox TTS", version="0.1.0",
-                  description="OpenAI-compatible text-to-speech served by Chatterbox on Ray Serve.")
+                  description="OpenAI-compatible text-to-speech served by Chatterbox on Ray Serve. Speech streams "
+                  "by default (chunked transfer encoding), as OpenAI's does; `stream: false` returns a whole file. "
+                  "With API keys configured, every route but /healthz and /readyz needs `Authorization: Bearer "
+                  "<key>`. Every error is `{\"error\": {message, type, param, code}}`.")
     api = APIRouter(route_class=_route_class(router))
 
-    @api.post("/v1/audio/speech", name="speech", response_class=Response,
-              responses={200: {"content": {"audio/mpeg": {}, "text/event-stream": {}}}})
+    @api.post("/v1/audio/speech", name="speech", response_class=Response, description=SPEECH_DESCRIPTION,
+              responses={200: {"content": {"audio/mpeg": {}, "audio/ogg": {}, "audio/aac": {}, "audio/flac": {},
+                                           "audio/wav": {}, "audio/pcm": {}, "text/event-stream": {}},
+                               "description": "The audio (streamed unless `stream: false`), or SSE events."}})
     async def create_speech(body: SpeechRequest, request: Request) -> Response:
-        return await router.create_speech(body, request.state.request_id, request.state.started_at,
-                                          _wait_for_disconnect(request))
+        state = request.state
+        result = await router.create_speech(body, state.request_id, state.started_at, _wait_for_disconnect(request))
+        return speech_response(router, result, body, state.request_id, state.started_at)
 
     @api.get("/v1/models", name="models")
     async def list_models() -> ModelList:
@@ -165,7 +223,12 @@ def build_app(router: SpeechRouter) -> FastAPI:
         return await router.ready()
 
     app.include_router(api)
+    # Middlewares, outermost first (add_middleware puts each new one outside the ones added before it):
+    #   ApiKeyAuth (anonymous requests read no body) -> BodySizeLimit (bytes that arrive) -> SpeechAdmission
+    #   (speech slots) -> routes.
     app.add_middleware(SpeechAdmission, router=router)
+    app.add_middleware(BodySizeLimit, router=router)
+    app.add_middleware(ApiKeyAuth, router=router)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

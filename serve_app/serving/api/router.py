@@ -1,12 +1,11 @@
-"""The speech router: OpenAI-compatible speech API logic over the T3, S3Gen and voice stages.
+"""The speech service: OpenAI-compatible speech API logic over the T3, S3Gen and voice stages, without HTTP.
 
-`SpeechRouter` is a plain class (no Ray decorators): stage handles, settings, the watermarker and metrics come in
-through its constructor, so tests pass fakes. `api.build_app(router)` returns the FastAPI app whose thin routes
-call it. A Ray Serve ingress wraps both with the late-bound form of `@serve.ingress` (Ray 2.60 calls
-`__serve_build_asgi_app__` on the replica after `__init__`):
-
-    from serve_app.serving.api.app import build_app
-    from serve_app.serving.api.router import SpeechRouter
+`SpeechRouter` returns data (wire models, `SpeechFile`, `SpeechStream`, async iterators of SSE event models) or
+raises the typed errors of errors.py; it never builds a response. `api.app.build_app(router)` is the FastAPI app
+whose thin routes call it and turn its results into `Response`, `StreamingResponse` and SSE frames (vLLM's
+`serving` vs `api_router` split). Stage handles, settings, the watermarker and metrics come in through the
+constructor, so tests pass fakes. A Ray Serve ingress (ingress.py) wraps both with the late-bound form of
+`@serve.ingress` (Ray 2.60 calls `__serve_build_asgi_app__` on the replica after `__init__`):
 
     @serve.deployment
     @serve.ingress()
@@ -16,35 +15,29 @@ call it. A Ray Serve ingress wraps both with the late-bound form of `@serve.ingr
 
         def __serve_build_asgi_app__(self):
             return build_app(self.router)
-
-Endpoints: POST /v1/audio/speech, GET /v1/models[/{id}], POST|GET /v1/voices, DELETE /v1/voices/{id},
-GET /healthz, /readyz, /v1/config, /v1/memory. Every error body is `ErrorResponse` (errors.to_api_error).
 """
 from __future__ import annotations
 
 import asyncio
 import base64
-import hmac
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from fastapi.responses import Response, StreamingResponse
 
 from serve_app.serving.audio import AudioEncoder, change_speed, decode_upload, encode_audio, to_wav_bytes
 from serve_app.serving.pipeline.chunking import chunk_text
 from serve_app.contracts import BUILTIN_VOICE, SAMPLE_RATE, SynthesisParams, VoiceInfo
 from serve_app.serving.errors import (
-    AuthenticationError,
     InvalidRequestError,
     NotFoundError,
     PayloadTooLargeError,
     ServiceUnavailableError,
     UnsupportedMediaError,
     VoiceNotFoundError,
-    to_api_error,
 )
 from serve_app.serving.pipeline.pipeline import PipelineConfig, PipelineStats, SpeechPipeline
 from serve_app.serving.protocol import (
@@ -75,10 +68,6 @@ from serve_app.serving.pipeline.audio_out import (
 logger = logging.getLogger(__name__)
 
 _DEFAULT = object()
-RANDOM_WEIGHTS_HEADER = "X-Chatterbox-Random-Weights"
-MAX_JSON_BODY_BYTES = 1024 * 1024  # a 4096-character input with every knob is far below this
-MULTIPART_OVERHEAD_BYTES = 64 * 1024
-STATUS_CLIENT_CLOSED = 499  # nginx's convention for "client closed the request", used in logs and metrics
 
 
 class SpeechRouter:
@@ -106,8 +95,8 @@ class SpeechRouter:
         self._metrics = metrics
         self._broken_metrics: set[str] = set()
         if self.settings.is_random_weights:
-            logger.warning("Serving RANDOM weights (%s): audio is noise; responses carry %s: true",
-                           self.settings.checkpoint_source, RANDOM_WEIGHTS_HEADER)
+            logger.warning("Serving RANDOM weights (%s): audio is noise; every response says so (a header, "
+                           "/v1/models)", self.settings.checkpoint_source)
 
     # -- metrics --------------------------------------------------------------------------------------------------
 
@@ -132,33 +121,6 @@ class SpeechRouter:
         if stream is not None:
             self.record("request_duration_seconds", "observe", time.monotonic() - started_at, route=route,
                         stream=str(stream).lower(), status=str(status))
-
-    # -- auth -----------------------------------------------------------------------------------------------------
-
-    def check_api_key(self, authorization: str | None) -> None:
-        if not self.settings.api_keys:
-            return
-        scheme, _, key = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not key:
-            raise AuthenticationError("Missing API key: send 'Authorization: Bearer <key>'.", code="missing_api_key")
-        if not any(hmac.compare_digest(key.strip().encode(), k.encode()) for k in self.settings.api_keys):
-            raise AuthenticationError("Incorrect API key.", code="invalid_api_key")
-
-    def check_body_size(self, route_name: str, content_length: str | None) -> None:
-        """Rejects an oversized body from its Content-Length, before it is read."""
-        try:
-            declared = int(content_length or 0)
-        except ValueError:
-            raise InvalidRequestError("Content-Length is not a number.", code="bad_content_length") from None
-        if route_name == "voices_create":
-            limit = self.settings.max_voice_upload_bytes + MULTIPART_OVERHEAD_BYTES
-            if declared > limit:
-                raise PayloadTooLargeError(f"The upload is {declared} bytes; the limit is "
-                                           f"{self.settings.max_voice_upload_bytes} bytes. Send a shorter clip.",
-                                           param="file", code="file_too_large")
-        elif declared > MAX_JSON_BODY_BYTES:
-            raise PayloadTooLargeError(f"The request body is {declared} bytes; the limit is {MAX_JSON_BODY_BYTES}.",
-                                       code="body_too_large")
 
     # -- models, config, health -----------------------------------------------------------------------------------
 
@@ -273,40 +235,38 @@ class SpeechRouter:
                                  max_new_tokens=self.settings.max_new_tokens)
         return chunks, await self.resolve_voice(req.voice_name), params
 
-    def _headers(self, request_id: str) -> dict[str, str]:
-        headers = {"X-Request-Id": request_id}
-        if self.settings.is_random_weights:
-            headers[RANDOM_WEIGHTS_HEADER] = "true"
-        return headers
-
     async def create_speech(self, req: SpeechRequest, request_id: str, started_at: float,
-                            is_disconnected: Callable[[], Any] | None = None) -> Response:
+                            wait_for_disconnect: Callable[[], Awaitable[Any]] | None = None
+                            ) -> SpeechFile | SpeechStream:
+        """The request's audio: a whole file (`stream: false`) or a stream whose first piece is already made.
+
+        Errors before any audio exists (bad input, unknown voice, 429 backpressure, 503 unavailable stage) are
+        raised here, so they keep their HTTP status. `wait_for_disconnect` returns when the client has gone; the
+        work is then cancelled and `ClientDisconnected` raised."""
         chunks, voice_id, params = await self.prepare(req)
         logger.info("%s: %d chars in %d chunk(s), voice=%s format=%s stream=%s", request_id, len(req.input),
                     len(chunks), voice_id, req.response_format, req.is_streaming)
+        media_type = AudioEncoder(req.response_format).media_type
         if not req.is_streaming:
             synth = self._synthesize_file(req, request_id, chunks, voice_id, params)
-            body = await (synth if is_disconnected is None else cancel_on_disconnect(synth, is_disconnected))
+            audio = await (synth if wait_for_disconnect is None else cancel_on_disconnect(synth, wait_for_disconnect))
             self.record("time_to_first_audio_seconds", "observe", time.monotonic() - started_at, route="speech",
                         stream="false")
-            self.record_request("speech", 200, started_at, stream=False)
-            return Response(body, media_type=AudioEncoder(req.response_format).media_type,
-                            headers=self._headers(request_id))
-        # Streams are primed: the first audio is made before the response starts, so stage errors that come
-        # first (backpressure 429, unavailable 503, unknown voice in a stage) still get their HTTP status.
+            return SpeechFile(audio, media_type)
         stats = PipelineStats()
         encoded = self._stream_encoded(req, request_id, chunks, voice_id, params, stats)
         primed = prime(encoded)
-        first = await (primed if is_disconnected is None else cancel_on_disconnect(primed, is_disconnected))
+        first = await (primed if wait_for_disconnect is None else cancel_on_disconnect(primed, wait_for_disconnect))
         self.record("time_to_first_audio_seconds", "observe", time.monotonic() - started_at, route="speech",
                     stream="true")
-        if req.stream_format == "sse":
-            return StreamingResponse(self._stream_sse(first, encoded, req, request_id, stats, started_at),
-                                     media_type="text/event-stream",
-                                     headers={**self._headers(request_id), "Cache-Control": "no-cache"})
-        return StreamingResponse(self._stream_audio(first, encoded, request_id, started_at),
-                                 media_type=AudioEncoder(req.response_format).media_type,
-                                 headers=self._headers(request_id))
+        return SpeechStream(_prepend(first, encoded), media_type, len(req.input), stats)
+
+    async def speech_events(self, stream: SpeechStream) -> AsyncIterator[SpeechAudioDeltaEvent | SpeechAudioDoneEvent]:
+        """A stream's audio as OpenAI's SSE events: `speech.audio.delta` per piece, then `speech.audio.done`
+        with usage. Errors are raised to the caller, which ends the SSE stream with an `error` event."""
+        async for data in stream.chunks:
+            yield SpeechAudioDeltaEvent(audio=base64.b64encode(data).decode())
+        yield SpeechAudioDoneEvent(usage=stream.usage())
 
     async def _synthesize_file(self, req: SpeechRequest, request_id: str, chunks: list[str], voice_id: str,
                                params: SynthesisParams) -> bytes:
@@ -336,56 +296,42 @@ class SpeechRouter:
             if data:
                 yield data
         finally:
-            await pieces.aclose()  # cancels T3 streams still running (client gone, error)
+            await pieces.aclose()  # cancels stage calls still running (client gone, error)
             out.encoder.close()
             self.record("audio_seconds_total", "inc", out.num_samples / SAMPLE_RATE, stage="router")
 
-    async def _stream_audio(self, first: bytes | None, rest: AsyncIterator[bytes], request_id: str,
-                            started_at: float) -> AsyncIterator[bytes]:
-        status = 200
-        try:
-            if first:
-                yield first
-            async for data in rest:
-                yield data
-        except asyncio.CancelledError:
-            status = STATUS_CLIENT_CLOSED
-            logger.info("%s: client disconnected; cancelled", request_id)
-            raise
-        except Exception as exc:  # headers are sent: a raw audio stream can only end early
-            status = to_api_error(exc).status_code
-            logger.error("%s: audio stream ended by error %d: %s", request_id, status, exc)
-        finally:
-            await rest.aclose()
-            self.record_request("speech", status, started_at, stream=True)
 
-    async def _stream_sse(self, first: bytes | None, rest: AsyncIterator[bytes], req: SpeechRequest,
-                          request_id: str, stats: PipelineStats, started_at: float) -> AsyncIterator[str]:
-        status = 200
-        try:
-            if first:
-                yield _delta_event(first)
-            async for data in rest:
-                yield _delta_event(data)
-            usage = SpeechUsage(input_tokens=len(req.input), output_tokens=stats.num_speech_tokens,
-                                total_tokens=len(req.input) + stats.num_speech_tokens)
-            yield f"data: {SpeechAudioDoneEvent(usage=usage).model_dump_json()}\n\n"
-        except asyncio.CancelledError:
-            status = STATUS_CLIENT_CLOSED
-            logger.info("%s: client disconnected; cancelled", request_id)
-            raise
-        except Exception as exc:  # the stream ends with the same error object as a JSON error body
-            api_error = to_api_error(exc)
-            status = api_error.status_code
-            logger.error("%s: SSE stream ended by error %d: %s", request_id, status, exc)
-            yield api_error.to_sse_event()
-        finally:
-            await rest.aclose()
-            self.record_request("speech", status, started_at, stream=True)
+@dataclass
+class SpeechFile:
+    """A whole audio file in `media_type` (`stream: false`)."""
+
+    audio: bytes
+    media_type: str
 
 
-def _delta_event(data: bytes) -> str:
-    return f"data: {SpeechAudioDeltaEvent(audio=base64.b64encode(data).decode()).model_dump_json()}\n\n"
+@dataclass
+class SpeechStream:
+    """Encoded audio in `media_type`, made as `chunks` is consumed; closing `chunks` cancels the stage work."""
+
+    chunks: AsyncIterator[bytes]
+    media_type: str
+    num_input_chars: int
+    stats: PipelineStats
+
+    def usage(self) -> SpeechUsage:
+        """No text tokenizer runs in the router: input tokens are characters (see SpeechUsage)."""
+        return SpeechUsage(input_tokens=self.num_input_chars, output_tokens=self.stats.num_speech_tokens,
+                           total_tokens=self.num_input_chars + self.stats.num_speech_tokens)
+
+
+async def _prepend(first: bytes | None, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    try:
+        if first:
+            yield first
+        async for data in rest:
+            yield data
+    finally:
+        await rest.aclose()
 
 
 def _voice_object(info: VoiceInfo) -> VoiceObject:
