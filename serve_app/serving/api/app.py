@@ -33,6 +33,7 @@ from serve_app.serving.api.router import SpeechFile, SpeechRouter, SpeechStream
 from serve_app.serving.errors import to_api_error
 from serve_app.serving.pipeline.audio_out import ClientDisconnected
 from serve_app.serving.protocol import (
+    ErrorResponse,
     HealthResponse,
     MemoryReport,
     ModelCard,
@@ -174,7 +175,9 @@ def build_app(router: SpeechRouter) -> FastAPI:
                   "by default (chunked transfer encoding), as OpenAI's does; `stream: false` returns a whole file. "
                   "With API keys configured, every route but /healthz and /readyz needs `Authorization: Bearer "
                   "<key>`. Every error is `{\"error\": {message, type, param, code}}`.")
-    api = APIRouter(route_class=_route_class(router))
+    api = APIRouter(route_class=_route_class(router), responses={"default": {
+        "model": ErrorResponse, "description": "Any error, with its HTTP status: `{\"error\": {message, type, param, "
+        "code}}` as OpenAI's (a 429 or 503 also has Retry-After)."}})
 
     @api.post("/v1/audio/speech", name="speech", response_class=Response, description=SPEECH_DESCRIPTION,
               responses={200: {"content": {"audio/mpeg": {}, "audio/ogg": {}, "audio/aac": {}, "audio/flac": {},
