@@ -189,6 +189,52 @@ async def test_random_weights_header_and_metrics():
     assert audio_s == pytest.approx(stack.expected_samples(TEXT) / 24_000, rel=1e-3)
 
 
+# -- streaming by default ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fmt", ALL_FORMATS)
+async def test_speech_streams_by_default_and_stream_false_sends_a_whole_file(fmt):
+    stack = Stack(t3=FakeT3(step_delay_s=0.01), first_chunk_tokens=5, stream_chunk_tokens=10)
+    sent = await run_asgi_until(stack.app, {"input": TEXT, "response_format": fmt}, None, None)
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    assert start["status"] == 200 and b"content-length" not in dict(start["headers"])
+    bodies = [m for m in sent if m["type"] == "http.response.body"]
+    assert sum(1 for m in bodies if m.get("body")) >= 2 and bodies[-1].get("more_body", False) is False
+    whole = await speech(stack, input=TEXT, response_format=fmt, stream=False)
+    assert whole.status_code == 200 and int(whole.headers["content-length"]) == len(whole.content) > 0
+
+
+async def test_first_bytes_leave_before_the_audio_is_finished():
+    stack = Stack(t3=FakeT3(step_delay_s=0.02), first_chunk_tokens=5, stream_chunk_tokens=10, max_chunk_chars=80)
+    times: list[float] = []
+
+    async def send_hook(message):
+        if message["type"] == "http.response.body" and message.get("body"):
+            times.append(asyncio.get_running_loop().time())
+
+    await run_asgi_until(stack.app, {"input": LONG_TEXT, "response_format": "pcm"}, None, None, on_send=send_hook)
+    assert len(times) > 5 and times[-1] - times[0] > 0.5   # bytes kept arriving while T3 was still speaking
+
+
+async def test_streamed_wav_declares_an_unknown_length():
+    data = (await speech(Stack(), input=TEXT, response_format="wav")).content
+    assert data[:4] == b"RIFF" and data[4:8] == b"\xff\xff\xff\xff" and data[40:44] == b"\xff\xff\xff\xff"
+
+
+async def test_audio_stream_failing_after_its_first_bytes_is_cut_off():
+    """The status line is sent: the stream ends without its final chunk, so a client sees an incomplete body,
+    not a short file that looks complete; the SSE form of the same failure ends with an error event."""
+    from serve_app.serving.api.app import StreamInterrupted
+
+    stack = Stack(t3=FakeT3(fail_on_chunk=1), max_chunk_chars=40, lookahead_chunks=0)
+    sent: list[dict] = []
+    with pytest.raises(StreamInterrupted):
+        await run_asgi_until(stack.app, {"input": TEXT, "response_format": "pcm"}, None, None, sent=sent)
+    assert next(m for m in sent if m["type"] == "http.response.start")["status"] == 200
+    bodies = [m for m in sent if m["type"] == "http.response.body"]
+    assert bodies and all(m.get("more_body") for m in bodies)            # no final (more_body=False) message
+    assert stack.metrics.values("requests_total")[-1][1] == {"route": "speech", "status": "500"}
+
+
 # -- errors -----------------------------------------------------------------------------------------------------------
 
 async def test_validation_errors_are_422_in_the_one_shape():
@@ -265,10 +311,12 @@ async def test_api_keys():
 
 # -- cancellation -----------------------------------------------------------------------------------------------------
 
-async def run_asgi_until(app, body: dict, disconnect_after_body_chunks: int | None, disconnect_after_s: float | None):
-    """Drives the ASGI app by hand so the client can disconnect mid-request."""
+async def run_asgi_until(app, body: dict, disconnect_after_body_chunks: int | None, disconnect_after_s: float | None,
+                         on_send=None, sent: list[dict] | None = None):
+    """Drives the ASGI app by hand so the client can disconnect mid-request (None, None: stays connected).
+    Returns the messages the app sent (also collected in `sent`, if given, when the app raises)."""
     payload = json.dumps(body).encode()
-    sent: list[dict] = []
+    sent = [] if sent is None else sent
     disconnect = asyncio.Event()
     body_sent = False
 
@@ -285,6 +333,8 @@ async def run_asgi_until(app, body: dict, disconnect_after_body_chunks: int | No
 
     async def send(message):
         sent.append(message)
+        if on_send is not None:
+            await on_send(message)
         chunks = [m for m in sent if m["type"] == "http.response.body" and m.get("body")]
         if disconnect_after_body_chunks is not None and len(chunks) >= disconnect_after_body_chunks:
             disconnect.set()
