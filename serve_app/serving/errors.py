@@ -25,15 +25,13 @@ try:  # Ray is always installed in production; the import is guarded so the prot
     from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
     from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 
-    _UNAVAILABLE_RAY_ERRORS: tuple[type[BaseException], ...] = (
-        DeploymentUnavailableError,
-        ReplicaUnavailableError,
-        ActorDiedError,
-        ActorUnavailableError,
-    )
+    # the replica a request ran on died or became unreachable: the same request can run again on another
+    _REPLICA_LOST_ERRORS: tuple[type[BaseException], ...] = (ReplicaUnavailableError, ActorDiedError,
+                                                             ActorUnavailableError)
+    _UNAVAILABLE_RAY_ERRORS: tuple[type[BaseException], ...] = (DeploymentUnavailableError, *_REPLICA_LOST_ERRORS)
 except ImportError:  # pragma: no cover
     RayTaskError = BackPressureError = None  # type: ignore[assignment,misc]
-    _UNAVAILABLE_RAY_ERRORS = ()
+    _REPLICA_LOST_ERRORS = _UNAVAILABLE_RAY_ERRORS = ()
 
 
 class ChatterboxError(Exception):
@@ -157,6 +155,12 @@ def _unwrap(exc: BaseException) -> BaseException:
     return exc
 
 
+def is_replica_lost(exc: BaseException) -> bool:
+    """The stage replica a request ran on died or became unreachable (also when a stage saw it happen to the
+    stage it called): nothing else went wrong, and the same request can run again on a live or restarted one."""
+    return isinstance(_unwrap(exc), _REPLICA_LOST_ERRORS)
+
+
 def _validation_param(loc: tuple) -> str | None:
     parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
     return ".".join(parts) or None
@@ -182,8 +186,10 @@ def to_api_error(exc: BaseException) -> ApiError:
         return _error(429, f"{exc.message} Retry later.", "rate_limit_error", code="backpressure",
                       retry_after_s=exc.retry_after_s if exc.retry_after_s is not None else DEFAULT_RETRY_AFTER_S)
     if isinstance(exc, _UNAVAILABLE_RAY_ERRORS):
-        message = getattr(exc, "message", None) or str(exc) or type(exc).__name__
-        return _error(503, f"A model stage is unavailable: {message}", "service_unavailable_error",
+        # Ray's message goes on with the dead actor's id, pid and IP: the client gets its first line only
+        message = (getattr(exc, "message", None) or str(exc) or type(exc).__name__).strip().splitlines()[0][:200]
+        logger.warning("a model stage is unavailable: %r", exc)
+        return _error(503, f"A model stage is unavailable ({message}); retry shortly.", "service_unavailable_error",
                       code="stage_unavailable", retry_after_s=DEFAULT_RETRY_AFTER_S)
     if isinstance(exc, StarletteHTTPException):
         error_type = {401: "authentication_error", 404: "not_found_error"}.get(exc.status_code, "invalid_request_error")

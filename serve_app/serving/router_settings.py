@@ -47,6 +47,11 @@ class RouterSettings(BaseModel):
     min_voice_duration_s: float = Field(2.0, gt=0)
     max_voice_duration_s: float = Field(30.0, gt=0)
 
+    # faults
+    max_stage_retries: int = Field(
+        1, ge=0, description="Times a speech request starts again when a stage replica dies under it before any of "
+        "its audio was sent (Serve restarts the replica; the retry waits for a live one). 0: answer 503 at once.")
+
     # stage calls that are not synthesis
     probe_timeout_s: float = Field(5.0, gt=0, description="Timeout of /readyz and /v1/memory stage calls.")
 

@@ -17,15 +17,15 @@ SAMPLES = [
 ]
 
 
-def upstream_punc_norm():
-    """Upstream's function, taken from chatterbox/tts.py's source without importing it (that pulls in torch)."""
+def upstream_punc_norm(module: str = "tts.py"):
+    """Upstream's function, taken from chatterbox/<module>'s source without importing it (that pulls in torch)."""
     spec = importlib.util.find_spec("chatterbox")
     if spec is None or not spec.submodule_search_locations:
         pytest.skip("chatterbox-tts not installed")
-    source = (Path(list(spec.submodule_search_locations)[0]) / "tts.py").read_text()
+    source = (Path(list(spec.submodule_search_locations)[0]) / module).read_text()
     node = next(n for n in ast.parse(source).body if isinstance(n, ast.FunctionDef) and n.name == "punc_norm")
     namespace: dict = {}
-    exec(compile(ast.Module(body=[node], type_ignores=[]), "chatterbox/tts.py", "exec"), namespace)
+    exec(compile(ast.Module(body=[node], type_ignores=[]), f"chatterbox/{module}", "exec"), namespace)
     return namespace["punc_norm"]
 
 
@@ -36,6 +36,15 @@ def test_punc_norm_matches_upstream():
     fuzz = ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 40))) for _ in range(500)]
     for text in SAMPLES + fuzz:
         assert punc_norm(text) == upstream(text), repr(text)
+
+
+def test_multilingual_punc_norm_matches_upstream_mtl():
+    upstream = upstream_punc_norm("mtl_tts.py")
+    rng = random.Random(1)
+    alphabet = "abc 我们。！？，、.,;:!?-—…“”\n"
+    fuzz = ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 40))) for _ in range(500)]
+    for text in SAMPLES + fuzz + ["我们去公园散步吧！", "你好。", "列表、"]:
+        assert punc_norm(text, multilingual=True) == upstream(text), repr(text)
 
 
 def test_short_input_is_exactly_one_punc_norm_chunk():
@@ -91,3 +100,39 @@ def test_newlines_end_sentences():
 def test_tiny_limit_is_rejected_with_a_fix():
     with pytest.raises(ValueError, match="max_chunk_chars"):
         chunk_text("x", max_chunk_chars=5)
+
+
+# -- every script the multilingual model speaks -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("text,language,sentences", [
+    ("我们去公园散步吧！然后回家。你好吗？好的", "zh", ["我们去公园散步吧！", "然后回家。", "你好吗？", "好的"]),
+    ("今日は晴れです。散歩に行きましょう！「こんにちは。」と彼は言った。", "ja",
+     ["今日は晴れです。", "散歩に行きましょう！", "「こんにちは。」と彼は言った。"]),
+    ("你好吗?我很好.", "zh", ["你好吗?", "我很好."]),                     # ASCII marks without spaces
+    ("यह पहला वाक्य है। यह दूसरा है॥ और तीसरा?", "hi", ["यह पहला वाक्य है।", "यह दूसरा है॥", "और तीसरा?"]),
+    ("هل أنت بخير؟ نعم، أنا بخير.", "ar", ["هل أنت بخير؟", "نعم، أنا بخير."]),
+    ("Πού είσαι; Είμαι εδώ.", "el", ["Πού είσαι;", "Είμαι εδώ."]),
+    ("Wait; then go. Now!", "en", ["Wait; then go.", "Now!"]),            # ; ends only a Greek question
+    ("안녕하세요. 반갑습니다! 잘 지내요?", "ko", ["안녕하세요.", "반갑습니다!", "잘 지내요?"]),
+    ("Привет. Как дела? Хорошо!", "ru", ["Привет.", "Как дела?", "Хорошо!"]),
+    ("שלום. מה שלומך?", "he", ["שלום.", "מה שלומך?"]),
+])
+def test_sentence_ends_of_every_script(text, language, sentences):
+    assert split_sentences(text, language) == sentences
+
+
+def test_chinese_is_never_cut_mid_sentence():
+    """The issue's case: '我们去公园散步吧！' was cut into '我们去公园散步.' and '吧！'."""
+    sentence = "我们去公园散步吧！"
+    text = "".join([sentence, "今天天气很好。", "你想去吗？"] * 12)
+    chunks = chunk_text(text, max_chunk_chars=40, multilingual=True, language="zh")
+    assert len(chunks) > 1 and all(len(c) <= 40 for c in chunks)
+    assert "".join(chunks) == text                                  # no period added, no spaces inserted
+    assert all(c.endswith(("！", "。", "？")) for c in chunks)          # every chunk ends at a sentence end
+
+
+def test_overlong_cjk_sentence_splits_at_its_commas():
+    text = "我们去公园散步，" * 12 + "然后回家。"
+    chunks = chunk_text(text, max_chunk_chars=40, multilingual=True)
+    assert len(chunks) > 1 and all(c.endswith(("，", "。")) for c in chunks)
+    assert "".join(chunks) == text

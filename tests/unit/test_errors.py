@@ -98,3 +98,16 @@ def test_sse_error_event_shape():
     assert event.startswith(b"data: ") and event.endswith(b"\n\n") and event.count(b"\n") == 2
     payload = json.loads(event[len(b"data: "):])
     assert payload["type"] == "error" and payload["error"]["message"] == "bad"
+
+
+def test_a_dead_replica_is_503_without_rays_internals():
+    from ray.exceptions import ActorDiedError
+
+    api_error = to_api_error(ActorDiedError())
+    message = body_of(api_error)["message"]
+    assert api_error.status_code == 503 and body_of(api_error)["code"] == "stage_unavailable"
+    assert "\n" not in message and "retry" in message
+    assert errors.is_replica_lost(ActorDiedError())
+    assert errors.is_replica_lost(RayTaskError("synthesize", "tb", ActorDiedError()).as_instanceof_cause())
+    assert not errors.is_replica_lost(DeploymentUnavailableError(DeploymentID(name="T3Stage", app_name="tts")))
+    assert not errors.is_replica_lost(errors.StageError("T3 failed"))

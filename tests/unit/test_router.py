@@ -152,6 +152,14 @@ async def test_text_reaches_t3_normalised_with_params():
     assert stack.s3gen.items[0].seed == 7
 
 
+async def test_chinese_reaches_t3_in_whole_sentences():
+    stack = Stack(multilingual=True, max_chunk_chars=20)
+    text = "我们去公园散步吧！今天天气很好。你想去吗？" * 3
+    assert (await speech(stack, input=text, language="zh", response_format="pcm")).status_code == 200
+    texts = [job.text for job in stack.t3.jobs]
+    assert len(texts) > 2 and "".join(texts) == text and all(t.endswith(("！", "。", "？")) for t in texts)
+
+
 async def test_enrolled_voice_wins_over_openai_name():
     stack = Stack()
     from serve_app.contracts import VoiceInfo
@@ -284,6 +292,46 @@ async def test_unavailable_stage_is_503(stream_format):
     assert_error(response, 503, code="stage_unavailable")
     assert "retry-after" in response.headers
     assert stack.metrics.values("requests_total") == [(1, {"route": "speech", "status": "503"})]
+
+
+class S3GenLosingReplicas(FakeS3Gen):
+    """Its first `num_lost` calls fail as a call to a replica that died does (RayTaskError around ActorDiedError
+    when the stage saw T3 die, ActorDiedError when it died itself)."""
+
+    def __init__(self, num_lost: int, wrapped: bool = False, **kwargs):
+        super().__init__(**kwargs)
+        self.num_lost, self.wrapped = num_lost, wrapped
+
+    async def synthesize(self, job):
+        from ray.exceptions import ActorDiedError, RayTaskError
+
+        if self.num_lost > 0:
+            self.num_lost -= 1
+            self.jobs.append(job)
+            died = ActorDiedError()
+            raise RayTaskError("synthesize", "traceback", died).as_instanceof_cause() if self.wrapped else died
+        async for block in super().synthesize(job):
+            yield block
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+@pytest.mark.parametrize("body", [{}, {"stream": False}, {"stream_format": "sse"}])
+async def test_a_replica_lost_before_any_audio_is_retried_once(body, wrapped):
+    stack = Stack(s3gen=S3GenLosingReplicas(1, wrapped=wrapped))
+    response = await speech(stack, input=TEXT, response_format="pcm", **body)
+    assert response.status_code == 200 and len(response.content) > 0
+    lost_twice = Stack(s3gen=S3GenLosingReplicas(2, wrapped=wrapped))
+    err = assert_error(await speech(lost_twice, input=TEXT, response_format="pcm", **body), 503,
+                       code="stage_unavailable")
+    assert "retry" in err["message"] and "pid" not in err["message"]       # Ray's details stay in the log
+    no_retries = Stack(s3gen=S3GenLosingReplicas(1, wrapped=wrapped), max_stage_retries=0)
+    assert_error(await speech(no_retries, input=TEXT, response_format="pcm", **body), 503)
+
+
+async def test_other_stage_errors_are_not_retried():
+    stack = Stack(t3=FakeT3(raise_on_start=BackPressureError(num_queued_requests=5, max_queued_requests=5)))
+    assert_error(await speech(stack, input=TEXT), 429)
+    assert len(stack.t3.jobs) == 1
 
 
 async def test_sse_stream_ends_with_an_error_event_after_audio():

@@ -24,7 +24,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -38,6 +38,7 @@ from serve_app.serving.errors import (
     ServiceUnavailableError,
     UnsupportedMediaError,
     VoiceNotFoundError,
+    is_replica_lost,
 )
 from serve_app.serving.pipeline.pipeline import PipelineConfig, PipelineStats, SpeechPipeline
 from serve_app.serving.protocol import (
@@ -68,6 +69,7 @@ from serve_app.serving.pipeline.audio_out import (
 logger = logging.getLogger(__name__)
 
 _DEFAULT = object()
+T = TypeVar("T")
 
 
 class SpeechRouter:
@@ -226,7 +228,8 @@ class SpeechRouter:
         if req.language and not self.settings.multilingual:
             raise InvalidRequestError("language is only accepted by a multilingual checkpoint; drop it or serve "
                                       "the multilingual model.", param="language", code="unsupported_language")
-        chunks = chunk_text(req.input, self.settings.max_chunk_chars)
+        chunks = chunk_text(req.input, self.settings.max_chunk_chars, multilingual=self.settings.multilingual,
+                            language=req.language)
         if not chunks:
             raise InvalidRequestError("input is blank; send some text to speak.", param="input", code="empty_input")
         params = SynthesisParams(exaggeration=req.exaggeration, cfg_weight=req.cfg_weight,
@@ -247,19 +250,38 @@ class SpeechRouter:
         logger.info("%s: %d chars in %d chunk(s), voice=%s format=%s stream=%s", request_id, len(req.input),
                     len(chunks), voice_id, req.response_format, req.is_streaming)
         media_type = AudioEncoder(req.response_format).media_type
-        if not req.is_streaming:
-            synth = self._synthesize_file(req, request_id, chunks, voice_id, params)
-            audio = await (synth if wait_for_disconnect is None else cancel_on_disconnect(synth, wait_for_disconnect))
-            self.record("time_to_first_audio_seconds", "observe", time.monotonic() - started_at, route="speech",
-                        stream="false")
-            return SpeechFile(audio, media_type)
-        stats = PipelineStats()
-        encoded = self._stream_encoded(req, request_id, chunks, voice_id, params, stats)
-        primed = prime(encoded)
-        first = await (primed if wait_for_disconnect is None else cancel_on_disconnect(primed, wait_for_disconnect))
+
+        async def start_stream() -> tuple[PipelineStats, AsyncIterator[bytes], bytes | None]:
+            stats = PipelineStats()
+            encoded = self._stream_encoded(req, request_id, chunks, voice_id, params, stats)
+            return stats, encoded, await prime(encoded)   # prime closes the stream if it fails
+
+        if req.is_streaming:
+            work = self._retrying(request_id, start_stream)
+        else:
+            work = self._retrying(request_id, lambda: self._synthesize_file(req, request_id, chunks, voice_id, params))
+        result = await (work if wait_for_disconnect is None else cancel_on_disconnect(work, wait_for_disconnect))
         self.record("time_to_first_audio_seconds", "observe", time.monotonic() - started_at, route="speech",
-                    stream="true")
+                    stream=str(req.is_streaming).lower())
+        if not req.is_streaming:
+            return SpeechFile(result, media_type)
+        stats, encoded, first = result
         return SpeechStream(_prepend(first, encoded), media_type, len(req.input), stats)
+
+    async def _retrying(self, request_id: str, attempt: Callable[[], Awaitable[T]]) -> T:
+        """`attempt()`, run again (up to `max_stage_retries` times) when a stage replica died under it. Only work
+        that has sent the client nothing comes here, so running it again is invisible but for the time."""
+        retries = 0
+        while True:
+            try:
+                return await attempt()
+            except Exception as exc:
+                if retries >= self.settings.max_stage_retries or not is_replica_lost(exc):
+                    raise
+                retries += 1
+                logger.warning("%s: a stage replica was lost before any audio was sent (%s); starting again "
+                               "(retry %d of %d)", request_id, type(exc).__name__, retries,
+                               self.settings.max_stage_retries)
 
     async def speech_events(self, stream: SpeechStream) -> AsyncIterator[SpeechAudioDeltaEvent | SpeechAudioDoneEvent]:
         """A stream's audio as OpenAI's SSE events: `speech.audio.delta` per piece, then `speech.audio.done`
