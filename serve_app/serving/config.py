@@ -77,7 +77,9 @@ class DeploymentSettings(_Model):
     max_ongoing_requests: int = Field(16, ge=1, description="Requests one replica runs at once.")
     max_queued_requests: int = Field(
         64, ge=-1, description="Requests waiting for a replica before callers get a BackPressureError (-1: no cap).")
-    health_check_period_s: float = Field(10.0, gt=0)
+    health_check_period_s: float = Field(
+        2.0, gt=0, description="How often Serve checks each replica: a replica that died is replaced after at most "
+        "this long (Ray's default, 10 s, made recovery from a crash 10 s slower; the check is cheap).")
     graceful_shutdown_timeout_s: float = Field(20.0, ge=0)
 
     @model_validator(mode="before")

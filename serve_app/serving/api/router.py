@@ -111,6 +111,8 @@ class SpeechRouter:
         return self._metrics
 
     def record(self, name: str, method: str, value: float, **tags: str) -> None:
+        if method == "inc" and value <= 0:
+            return  # Ray counters refuse 0 (a stream that failed before any audio)
         try:
             getattr(getattr(self.metrics, name), method)(value, tags=tags)
         except Exception:  # noqa: BLE001 - metrics never fail a request, but a broken one is reported once
