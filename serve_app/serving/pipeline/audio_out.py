@@ -101,3 +101,11 @@ async def cancel_on_disconnect(coro, is_disconnected: Callable[[], Any]):
         for task in (work, watcher):
             if not task.done():
                 task.cancel()
+                # a cancelled Ray receive ends with TaskCancelledError, not CancelledError: retrieve it, or asyncio
+                # logs "Task exception was never retrieved"
+                task.add_done_callback(_retrieve)
+
+
+def _retrieve(task: asyncio.Future) -> None:
+    if not task.cancelled():
+        task.exception()
