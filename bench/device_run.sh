@@ -15,13 +15,18 @@ export CHATTERBOX_WATERMARK=false HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1   # the wh
 CKPT=${CKPT:-/tmp/chatterbox-full}
 python3 -m serve_app.cli make-checkpoint "$CKPT" --preset full 2>&1 | tail -2
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
-# `gpu-tests` runs tests/gpu or $GPU_TESTS (pytest is in the bundle); anything else is bench/bench_<name>.py.
+# `gpu-tests` runs tests/gpu or $GPU_TESTS (pytest is in the bundle), `soak` bench/soak.py on deploy/gpu-1x.yaml;
+# anything else is bench/bench_<name>.py.
 # BENCH_ARGS are passed to every bench; STEP_TIMEOUT bounds each step (seconds) so one hang cannot eat the whole device call.
 for b in "$@"; do
   echo ">> $b"
   if [ "$b" = gpu-tests ]; then
     timeout "${STEP_TIMEOUT:-600}" python3 -m pytest ${GPU_TESTS:-tests/gpu} -q -p no:cacheprovider -x 2>&1 \
       | tee "$OUT/gpu-tests.log" | tail -15 || true
+  elif [ "$b" = soak ]; then   # the served app under sustained load, VRAM over time (bench/soak.py)
+    timeout "${STEP_TIMEOUT:-600}" python3 -m bench.soak --serve "${SOAK_CONFIG:-deploy/gpu-1x.yaml}" \
+      --checkpoint "$CKPT" --out "$OUT" ${SOAK_ARGS:---minutes 5 --concurrency 32} 2>&1 \
+      | tee "$OUT/soak.log" | grep -v -i warning | tail -40 || true
   else
     timeout "${STEP_TIMEOUT:-600}" python3 -m "bench.bench_$b" --checkpoint "$CKPT" --out "$OUT" ${BENCH_ARGS:-} 2>&1 \
       | tee "$OUT/bench_$b.log" | grep -v -i warning | tail -40 || true
