@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import time
 import wave
 from collections import defaultdict
 
@@ -127,25 +128,49 @@ def test_openai_sdk_every_format(oai, reference, fmt):
 
 
 def test_openai_sdk_streaming_response(oai, reference):
+    """An unmodified SDK client streams: no `stream` field, the body arrives in pieces as it is made."""
     num_tokens, _ = reference
     with oai.audio.speech.with_streaming_response.create(model="tts-1", voice="default", input=TEXT,
-                                                         response_format="pcm",
-                                                         extra_body={"seed": SEED, "stream": True}) as response:
+                                                         response_format="pcm", extra_body={"seed": SEED}) as response:
+        assert "content-length" not in response.headers
         pieces = list(response.iter_bytes())
     samples, _ = decode(b"".join(pieces), "pcm")
     assert samples.size == num_tokens * SAMPLES_PER_TOKEN
 
 
-def test_streaming_audio_chunks_with_httpx(http, reference):
+def test_first_bytes_arrive_long_before_the_end(oai):
+    """The issue's case: an SDK client used to get its first byte only when the whole request was done."""
+    text = " ".join(f"Sentence number {i} of a passage long enough to take a while." for i in range(6))
+    t0 = time.monotonic()
+    with oai.audio.speech.with_streaming_response.create(model="tts-1", voice="alloy", input=text,
+                                                         response_format="mp3") as response:
+        pieces = response.iter_bytes()
+        first = next(pieces)
+        first_s = time.monotonic() - t0
+        rest = b"".join(pieces)
+    total_s = time.monotonic() - t0
+    assert first and rest
+    assert first_s < 0.5 * total_s, (first_s, total_s)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_streamed_by_default_and_whole_with_stream_false(http, reference, fmt):
     num_tokens, _ = reference
-    with http.stream("POST", "/v1/audio/speech", json={"input": TEXT, "seed": SEED, "response_format": "wav",
-                                                        "stream": True}) as r:
-        assert r.status_code == 200
-        assert "content-length" not in r.headers
-        data = b"".join(r.iter_bytes())
-    assert data[:4] == b"RIFF"
-    samples = np.frombuffer(data[44:], "<i2")   # streamed wav declares an unknown size: read past the header
-    assert samples.size == num_tokens * SAMPLES_PER_TOKEN
+    with http.stream("POST", "/v1/audio/speech", json={"input": TEXT, "seed": SEED, "response_format": fmt}) as r:
+        assert r.status_code == 200 and "content-length" not in r.headers
+        assert r.headers.get("transfer-encoding") == "chunked"
+        streamed = b"".join(r.iter_bytes())
+    whole = http.post("/v1/audio/speech", json={"input": TEXT, "seed": SEED, "response_format": fmt,
+                                                "stream": False})
+    assert whole.status_code == 200 and int(whole.headers["content-length"]) == len(whole.content)
+    expected_s = num_tokens * SAMPLES_PER_TOKEN / SAMPLE_RATE
+    for data in (streamed, whole.content):
+        if fmt == "wav" and data is streamed:   # streamed wav declares an unknown size: read past the header
+            assert data[:4] == b"RIFF" and data[4:8] == b"\xff\xff\xff\xff"
+            samples, rate = np.frombuffer(data[44:], "<i2"), SAMPLE_RATE
+        else:
+            samples, rate = decode(data, fmt)
+        assert abs(samples.size / rate - expected_s) <= TOLERANCE_S[fmt] + 1e-9, (fmt, samples.size / rate)
 
 
 def test_voices_enroll_list_use_delete(http, oai):
@@ -200,13 +225,31 @@ def test_voice_upload_errors(http):
     assert r.status_code == 415, r.text
 
 
-def test_auth(app):
+@pytest.mark.parametrize("body", [{"input": "hi"}, {"input": "hi", "stream": False},
+                                  {"input": "hi", "stream_format": "sse"}])
+def test_auth(app, body):
     with httpx.Client(base_url=app.base_url, timeout=30) as anonymous:
-        r = anonymous.post("/v1/audio/speech", json={"input": "hi"})
+        r = anonymous.post("/v1/audio/speech", json=body)
         assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
-        r = anonymous.get("/v1/models", headers={"Authorization": "Bearer wrong"})
-        assert r.status_code == 401
+        assert r.json()["error"]["code"] == "missing_api_key"
+        r = anonymous.post("/v1/audio/speech", json=body, headers={"Authorization": "Bearer wrong"})
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        for path in ("/v1/models", "/v1/voices", "/v1/config", "/v1/memory", "/openapi.json", "/docs"):
+            assert anonymous.get(path).status_code == 401, path
         assert anonymous.get("/healthz").status_code == 200   # probes need no key
+        assert anonymous.get("/readyz").status_code == 200
     bad = openai.OpenAI(base_url=f"{app.base_url}/v1", api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         bad.audio.speech.create(model="tts-1", voice="alloy", input="hi")
+    with pytest.raises(openai.AuthenticationError):
+        with bad.audio.speech.with_streaming_response.create(model="tts-1", voice="alloy", input="hi"):
+            pass
+
+
+def test_keys_appear_in_no_log_and_not_in_config(app, http):
+    config = http.get("/v1/config").json()
+    assert config["auth_enabled"] is True and API_KEY not in json.dumps(config)
+    logs = app.root / "ray" / "session_latest" / "logs"
+    assert logs.is_dir()
+    leaked = [p.name for p in logs.rglob("*") if p.is_file() and API_KEY.encode() in p.read_bytes()]
+    assert not leaked, f"the API key is written in {leaked}"
