@@ -22,7 +22,6 @@ import json
 import logging
 import random
 import shutil
-import statistics
 import subprocess
 import time
 from collections import Counter

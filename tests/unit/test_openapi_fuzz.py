@@ -5,12 +5,12 @@ from __future__ import annotations
 import schemathesis
 from hypothesis import HealthCheck, settings
 from router_fakes import Stack
+from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
     response_schema_conformance,
     status_code_conformance,
 )
-from schemathesis.checks import not_a_server_error
 
 API_KEY = "sk-fuzz"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
