@@ -15,7 +15,6 @@ AUTH = {"Authorization": f"Bearer {API_KEY}"}
 MAX_EXAMPLES = 12  # per operation; a speech example that is accepted costs a second or more on CPU
 
 
-@schemathesis.check
 def openai_shaped_error(ctx, response, case) -> bool | None:
     if response.status_code < 400:
         return None
