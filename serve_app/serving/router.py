@@ -266,7 +266,8 @@ class SpeechRouter:
                                       "the multilingual model.", param="language", code="unsupported_language")
         chunks = chunk_text(req.input, self.settings.max_chunk_chars)
         if not chunks:
-            raise InvalidRequestError("input is blank; send some text to speak.", param="input", code="empty_input")
+            raise InvalidRequestError("input has nothing to speak (blank, or only control characters); send some "
+                                      "text.", param="input", code="empty_input")
         params = SynthesisParams(exaggeration=req.exaggeration, cfg_weight=req.cfg_weight,
                                  temperature=req.temperature, top_p=req.top_p, min_p=req.min_p,
                                  repetition_penalty=req.repetition_penalty, seed=req.seed, language=req.language,

@@ -194,6 +194,8 @@ async def test_input_limits_are_400():
     stack = Stack(max_input_chars=50)
     assert_error(await speech(stack, input="x" * 51), 400, param="input", code="input_too_long")
     assert_error(await speech(stack, input="   \n "), 400, param="input", code="empty_input")
+    assert_error(await speech(stack, input="\x00\x00\x00"), 400, param="input", code="empty_input")
+    assert_error(await speech(stack, input="\u200b\x1b \x7f"), 400, param="input", code="empty_input")
     assert_error(await speech(stack, input="hola", language="es"), 400, param="language")
 
 
