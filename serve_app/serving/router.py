@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 from fastapi.responses import Response, StreamingResponse
 
-from serve_app.serving.audio import AudioEncoder, change_speed, decode_upload, encode_audio, to_wav_bytes
+from serve_app.serving.audio import MEDIA_TYPES, change_speed, decode_upload, encode_audio, to_wav_bytes
 from serve_app.serving.chunking import chunk_text
 from serve_app.serving.contracts import BUILTIN_VOICE, SAMPLE_RATE, SynthesisParams, VoiceInfo
 from serve_app.serving.errors import (
@@ -291,7 +291,7 @@ class SpeechRouter:
             self.record("time_to_first_audio_seconds", "observe", time.monotonic() - started_at, route="speech",
                         stream="false")
             self.record_request("speech", 200, started_at, stream=False)
-            return Response(body, media_type=AudioEncoder(req.response_format).media_type,
+            return Response(body, media_type=MEDIA_TYPES[req.response_format],
                             headers=self._headers(request_id))
         # Streams are primed: the first audio is made before the response starts, so stage errors that come
         # first (backpressure 429, unavailable 503, unknown voice in a stage) still get their HTTP status.
@@ -306,7 +306,7 @@ class SpeechRouter:
                                      media_type="text/event-stream",
                                      headers={**self._headers(request_id), "Cache-Control": "no-cache"})
         return StreamingResponse(self._stream_audio(first, encoded, request_id, started_at),
-                                 media_type=AudioEncoder(req.response_format).media_type,
+                                 media_type=MEDIA_TYPES[req.response_format],
                                  headers=self._headers(request_id))
 
     async def _synthesize_file(self, req: SpeechRequest, request_id: str, chunks: list[str], voice_id: str,

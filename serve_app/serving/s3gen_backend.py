@@ -16,7 +16,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from .contracts import SAMPLES_PER_TOKEN, StreamState, VocodeJob, VocodeResult, VoiceConds
+from .contracts import StreamState, VocodeJob, VocodeResult, VoiceConds
 
 log = logging.getLogger(__name__)
 
@@ -132,8 +132,3 @@ class EngineS3GenBackend:
             results.append(VocodeResult(job.request_id, np.asarray(audio, np.float32).reshape(-1),
                                         None if job.finalize else state))
         return results
-
-
-def expected_num_samples(num_tokens: int) -> int:
-    """One-shot output length of upstream S3Gen for `num_tokens` speech tokens (no trimming, only a fade-in)."""
-    return num_tokens * SAMPLES_PER_TOKEN

@@ -62,6 +62,19 @@ async def test_every_format_decodes_to_the_vocoded_length(fmt, stream):
     assert abs(samples.size / sr - expected_s) <= TOLERANCE_S[fmt] + 1e-9, (samples.size / sr, expected_s)
 
 
+@pytest.mark.parametrize("stream", [False, True])
+async def test_one_container_per_response(stream, monkeypatch):
+    """The media type comes from a table: no PyAV container is opened (and left open) just to read it."""
+    import av
+
+    opened = []
+    real_open = av.open
+    monkeypatch.setattr(av, "open", lambda *a, **k: opened.append(real_open(*a, **k)) or opened[-1])
+    response = await speech(Stack(), input="Hello there.", response_format="mp3", stream=stream)
+    assert response.status_code == 200 and response.headers["content-type"].startswith("audio/mpeg")
+    assert len(opened) == 1
+
+
 async def test_pcm_is_exact_and_the_tone_survives():
     stack = Stack()
     response = await speech(stack, input=TEXT, response_format="pcm")
