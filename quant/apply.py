@@ -75,8 +75,8 @@ def find_linears(module: nn.Module, skip: tuple[str, ...] = ()) -> list[str]:
     """Names of the float Linear modules (isinstance, so subclasses count) that a pass would replace.
 
     A Linear with a single input feature (T3's emotion_adv_fc, 1024 weights) stays float: quantizing it saves
-    nothing, and bitsandbytes' int8 CPU kernel on AVX512 machines (torch._int_mm on a [1, N] operand) returns
-    garbage for it. The estimator counts through this function too, so it agrees."""
+    nothing, and bitsandbytes' int8 CPU kernel on AVX512 machines returns garbage for it (torch._int_mm misreads
+    the strides (1, 1) of the transposed [1, N] weight). The estimator counts through this function too."""
     return [
         n for n, m in module.named_modules()
         if n and isinstance(m, nn.Linear) and m.in_features > 1 and not is_quantized_linear(m)
