@@ -33,9 +33,9 @@ from typing import Any
 import numpy as np
 from fastapi.responses import Response, StreamingResponse
 
-from serve_app.serving.audio import AudioEncoder, change_speed, decode_upload, encode_audio, to_wav_bytes
-from serve_app.serving.pipeline.chunking import chunk_text
 from serve_app.contracts import BUILTIN_VOICE, SAMPLE_RATE, SynthesisParams, VoiceInfo
+from serve_app.serving.audio import MEDIA_TYPES, change_speed, decode_upload, encode_audio, to_wav_bytes
+from serve_app.serving.pipeline.chunking import chunk_text
 from serve_app.serving.errors import (
     AuthenticationError,
     InvalidRequestError,
@@ -266,7 +266,8 @@ class SpeechRouter:
                                       "the multilingual model.", param="language", code="unsupported_language")
         chunks = chunk_text(req.input, self.settings.max_chunk_chars)
         if not chunks:
-            raise InvalidRequestError("input is blank; send some text to speak.", param="input", code="empty_input")
+            raise InvalidRequestError("input has nothing to speak (blank, or only control characters); send some "
+                                      "text.", param="input", code="empty_input")
         params = SynthesisParams(exaggeration=req.exaggeration, cfg_weight=req.cfg_weight,
                                  temperature=req.temperature, top_p=req.top_p, min_p=req.min_p,
                                  repetition_penalty=req.repetition_penalty, seed=req.seed, language=req.language,
@@ -290,7 +291,7 @@ class SpeechRouter:
             self.record("time_to_first_audio_seconds", "observe", time.monotonic() - started_at, route="speech",
                         stream="false")
             self.record_request("speech", 200, started_at, stream=False)
-            return Response(body, media_type=AudioEncoder(req.response_format).media_type,
+            return Response(body, media_type=MEDIA_TYPES[req.response_format],
                             headers=self._headers(request_id))
         # Streams are primed: the first audio is made before the response starts, so stage errors that come
         # first (backpressure 429, unavailable 503, unknown voice in a stage) still get their HTTP status.
@@ -305,7 +306,7 @@ class SpeechRouter:
                                      media_type="text/event-stream",
                                      headers={**self._headers(request_id), "Cache-Control": "no-cache"})
         return StreamingResponse(self._stream_audio(first, encoded, request_id, started_at),
-                                 media_type=AudioEncoder(req.response_format).media_type,
+                                 media_type=MEDIA_TYPES[req.response_format],
                                  headers=self._headers(request_id))
 
     async def _synthesize_file(self, req: SpeechRequest, request_id: str, chunks: list[str], voice_id: str,
