@@ -212,6 +212,13 @@ def effective_config(a) -> tuple[dict, dict]:
     return with_overrides(raw, overrides, Path(a.config)), overrides
 
 
+def upstream_checkpoint(a, ckpt_args: dict) -> str | None:
+    """The checkpoint the app will load, as upstream should: --checkpoint, the deploy file's source, or
+    CHATTERBOX_CHECKPOINT; None (random weights of the deploy file's preset) when none names one."""
+    source = a.checkpoint or ckpt_args.get("source") or os.environ.get("CHATTERBOX_CHECKPOINT")
+    return None if source == "random" else source
+
+
 # -- levels -------------------------------------------------------------------------------------------------
 
 class Budget:
@@ -341,6 +348,7 @@ async def run_levels(a, runner: LevelRunner, budget: Budget, result: dict, out: 
     async with make_client(runner.base_url) as client:
         if a.warmup_requests:
             result["warmup"] = await runner.warmup(client, a.warmup_requests)
+            await asyncio.sleep(a.metrics_settle_s)   # the warm-up's metrics reach Ray's endpoint before level 1
         longest_e2e = (result.get("warmup") or {}).get("e2e_max_s") or 10.0
         for level in plan_levels(a):
             need = a.duration_s + min(a.max_drain_s, longest_e2e) + a.metrics_settle_s
@@ -408,10 +416,11 @@ def main(argv=None) -> int:
             monitor.phase = "upstream"
             ckpt_args = args.get("checkpoint") or {}
             result["upstream"] = run_upstream(
-                checkpoint=a.checkpoint, preset=ckpt_args.get("preset", "full"), device=a.device,
+                checkpoint=upstream_checkpoint(a, ckpt_args), preset=ckpt_args.get("preset", "full"), device=a.device,
                 requests=a.upstream_requests, max_new_tokens=router_settings.get("max_new_tokens", 1000),
-                seconds_per_char=a.seconds_per_char, watermark=a.watermark, out_json=out / f"{RESULT_NAME}_upstream.json",
-                log_path=out / f"{RESULT_NAME}_upstream.log", timeout_s=min(a.upstream_max_s, 0.35 * budget.left()))
+                seconds_per_char=a.seconds_per_char, watermark=a.watermark,
+                out_json=out / f"{RESULT_NAME}_upstream.json", log_path=out / f"{RESULT_NAME}_upstream.log",
+                timeout_s=min(a.upstream_max_s, 0.35 * budget.left()))
             log.info("upstream: %s", {k: v for k, v in result["upstream"].items() if k != "per_request"})
             write_results(result, out)
 
@@ -435,6 +444,9 @@ def main(argv=None) -> int:
                                              "stream_chunk_tokens", "watermark")},
             "settings": settings,
         }
+        up_path = result["upstream"].get("checkpoint")
+        if up_path and up_path not in str(card.get("checkpoint")):
+            result["notes"].append(f"upstream loaded {up_path}, the app {card.get('checkpoint')}: not the same weights")
         if not a.skip_upstream and settings.get("max_new_tokens") != router_settings.get("max_new_tokens", 1000):
             result["notes"].append(f"upstream capped at max_new_tokens={router_settings.get('max_new_tokens', 1000)}"
                                    f" but the app serves {settings.get('max_new_tokens')}")

@@ -49,7 +49,7 @@ def markdown(result: dict) -> str:
         f"{app.get('max_seconds_per_char')} s per character (max {app.get('max_new_tokens')} tokens); "
         f"router admits {app.get('max_active_speech_requests')} speech requests at once.",
         "",
-        f"Upstream (`ChatterboxTTS`, sequential, same checkpoint and caps): "
+        "Upstream (`ChatterboxTTS`, sequential, same checkpoint and caps): "
         + (f"{_f(up_rate)} s of audio/s over {up.get('requests')} requests (e2e p50 {_f(up.get('e2e_p50_s'))} s)."
            if up_rate else f"not measured ({up.get('error') or up.get('skipped') or 'skipped'})."),
         "",
@@ -85,6 +85,15 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _concurrency_axis(ax, levels: list[dict]) -> None:
+    """Log-2 x axis labelled with the measured concurrencies as plain numbers."""
+    ax.set_xscale("log", base=2)
+    ticks = sorted({lv["concurrency"] for lv in levels})
+    if ticks:
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.minorticks_off()
+
+
 def plots(result: dict, out_dir: Path) -> list[str]:
     """Throughput and TTFA against concurrency (closed-loop levels); -> the files written."""
     try:
@@ -106,8 +115,8 @@ def plots(result: dict, out_dir: Path) -> list[str]:
             ax.plot(*zip(*pts), style, label=f"served, {'streaming' if stream else 'non-streaming'}")
     up = (result.get("upstream") or {}).get("audio_s_per_s")
     if up:
-        ax.axhline(up, color="gray", linestyle=":", label=f"upstream sequential ({up:.1f})")
-    ax.set_xscale("log", base=2)
+        ax.axhline(up, color="gray", linestyle=":", label=f"upstream, sequential ({up:.3g})")
+    _concurrency_axis(ax, closed)
     ax.set_xlabel("concurrent requests (closed loop)")
     ax.set_ylabel("seconds of audio per second")
     ax.set_title("Throughput")
@@ -124,7 +133,7 @@ def plots(result: dict, out_dir: Path) -> list[str]:
         pts = [(lv["concurrency"], lv[key]) for lv in streams if lv.get(key) is not None]
         if pts:
             ax.plot(*zip(*pts), style, label=key.removeprefix("ttfa_").removesuffix("_s"))
-    ax.set_xscale("log", base=2)
+    _concurrency_axis(ax, streams)
     ax.set_xlabel("concurrent streams (closed loop)")
     ax.set_ylabel("time to first audio, s")
     ax.set_title("Time to first audio (streaming)")

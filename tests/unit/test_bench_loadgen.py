@@ -11,8 +11,15 @@ import pytest
 
 from bench.system import prom
 from bench.system.loadgen import RequestSpec, closed_loop, fixed_batch
-from bench.system.measure import BYTES_PER_SECOND, CANCELLED, LengthCheck, RequestResult, percentile, \
-    playback_stalls, summarize
+from bench.system.measure import (
+    BYTES_PER_SECOND,
+    CANCELLED,
+    LengthCheck,
+    RequestResult,
+    percentile,
+    playback_stalls,
+    summarize,
+)
 from bench.system.server import parse_override, with_overrides
 from bench.system.texts import TEXTS, capped_audio_s, capped_tokens
 
@@ -206,3 +213,15 @@ def test_closed_loop_and_fixed_batch_record_every_request():
     assert ok and all(r.audio_s == pytest.approx(0.1) and r.ttfa_s is not None for r in ok)
     assert next(r for r in results if r.status == 429).error_code == "server_busy"
     assert sorted(str(r.status) for r in batch) == ["200", "200", "429"]
+
+
+def test_markdown_has_a_row_per_level_and_names_skipped_levels():
+    from bench.system.report import markdown
+
+    level = {"load": "closed", "concurrency": 8, "stream": True, **summarize([_stream([0.5], [1.0])], window_s=2.0),
+             "gpu_peak_mib": 1234, "stage_gpu_ms_per_audio_s": {"t3": 12.5, "s3gen": None}}
+    md = markdown({"levels": [level], "upstream": {"audio_s_per_s": 0.25},
+                   "skipped_levels": [{"load": "closed", "concurrency": 256, "stream": True, "reason": "no time"}]})
+    row = next(line for line in md.splitlines() if line.startswith("| 8 |"))
+    assert "| 0.5 | 2.0x |" in row and "| 1234 | 12.5 | - |" in row
+    assert "Skipped: 256 stream (no time)" in md
