@@ -6,10 +6,11 @@ Start: `python3 -m serve_app.cli serve --config FILE --host 127.0.0.1 --port P [
 (RAY_TMPDIR), Ray's metrics endpoint on a free port (CHATTERBOX_METRICS_PORT) and Ray's metrics reported every
 second (RAY_metrics_report_interval_ms), so a scrape after a level sees the level.
 
-Stop: SIGTERM to the server's process group (`serve` shuts Serve down and stops its private Ray head), then
-SIGKILL to whatever of the server's process tree is still alive (the tree is recorded while it runs; Ray's head
-and workers live in sessions of their own, so a process-group kill alone would miss them), then, where asked,
-`ray stop --force` (every Ray instance on the machine: only on a machine the bench has to itself).
+Stop: SIGINT to the server's process group (`serve` shuts Serve down and stops its private Ray head, also while
+still starting), then SIGTERM and SIGKILL to whatever of the server's process tree is still alive (the tree is
+recorded while it runs; Ray's head and workers live in sessions of their own, so a process-group kill alone would
+miss them), then, where asked, `ray stop --force` (every Ray instance on the machine: only on a machine the bench
+has to itself).
 """
 from __future__ import annotations
 
@@ -209,20 +210,23 @@ class AppServer:
                            f"{self.log_tail()}")
 
     def stop(self, timeout_s: float = 60.0) -> None:
-        """SIGTERM the server's group, wait, then SIGKILL every process of its tree still alive."""
+        """SIGINT the server (`serve` then shuts Serve down and stops its Ray head, also while still starting),
+        SIGTERM and SIGKILL if it hangs, then stop whatever of its recorded process tree is still alive."""
         if self.proc is None:
             return
         self.remember_tree()
-        if self.proc.poll() is None:
-            log.info("stopping the app (SIGTERM to process group %d)", self.proc.pid)
-            _signal_group(self.proc.pid, signal.SIGTERM)
+        for sig, wait_s in ((signal.SIGINT, timeout_s), (signal.SIGTERM, 10.0)):
+            if self.proc.poll() is not None:
+                break
+            log.info("stopping the app (%s to process group %d)", sig.name, self.proc.pid)
+            _signal_group(self.proc.pid, sig)
             try:
-                self.proc.wait(timeout_s)
+                self.proc.wait(wait_s)
             except subprocess.TimeoutExpired:
-                log.warning("the app did not stop within %.0f s; killing it", timeout_s)
+                log.warning("the app did not stop within %.0f s of %s", wait_s, sig.name)
         _signal_group(self.proc.pid, signal.SIGKILL)
         self.proc.wait(10)
-        self._kill_leftovers()
+        self._stop_leftovers()
         if self.ray_stop_force:
             try:
                 subprocess.run([_ray_executable(), "stop", "--force"], timeout=60, capture_output=True)
@@ -231,21 +235,25 @@ class AppServer:
         if self.ray_tmp:
             shutil.rmtree(self.ray_tmp, ignore_errors=True)
 
-    def _kill_leftovers(self, grace_s: float = 5.0) -> None:
-        """SIGKILLs processes of the recorded tree that still run (same pid and start time: the same process)."""
-        alive = [pid for pid, start in self.tree.items() if (_stat(pid) or (0, None))[1] == start]
-        if not alive:
-            return
-        deadline = time.monotonic() + grace_s   # `ray start --block` may still be stopping its own children
-        while alive and time.monotonic() < deadline:
-            time.sleep(0.5)
-            alive = [pid for pid in alive if (_stat(pid) or (0, None))[1] == self.tree[pid]]
-        for pid in alive:
-            log.warning("killing leftover process %d of the app", pid)
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+    def _alive(self) -> list[int]:
+        """Processes of the recorded tree that still run (same pid and start time: the same process)."""
+        return [pid for pid, start in self.tree.items() if (_stat(pid) or (0, None))[1] == start]
+
+    def _stop_leftovers(self, grace_s: float = 10.0) -> None:
+        """SIGTERM, then SIGKILL, the processes of the recorded tree still alive (Ray's head, raylet, workers)."""
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            alive = self._alive()
+            if not alive:
+                return
+            log.warning("%s to %d leftover processes of the app: %s", sig.name, len(alive), alive)
+            for pid in alive:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            deadline = time.monotonic() + grace_s
+            while self._alive() and time.monotonic() < deadline:
+                time.sleep(0.5)
 
 
 def _signal_group(pgid: int, sig: int) -> None:
