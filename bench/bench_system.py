@@ -189,7 +189,10 @@ def cpu_name() -> str:
 def write_results(result: dict, out: Path, final: bool = False) -> None:
     (out / f"{RESULT_NAME}.json").write_text(json.dumps(result, indent=2, default=str))
     if final:
-        result["plots"] = report.plots(result, out)
+        try:
+            result["plots"] = report.plots(result, out)
+        except Exception:  # noqa: BLE001 - the numbers matter more than the pictures
+            log.exception("plots failed")
         (out / f"{RESULT_NAME}.json").write_text(json.dumps(result, indent=2, default=str))
     (out / f"{RESULT_NAME}.md").write_text(report.markdown(result))
 
@@ -272,12 +275,12 @@ class LevelRunner:
     def _scrape(self):
         return prom.scrape(self.metrics_url) if self.metrics_url else None
 
-    async def warmup(self, client: httpx.AsyncClient, num: int) -> dict:
+    async def warmup(self, client: httpx.AsyncClient, num: int, hard_deadline_s: float) -> dict:
         """`num` streaming requests (up to 8 at once) and one non-streaming, not measured as a level."""
         t = time.monotonic()
         stream, once = self.spec_for(True, 10**6), self.spec_for(False, 2 * 10**6)
         specs = [stream(i) for i in range(num)] + ([once(0)] if self.a.nostream_levels else [])
-        results = await fixed_batch(client, specs, concurrency=min(8, num), hard_deadline_s=self.a.max_drain_s + 60,
+        results = await fixed_batch(client, specs, concurrency=min(8, num), hard_deadline_s=hard_deadline_s,
                                     model=self.model)
         ok = [r for r in results if r.ok]
         out = {"requests": len(results), "ok": len(ok), "seconds": time.monotonic() - t,
@@ -347,7 +350,8 @@ def _r(x):
 async def run_levels(a, runner: LevelRunner, budget: Budget, result: dict, out: Path, server: AppServer | None):
     async with make_client(runner.base_url) as client:
         if a.warmup_requests:
-            result["warmup"] = await runner.warmup(client, a.warmup_requests)
+            result["warmup"] = await runner.warmup(client, a.warmup_requests,
+                                                   min(a.max_drain_s + 60, max(10.0, budget.left())))
             await asyncio.sleep(a.metrics_settle_s)   # the warm-up's metrics reach Ray's endpoint before level 1
         longest_e2e = (result.get("warmup") or {}).get("e2e_max_s") or 10.0
         for level in plan_levels(a):
