@@ -234,6 +234,18 @@ class AppServer:
                 log.warning("ray stop --force failed: %s", e)
         if self.ray_tmp:
             shutil.rmtree(self.ray_tmp, ignore_errors=True)
+        self.trim_log()
+
+    def trim_log(self, max_bytes: int = 3 * 2**20, head_bytes: int = 512 * 2**10) -> None:
+        """Keeps the start-up and the end of a log past `max_bytes` (every request logs a few lines)."""
+        try:
+            data = self.log_path.read_bytes()
+        except OSError:
+            return
+        if len(data) > max_bytes:
+            cut = len(data) - (max_bytes - head_bytes)
+            self.log_path.write_bytes(data[:head_bytes] + f"\n[... {cut - head_bytes} bytes cut by the bench ...]\n"
+                                      .encode() + data[cut:])
 
     def _alive(self) -> list[int]:
         """Processes of the recorded tree that still run (same pid and start time: the same process)."""
