@@ -215,7 +215,9 @@ class AppServer:
         if self.proc is None:
             return
         self.remember_tree()
-        for sig, wait_s in ((signal.SIGINT, timeout_s), (signal.SIGTERM, 10.0)):
+        # a server still starting may not get to its Ctrl-C handling soon: the tree teardown below does the rest
+        sigint_wait_s = timeout_s if self.ready_after_s is not None else min(timeout_s, 15.0)
+        for sig, wait_s in ((signal.SIGINT, sigint_wait_s), (signal.SIGTERM, 10.0)):
             if self.proc.poll() is not None:
                 break
             log.info("stopping the app (%s to process group %d)", sig.name, self.proc.pid)
