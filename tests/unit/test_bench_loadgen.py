@@ -225,3 +225,32 @@ def test_markdown_has_a_row_per_level_and_names_skipped_levels():
     row = next(line for line in md.splitlines() if line.startswith("| 8 |"))
     assert "| 0.5 | 2.0x |" in row and "| 1234 | 12.5 | - |" in row
     assert "Skipped: 256 stream (no time)" in md
+
+
+def test_levels_that_do_not_fit_the_budget_are_skipped_and_reported():
+    from types import SimpleNamespace
+
+    from bench.system.levels import Budget, plan_levels, run_levels
+
+    a = SimpleNamespace(levels=[1, 8], nostream_levels=[8], rate=[2.0], duration_s=20.0, max_drain_s=30.0,
+                        metrics_settle_s=1.0, warmup_requests=0)
+    assert [lv["name"] for lv in plan_levels(a)] == ["c1-stream", "c8-stream", "c8-nostream", "rate2-stream"]
+
+    class FakeRunner:
+        base_url = "http://app"
+
+        def __init__(self):
+            self.ran = []
+
+        async def run(self, client, level, hard_deadline_s):
+            self.ran.append((level["name"], hard_deadline_s))
+            budget.deadline -= 40.0   # each level uses 40 s of the budget
+            return {**level, "e2e_p99_s": 5.0}
+
+    budget = Budget(45.0 + 80.0)   # 80 s after the teardown reserve: two levels of ~31 s, not a third
+    runner, result, calls = FakeRunner(), {"levels": [], "skipped_levels": []}, []
+    asyncio.run(run_levels(a, runner, budget, result, lambda: calls.append(1)))
+    assert [name for name, _ in runner.ran] == ["c1-stream", "c8-stream"]
+    assert runner.ran[0][1] == pytest.approx(50.0)   # duration + drain, within the budget
+    assert [s["name"] for s in result["skipped_levels"]] == ["c8-nostream", "rate2-stream"]
+    assert len(result["levels"]) == 2 and len(calls) == 2
