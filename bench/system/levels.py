@@ -130,9 +130,10 @@ class LevelRunner:
         out["client_loop_lag_p99_ms"] = (percentile(lags, 99) or 0.0) * 1e3
         out.update(self.stage_costs(before, after, out["audio_s"]))
         log.info("%s: %d requests, %d ok, errors %s, %.1f audio s/s, TTFA p50 %s s p95 %s s, stall-free %s, "
-                 "GPU peak %s MiB, stage GPU-ms/audio s %s", level["name"], out["requests"], out["ok"],
+                 "GPU peak %s MiB, stage GPU-ms/audio s %s, engine %s", level["name"], out["requests"], out["ok"],
                  out["errors_by_status"], out["audio_s_per_s"] or 0, _r(out["ttfa_p50_s"]), _r(out["ttfa_p95_s"]),
-                 _r(out["stall_free_fraction"]), out["gpu_peak_mib"], out["stage_gpu_ms_per_audio_s"])
+                 _r(out["stall_free_fraction"]), out["gpu_peak_mib"], out["stage_gpu_ms_per_audio_s"],
+                 {k: _r(v) for k, v in out["engine"].items()})
         return out
 
     def stage_costs(self, before, after, client_audio_s: float) -> dict:
@@ -151,8 +152,33 @@ class LevelRunner:
         stalled = prom.delta(before, after, streams, {"stall_free": "false"}) if streams else None
         app_streams = (stall_free or 0) + (stalled or 0)
         return {"app_audio_s": app_audio, "stage_busy_s": busy, "stage_gpu_ms_per_audio_s": per_audio,
-                "stage_metric_sources": sources,
+                "stage_metric_sources": sources, "engine": engine_stats(before, after),
                 "app_stall_free_fraction": (stall_free or 0) / app_streams if app_streams else None}
+
+
+def _mean(before, after, hist: str) -> float | None:
+    """Mean of a histogram over the level (delta of _sum / delta of _count)."""
+    n = prom.delta(before, after, hist + "_count")
+    t = prom.delta(before, after, hist + "_sum")
+    return t / n if n and t is not None else None
+
+
+def engine_stats(before, after) -> dict:
+    """What the stages did over the level: mean batch sizes and step times, T3 slot occupancy, and flow tokens
+    per new token vocoded (None for what the app does not export)."""
+    flow = prom.delta(before, after, "chatterbox_s3gen_flow_tokens_total")
+    new = prom.delta(before, after, "chatterbox_s3gen_speech_tokens_total")
+    return {
+        "t3_batch_mean": _mean(before, after, "chatterbox_t3_batch_size"),
+        "t3_step_mean_s": _mean(before, after, "chatterbox_t3_step_seconds"),
+        "t3_occupancy_mean": _mean(before, after, "chatterbox_t3_batch_occupancy_ratio"),
+        "t3_steps": prom.delta(before, after, "chatterbox_t3_step_seconds_count"),
+        "s3gen_batch_mean": _mean(before, after, "chatterbox_s3gen_batch_size"),
+        "s3gen_new_tokens_per_step": _mean(before, after, "chatterbox_s3gen_batch_tokens"),
+        "s3gen_step_mean_s": _mean(before, after, "chatterbox_s3gen_batch_seconds"),
+        "s3gen_steps": prom.delta(before, after, "chatterbox_s3gen_batch_seconds_count"),
+        "vocoded_per_produced_token": flow / new if flow is not None and new else None,
+    }
 
 
 def _r(x):
