@@ -51,6 +51,10 @@ class S3GenEngineConfig:
     stream_overlap_frames: int = 8       # mel frames re-vocoded and crossfaded at each stream join (160 ms)
     stream_context_tokens: int = 6       # C: already vocoded tokens a stream step runs the flow on again, their
                                          # mel as condition (streaming.py); see the class docstring
+    stream_prompt_tokens: int | None = None  # a stream's later steps condition on only the voice prompt's last
+                                         # this many tokens (None: all, up to 150). The prompt is most of a
+                                         # step's flow work (150 of ~200 tokens at 40 new); the first step and
+                                         # one-shot decodes always use all of it. Costs fidelity: see the test
     cfg_rate: float | None = None        # None: upstream inference_cfg_rate (0.7)
     enforce_eager: bool = False          # True: no CUDA graphs for the flow's euler loop (CUDA only anyway)
     graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)  # flow batches padded up to these; larger eager
@@ -77,6 +81,8 @@ class S3GenEngineConfig:
             raise ValueError(f"hift_length_bucket={self.hift_length_bucket} must be >= 1 (e.g. 16)")
         if self.length_bucket < 1:
             raise ValueError(f"length_bucket={self.length_bucket} must be >= 1")
+        if self.stream_prompt_tokens is not None and self.stream_prompt_tokens < 0:
+            raise ValueError(f"stream_prompt_tokens={self.stream_prompt_tokens} must be >= 0 or None (all)")
         if self.stream_context_tokens < 0:
             raise ValueError(f"stream_context_tokens={self.stream_context_tokens} must be >= 0 (e.g. 8)")
         if self.stream_overlap_frames < 1:

@@ -129,7 +129,7 @@ class S3GenEngine:
         return gen
 
     def _row(self, inp: VocodeInput, finalize: bool, start: int = 0,
-             context_mel: torch.Tensor | None = None) -> FlowRow:
+             context_mel: torch.Tensor | None = None, keep_prompt: int | None = None) -> FlowRow:
         """The flow's row for speech tokens [start:] of `inp` (a stream step's window: `context_mel` [80, N] are
         the condition frames of its first tokens, and its noise is read 2 start frames further on)."""
         c = inp.conds
@@ -148,6 +148,9 @@ class S3GenEngine:
             prompt = prompt[:int(torch.as_tensor(plen).reshape(-1)[0])]
         feat = c["prompt_feat"]
         feat = feat.reshape(feat.shape[-2], feat.shape[-1])                                   # [F, 80]
+        drop = 0 if keep_prompt is None else max(0, int(prompt.shape[0]) - keep_prompt)
+        if drop:   # a stream step keeps the voice prompt's last tokens and their frames (F stays 2P or 2P+1)
+            prompt, feat = prompt[drop:], feat[MEL_FRAMES_PER_TOKEN * drop:]
         return FlowRow(
             tokens=tokens,
             prompt_token=prompt.to(self.device, torch.long),
@@ -156,7 +159,7 @@ class S3GenEngine:
             seed=self.config.default_seed if inp.seed is None else int(inp.seed),
             finalize=finalize,
             context_mel=context_mel,
-            noise_offset=MEL_FRAMES_PER_TOKEN * start,
+            noise_offset=MEL_FRAMES_PER_TOKEN * (start + drop),   # new frames keep their one-shot noise
         )
 
     def _plan_row(self, inp: VocodeInput) -> tuple[FlowRow, bool, int]:
@@ -168,7 +171,8 @@ class S3GenEngine:
         if st.finished:
             raise ValueError("this stream was finalized already; start a new one with stream_state=StreamState()")
         start = window_start(st.num_tokens_vocoded, st.num_mel_frames_emitted, self.config.stream_context_tokens)
-        return self._row(inp, inp.finalize, start, context_frames(st, start)), True, start
+        return self._row(inp, inp.finalize, start, context_frames(st, start),
+                         self.config.stream_prompt_tokens), True, start
 
     # ---- the batched core -----------------------------------------------------------------------------
     @torch.inference_mode()
