@@ -4,6 +4,7 @@ for bitsandbytes or torch dynamic-int8 layers and casts the rest to the spec's d
 Where quantization happens: on the device the weights are on (or `device=`). bitsandbytes quantizes when a
 parameter is moved with `.to(device)`; since bnb 0.45 this includes `.to("cpu")` (CPU kernels, used by the
 tests), so a CPU-built model can be quantized on CPU and then moved to CUDA, or moved first and quantized on CUDA.
+On a CPU with AVX512-BF16, 4-bit layers repack themselves on their first forward: see quant/cpu_layout.py.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import logging
 import torch
 from torch import nn
 
+from quant.cpu_layout import describe_cpu_layout, prepare_cpu_layout
 from quant.spec import QuantSpec
 
 logger = logging.getLogger(__name__)
@@ -70,10 +72,15 @@ def is_skipped(name: str, skip: tuple[str, ...]) -> bool:
 
 
 def find_linears(module: nn.Module, skip: tuple[str, ...] = ()) -> list[str]:
-    """Names of the float Linear modules (isinstance, so subclasses count) that a pass would replace."""
+    """Names of the float Linear modules (isinstance, so subclasses count) that a pass would replace.
+
+    A Linear with a single input feature (T3's emotion_adv_fc, 1024 weights) stays float: quantizing it saves
+    nothing, and bitsandbytes' int8 CPU kernel on AVX512 machines returns garbage for it (torch._int_mm misreads
+    the strides (1, 1) of the transposed [1, N] weight). The estimator counts through this function too."""
     return [
         n for n, m in module.named_modules()
-        if n and isinstance(m, nn.Linear) and not is_quantized_linear(m) and not is_skipped(n, skip)
+        if n and isinstance(m, nn.Linear) and m.in_features > 1 and not is_quantized_linear(m)
+        and not is_skipped(n, skip)
     ]
 
 
@@ -130,7 +137,10 @@ def make_quantized_linear(lin: nn.Linear, spec: QuantSpec, device: torch.device,
     if spec.method == "int8" and w.device.type != "cpu":
         new.weight._quantize(device)  # Int8Params.to() only quantizes when moving off the CPU
         return new.to(device)
-    return new.to(device)  # Params4bit / Int8Params quantize here
+    new = new.to(device)  # Params4bit / Int8Params quantize here
+    if spec.method != "int8":
+        prepare_cpu_layout(new)
+    return new
 
 
 def cast_unquantized(module: nn.Module, dtype: torch.dtype, skip: tuple[str, ...] = ()) -> None:
@@ -178,5 +188,7 @@ def apply_quant(module: nn.Module, spec: QuantSpec, *, device: str | torch.devic
     cast_unquantized(module, spec.torch_dtype, spec.skip)
     if not names:
         logger.warning("%s: no nn.Linear found to quantize with %s (conv/LSTM-only module?)", label, spec.label())
-    logger.info("%s: %d Linear -> %s", label, len(names), spec.label())
+    layout = describe_cpu_layout(module) if dev.type == "cpu" else ""
+    logger.info("%s: %d Linear -> %s%s", label, len(names), spec.label(),
+                f" (4-bit CPU kernels: {layout})" if layout else "")
     return names

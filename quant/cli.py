@@ -143,6 +143,7 @@ def eval_cmd(
     """Fidelity of each strategy against the float reference: T3 logits and S3Gen flow mel."""
     import torch
 
+    from quant.cpu_layout import cpu_4bit_kernel
     from quant.fidelity import evaluate_specs
     from quant.strategies import resolve_strategy
 
@@ -167,12 +168,15 @@ def eval_cmd(
         t, f = res.get("t3", {}), res.get("s3gen_flow", {})
         rows.append([name, t.get("spec"), t.get("rel_err"), t.get("kl"), t.get("top1"), t.get("topk"),
                      f.get("spec"), f.get("rel_l2"), f.get("lsd_db")])
-    typer.echo(f"fidelity vs float reference on {device} ({source}, seed {seed})")
+    kernel = cpu_4bit_kernel() if torch.device(device).type == "cpu" else None
+    typer.echo(f"fidelity vs float reference on {device} ({source}, seed {seed})"
+               + (f"; 4-bit CPU kernel: {kernel} (generic for shapes it cannot pack)" if kernel else ""))
     typer.echo(markdown_table(["strategy", "t3 spec", "logit rel err", "KL", "top-1", "top-10", "flow spec",
                                "mel rel L2", "LSD dB"], rows))
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"source": source, "device": device, "seed": seed, "results": results}, indent=2))
+        out.write_text(json.dumps({"source": source, "device": device, "seed": seed, "cpu_4bit_kernel": kernel,
+                                   "results": results}, indent=2))
         typer.echo(f"wrote {out}")
 
 

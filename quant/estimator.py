@@ -9,6 +9,10 @@ Parameter counts come from the real architecture: the upstream modules are built
   int8:     numel x 1 + out_features x 4 (fp32 row scales, SCB)                     (bitsandbytes LLM.int8)
   nf4/fp4:  numel / 2 + absmax: one per 64-value block, fp32 (4 B) or, with double quant, uint8 (1 B)
             + one fp32 per 256 blocks + a 256-entry fp32 code book per layer
+            (GPU layout. On a CPU with AVX512-BF16 a 4-bit layer whose shape packs holds, after its first forward,
+            its absmax as bf16, 2 B per block, next to the statistics above, kept to save it exactly:
+            quant/cpu_layout.py. The estimator sizes GPU replicas and does not model that.)
+A Linear with one input feature stays float (quant.apply.find_linears) and is counted as such.
 Reference points measured on an H100 (`torch.cuda.memory_allocated` deltas) that the tests hold us to (10 %):
 T3 backbone bf16 960 MiB, int8 482 MiB, nf4 248 MiB; fp32 T3 2031 MiB, fp32 S3Gen 1024 MiB; upstream
 single-request peak 3476 MiB.

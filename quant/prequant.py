@@ -5,6 +5,10 @@ File layout: one safetensors file per module. Tensors are the module's state dic
 holds the packed weight plus its quant state (`weight.absmax`, `weight.quant_map`, `weight.nested_*`,
 `weight.quant_state.bitsandbytes__nf4` for 4-bit; `SCB`, `weight_format` for int8). The metadata records, per
 replaced Linear, how it was quantized, so loading needs only the float architecture.
+
+4-bit tensors are always in the layout quantize_4bit produces, never in the packed layout bitsandbytes switches
+to on a CPU with AVX512-BF16 (quant/cpu_layout.py): saving undoes that repack exactly first, so the file does not
+depend on the CPU that wrote it, and quantize -> forward -> save -> load -> forward gives the same outputs.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ import torch
 from torch import nn
 
 from quant.apply import check_spec_device, make_quantized_linear, silence_bnb_cast_warning
+from quant.cpu_layout import canonicalize, prepare_cpu_layout
 from quant.spec import QuantSpec
 
 logger = logging.getLogger(__name__)
@@ -35,7 +40,8 @@ def quantized_layers(module: nn.Module) -> dict[str, QuantSpec]:
     out = {}
     for name, m in module.named_modules():
         if isinstance(m, bnb.nn.Linear4bit):
-            out[name] = QuantSpec(m.weight.quant_type, rev[m.compute_dtype], double_quant=m.weight.compress_statistics)
+            nested = getattr(m.weight.quant_state, "nested", m.weight.compress_statistics)
+            out[name] = QuantSpec(m.weight.quant_type, rev[m.compute_dtype], double_quant=bool(nested))
         elif isinstance(m, bnb.nn.Linear8bitLt):
             dt = rev.get(m.bias.dtype, "fp32") if m.bias is not None else "bf16"
             out[name] = QuantSpec("int8", dt, int8_threshold=float(m.state.threshold))
@@ -49,6 +55,7 @@ def save_quantized(module: nn.Module, path: str | Path) -> dict[str, QuantSpec]:
     """Write `module`'s quantized state dict to `path` (safetensors). Returns the layers recorded."""
     from safetensors.torch import save_file
 
+    canonicalize(module)  # before state_dict(), whose own unpacking of a packed CPU layer is lossy
     layers = quantized_layers(module)
     state = module.state_dict()
     seen: dict[tuple[int, int], str] = {}
@@ -108,6 +115,7 @@ def load_quantized(module: nn.Module, path: str | Path, device: str | torch.devi
             prefix = f"{name}.weight."
             stats = {k[len(prefix):]: tensors.pop(k) for k in [k for k in tensors if k.startswith(prefix)]}
             new.weight = bnb.nn.Params4bit.from_prequantized(w, stats, device=dev, module=new)
+            prepare_cpu_layout(new)
         if lin.bias is not None:
             new.bias = nn.Parameter(tensors.pop(f"{name}.bias"), requires_grad=False)
         setattr(parent, child, new)

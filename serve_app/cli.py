@@ -66,19 +66,21 @@ def plan(
     print_plan(gpu_memory_gib=gpu_memory_gib, strategy=strategy, concurrency=concurrency)
 
 
-def _mount_optional(name: str, module: str, help_text: str) -> None:
-    """Sub-apps owned by other packages (quant/, bench/) plug in here when present."""
+def _mount(name: str, module: str, help_text: str) -> None:
+    """Sub-apps owned by other packages (quant/, bench/). They ship with this one, so one that does not import is
+    a broken install, and says so, rather than a subcommand missing from --help."""
     import importlib
 
     try:
         sub = importlib.import_module(module).app
-    except (ImportError, AttributeError):
-        return
+    except ImportError as e:
+        raise ImportError(f"`chatterbox-serve {name}` ({module}) does not import: {e}; "
+                          "reinstall the project (make setup)") from e
     app.add_typer(sub, name=name, help=help_text)
 
 
-_mount_optional("quant", "quant.cli", "Inspect, estimate and evaluate per-component quantization.")
-_mount_optional("bench", "bench.cli", "Run the GPU benchmarks (results go to bench/results/).")
+_mount("quant", "quant.cli", "Inspect, estimate and evaluate per-component quantization.")
+_mount("bench", "bench.cli", "Run the benchmarks: t3, s3gen, quant, profile-first-chunk (results go to bench/results/).")
 
 if __name__ == "__main__":
     app()

@@ -59,17 +59,6 @@ class TokenChunk:
     finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
 
 
-@dataclass
-class StreamState:
-    """Deprecated: the S3Gen engine's stream state moves into serve_app.engine.s3gen (kept until it does)."""
-
-    num_mel_frames_emitted: int = 0
-    num_samples_emitted: int = 0
-    hift_cache_source: np.ndarray | None = None   # [1, 1, S] float32
-    tail_audio: np.ndarray | None = None          # float32, kept back for the crossfade
-    extra: dict = field(default_factory=dict)
-
-
 @dataclass(frozen=True)
 class SpeechJob:
     """One text chunk for the S3Gen stage, which runs it through T3 and the vocoder."""

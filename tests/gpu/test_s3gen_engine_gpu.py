@@ -62,9 +62,10 @@ def test_stream_joins_on_gpu():
         pieces.append(audio)
         if fin:
             break
+        assert state.context_mel.is_cuda and state.tail_audio.is_cuda   # the stream state stays on the GPU
     joined = np.concatenate(pieces)
     assert joined.size == one.size
-    assert log_spectral_distance(joined, one) < 3.0
+    assert log_spectral_distance(joined, one) < 3.0   # the same stream in fp32 on CPU: 2.25 dB (C=6)
 
 
 def test_flow_graphs_match_eager(fp32_audio):
@@ -188,7 +189,7 @@ def test_prepared_conds_keep_the_prompt_length_on_the_host():
 def test_warmup_captures_what_a_new_streams_first_chunk_replays():
     """Replica warm-up with real CUDA graphs: a new stream of another voice (prompt in the same length bucket)
     replays the warm-up's flow and HiFT graphs; nothing is captured on the request path."""
-    from serve_app.contracts import StreamState
+    from serve_app.engine.s3gen import StreamState
 
     eng = S3GenEngine(fresh_s3gen("full"), S3GenEngineConfig(device="cuda", dtype="bf16"))
     assert eng.warmup(random_voice(150, 1), first_chunk_tokens=25, batch_sizes=(1, 4), progress=False) == 4

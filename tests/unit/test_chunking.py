@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from serve_app.serving.pipeline.chunking import chunk_text, punc_norm, split_sentences
+from serve_app.serving.pipeline.chunking import chunk_text, punc_norm, split_sentences, strip_unspeakable
 
 SAMPLES = [
     "", "hello", "hello world", "  lots   of   space  ", "Wait... what?", "A: b; c — d – e", "ellipsis…",
@@ -54,6 +54,17 @@ def test_short_input_is_exactly_one_punc_norm_chunk():
 
 def test_blank_input_gives_no_chunks():
     assert chunk_text("   \n ") == []
+
+
+@pytest.mark.parametrize("text", ["\x00\x00\x00", "\x00 \x1b\x7f\n", "\u200b\ufeff\u200d", "\ud800", "\x85\x9f"])
+def test_nothing_to_speak_gives_no_chunks(text):
+    assert chunk_text(text) == []
+
+
+def test_unspeakable_characters_are_dropped_from_text():
+    assert strip_unspeakable("he\x00llo\u200b wor\x1bld\tok") == "hello world\tok"
+    assert chunk_text("he\x00llo") == [punc_norm("hello")]
+    assert strip_unspeakable("plain ünïcödé text") == "plain ünïcödé text"
 
 
 def test_sentences_split_at_ends_not_at_abbreviations_or_ellipses():

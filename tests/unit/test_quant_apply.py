@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from bnb_cpu_paths import cpu_4bit_path  # noqa: F401  (fixture: both CPU paths of 4-bit layers)
 from quant.apply import apply_quant, find_linears, is_skipped
 from quant.components import quantize_model
 from quant.spec import QuantSpec
@@ -47,7 +48,7 @@ def _backbone_out(t3, x):  # x: [B, T, 1024] -> [B, T, V_speech] fp32
     (QuantSpec("fp4", "fp32", double_quant=False), "Linear4bit", 0.15),
     (QuantSpec("dynamic_int8", "fp32"), "DynamicQuantizedLinear", 0.05),
 ])
-def test_t3_backbone_methods(tiny_t3, spec, cls, budget, caplog):
+def test_t3_backbone_methods(tiny_t3, spec, cls, budget, caplog, cpu_4bit_path):
     x = torch.randn(2, 12, 1024, generator=torch.Generator().manual_seed(1))
     ref = _backbone_out(tiny_t3, x)
     t3 = copy.deepcopy(tiny_t3)

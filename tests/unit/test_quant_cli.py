@@ -40,8 +40,11 @@ def test_eval_tiny(tmp_path):
     r = runner.invoke(app, ["eval", "--preset", "tiny", "--strategies", "conservative", "--seq-len", "8",
                             "--num-tokens", "8", "--n-timesteps", "2", "--out", str(out)])
     assert r.exit_code == 0, r.output
-    res = json.loads(out.read_text())["results"]["conservative"]
+    report = json.loads(out.read_text())
+    res = report["results"]["conservative"]
     assert res["t3"]["rel_err"] < 0.05 and res["s3gen_flow"]["rel_l2"] < 0.1
+    assert report["cpu_4bit_kernel"] in ("AVX512-BF16 packed", "generic")      # what the 4-bit numbers ran on
+    assert f"4-bit CPU kernel: {report['cpu_4bit_kernel']}" in r.output
 
 
 def test_markdown_table():

@@ -9,12 +9,14 @@ Error budgets: measured on random tiny weights (seed 0), then set with ~2.5-3x m
     mixed         0.044 / 3e-4  / 0.84                0.020 / 0.24 dB
     aggressive    0.044 / 3e-4  / 0.84                0.165 / 2.0 dB
     dynamic       0.017 / 5e-5  / 0.97                0.032 / 0.39 dB
+The 4-bit numbers agree to these digits on both CPU paths (generic, and AVX512-BF16 packed: bnb_cpu_paths.py).
 """
 from __future__ import annotations
 
 import pytest
 import torch
 
+from bnb_cpu_paths import cpu_4bit_path  # noqa: F401  (fixture: both CPU paths of 4-bit layers)
 from quant.fidelity import (FidelityHooks, evaluate_specs, logit_metrics, mel_metrics, run_hooks,
                             waveform_metrics, word_error_rate)
 from quant.strategies import resolve_strategy
@@ -40,7 +42,7 @@ def tiny_models():
 
 
 @pytest.mark.parametrize("strategy", list(BUDGETS))
-def test_strategy_within_budget(tiny_models, strategy):
+def test_strategy_within_budget(tiny_models, strategy, cpu_4bit_path):
     t3, s3gen = tiny_models
     res = evaluate_specs(resolve_strategy(strategy, device="cpu"), t3=t3, s3gen=s3gen, seed=0, seq_len=32,
                          num_tokens=20, n_timesteps=4)

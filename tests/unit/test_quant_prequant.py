@@ -6,6 +6,7 @@ import copy
 import pytest
 import torch
 
+from bnb_cpu_paths import cpu_4bit_path  # noqa: F401  (fixture: both CPU paths of 4-bit layers)
 from quant.apply import apply_quant
 from quant.prequant import (load_quantized, read_layers, save_quantized, skip_init, time_load_paths)
 from quant.spec import QuantSpec
@@ -34,7 +35,7 @@ def _fwd(t3, x):  # x: [B, T, 1024] -> [B, T, 1024]
 
 @pytest.mark.parametrize("spec", [QuantSpec("int8", "bf16", int8_threshold=0.0), QuantSpec("nf4", "bf16"),
                                   QuantSpec("fp4", "fp32", double_quant=False)])
-def test_roundtrip_exact(tiny_t3, spec, tmp_path, monkeypatch):
+def test_roundtrip_exact(tiny_t3, spec, tmp_path, monkeypatch, cpu_4bit_path):
     x = torch.randn(1, 9, 1024, generator=torch.Generator().manual_seed(3))
     t3 = copy.deepcopy(tiny_t3)
     apply_quant(t3.tfmr, spec)

@@ -62,6 +62,19 @@ async def test_every_format_decodes_to_the_vocoded_length(fmt, stream):
     assert abs(samples.size / sr - expected_s) <= TOLERANCE_S[fmt] + 1e-9, (samples.size / sr, expected_s)
 
 
+@pytest.mark.parametrize("stream", [False, True])
+async def test_one_container_per_response(stream, monkeypatch):
+    """The media type comes from a table: no PyAV container is opened (and left open) just to read it."""
+    import av
+
+    opened = []
+    real_open = av.open
+    monkeypatch.setattr(av, "open", lambda *a, **k: opened.append(real_open(*a, **k)) or opened[-1])
+    response = await speech(Stack(), input="Hello there.", response_format="mp3", stream=stream)
+    assert response.status_code == 200 and response.headers["content-type"].startswith("audio/mpeg")
+    assert len(opened) == 1
+
+
 async def test_pcm_is_exact_and_the_tone_survives():
     stack = Stack()
     response = await speech(stack, input=TEXT, response_format="pcm", stream=False)
@@ -259,6 +272,8 @@ async def test_input_limits_are_400():
     stack = Stack(max_input_chars=50)
     assert_error(await speech(stack, input="x" * 51), 400, param="input", code="input_too_long")
     assert_error(await speech(stack, input="   \n "), 400, param="input", code="empty_input")
+    assert_error(await speech(stack, input="\x00\x00\x00"), 400, param="input", code="empty_input")
+    assert_error(await speech(stack, input="\u200b\x1b \x7f"), 400, param="input", code="empty_input")
     assert_error(await speech(stack, input="hola", language="es"), 400, param="language")
 
 

@@ -60,6 +60,18 @@ def test_batched_equals_alone_and_lengths(engine):
     assert np.abs(other - batched[0]).max() > 1e-3
 
 
+def test_stats_count_one_shot_work(engine):
+    """One-shot decodes: every token goes through the flow once (stream steps add context: test_s3gen_streaming)."""
+    import dataclasses
+
+    before = dataclasses.replace(engine.stats)
+    engine.vocode(_inputs())
+    s = engine.stats
+    assert s.num_tokens_in - before.num_tokens_in == s.num_flow_tokens - before.num_flow_tokens == 20 + 9 + 14
+    assert (s.num_flow_rows - before.num_flow_rows, s.num_steps - before.num_steps) == (3, 1)
+    assert s.busy_seconds > before.busy_seconds
+
+
 def test_flow_matches_upstream_with_same_noise(engine, monkeypatch):
     inp = _inputs()[0]
     row = engine._row(inp, True)

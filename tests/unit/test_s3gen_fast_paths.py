@@ -91,7 +91,7 @@ def test_warmup_captures_the_shapes_a_first_chunk_uses():
     (graphs replaced by recording fakes: CPU)."""
     from test_s3gen_graphs import RecordingGraphs
 
-    from serve_app.contracts import StreamState
+    from serve_app.engine.s3gen import StreamState
 
     eng = S3GenEngine(fresh_s3gen("tiny"), S3GenEngineConfig(n_cfm_timesteps=2))
     eng.use_graphs = True

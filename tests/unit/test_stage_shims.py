@@ -197,7 +197,7 @@ def test_voice_store_roundtrip(tmp_path):
         store.delete(BUILTIN_VOICE)
     store.delete(info.voice_id)
     assert not store.exists(info.voice_id)
-    with pytest.raises(VoiceNotFoundError):
+    with pytest.raises(VoiceNotFoundError, match="list voices with GET /v1/voices"):   # the route that exists
         store.load(info.voice_id)
     with pytest.raises(VoiceNotFoundError):
         store.load("../etc")

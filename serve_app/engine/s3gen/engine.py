@@ -3,7 +3,10 @@
     engine = S3GenEngine(s3gen, S3GenEngineConfig(dtype="bf16"))
     wavs = engine.vocode([VocodeInput(tokens, conds, seed=1), ...])           # one-shot, list[np.ndarray]
     audio, state = engine.vocode_stream_step(tokens_so_far, conds, None, finalize=False)  # streaming
+    engine.stats                                                              # S3GenEngineStats: running counters
 
+A stream step runs the flow on the voice prompt + a bounded left context + the new tokens (streaming.py), so a
+stream costs O(its length); its StreamState (device tensors) is kept by the caller, in this process.
 The engine takes an already built (and loaded) upstream S3Gen module and modifies it in place (dtype casts,
 quantization). Enrollment modules (tokenizer, speaker encoder) are never used: strip them first in a
 vocoder-only replica (`strip_enrollment_modules`).
@@ -12,19 +15,24 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from typing import Any
 
 import numpy as np
 import torch
 
-from serve_app.contracts import StreamState
-
-from .config import DTYPES, SAMPLES_PER_MEL_FRAME, S3GenEngineConfig, VocodeInput
+from .config import (
+    DTYPES, MEL_FRAMES_PER_TOKEN, PRE_LOOKAHEAD_TOKENS, SAMPLES_PER_MEL_FRAME, S3GenEngineConfig, VocodeInput,
+)
 from .flow import FlowRow, FlowRunner, use_sync_free_masks
 from .estimator import FastEstimator, supports
 from .graphs import ShapeGraphs
 from .noise import NoiseBank
-from .streaming import apply_trim_fade, crossfade, is_fresh, next_state, to_numpy, trim_fade
+from .stats import S3GenEngineStats
+from .streaming import (
+    StreamState, apply_trim_fade, context_frames, crossfade, is_fresh, keep_frames, to_numpy, trim_fade,
+    window_start,
+)
 from .transfer import to_device
 from .vocoder import HiftRow, HiftRunner, fold_weight_norm
 
@@ -104,6 +112,7 @@ class S3GenEngine:
                  config.dtype, type(estimator_fn).__name__, self.flow.graphs is not None,
                  self.hift.graphs is not None, folded)
         self._trim_fade = trim_fade().to(self.device)
+        self.stats = S3GenEngineStats()      # running counters, read by the serving layer
 
     # ---- conditioning ---------------------------------------------------------------------------------
     def prepare_conds(self, conds: Any) -> dict:
@@ -119,10 +128,16 @@ class S3GenEngine:
             gen["prompt_token_len"] = gen["prompt_token_len"].cpu()
         return gen
 
-    def _row(self, inp: VocodeInput, finalize: bool) -> FlowRow:
+    def _row(self, inp: VocodeInput, finalize: bool, start: int = 0,
+             context_mel: torch.Tensor | None = None, keep_prompt: int | None = None) -> FlowRow:
+        """The flow's row for speech tokens [start:] of `inp` (a stream step's window: `context_mel` [80, N] are
+        the condition frames of its first tokens, and its noise is read 2 start frames further on)."""
         c = inp.conds
-        tokens = torch.as_tensor(np.asarray(inp.speech_tokens) if not torch.is_tensor(inp.speech_tokens)
-                                 else inp.speech_tokens).reshape(-1)                                # [T]
+        toks = inp.speech_tokens
+        if not isinstance(toks, (list, tuple)):
+            toks = toks.reshape(-1) if torch.is_tensor(toks) else np.asarray(toks).reshape(-1)
+        window = toks[start:]                             # sliced first: host work is O(window), not O(stream)
+        tokens = window if torch.is_tensor(window) else torch.as_tensor(np.asarray(window))       # [T]
         vocab = self.flow.flow.vocab_size
         if tokens.numel() and int(tokens.max()) >= vocab:   # checked here, on the host, not inside the flow
             raise ValueError(f"speech token >= {vocab} (a special token) reached the flow; drop them first")
@@ -133,6 +148,9 @@ class S3GenEngine:
             prompt = prompt[:int(torch.as_tensor(plen).reshape(-1)[0])]
         feat = c["prompt_feat"]
         feat = feat.reshape(feat.shape[-2], feat.shape[-1])                                   # [F, 80]
+        drop = 0 if keep_prompt is None else max(0, int(prompt.shape[0]) - keep_prompt)
+        if drop:   # a stream step keeps the voice prompt's last tokens and their frames (F stays 2P or 2P+1)
+            prompt, feat = prompt[drop:], feat[MEL_FRAMES_PER_TOKEN * drop:]
         return FlowRow(
             tokens=tokens,
             prompt_token=prompt.to(self.device, torch.long),
@@ -140,7 +158,21 @@ class S3GenEngine:
             embedding=c["embedding"].reshape(-1).to(self.device, torch.float32),
             seed=self.config.default_seed if inp.seed is None else int(inp.seed),
             finalize=finalize,
+            context_mel=context_mel,
+            noise_offset=MEL_FRAMES_PER_TOKEN * (start + drop),   # new frames keep their one-shot noise
         )
+
+    def _plan_row(self, inp: VocodeInput) -> tuple[FlowRow, bool, int]:
+        """-> (the flow row, whether the request streams, the first speech token of its window)."""
+        st = inp.stream_state
+        streaming = not (inp.finalize and st is None)
+        if not streaming or is_fresh(st):
+            return self._row(inp, inp.finalize), streaming, 0
+        if st.finished:
+            raise ValueError("this stream was finalized already; start a new one with stream_state=StreamState()")
+        start = window_start(st.num_tokens_vocoded, st.num_mel_frames_emitted, self.config.stream_context_tokens)
+        return self._row(inp, inp.finalize, start, context_frames(st, start),
+                         self.config.stream_prompt_tokens), True, start
 
     # ---- the batched core -----------------------------------------------------------------------------
     @torch.inference_mode()
@@ -148,21 +180,23 @@ class S3GenEngine:
         """One-shot and streaming requests in one call. -> per input (new audio [N] float32, state).
         One-shot (finalize=True, stream_state=None): all audio, state None. Streaming: the audio since the last
         call and the state to pass next time (stream_state=StreamState() or None on the first call of a stream
-        that is marked streaming by finalize=False)."""
+        that is marked streaming by finalize=False). `speech_tokens` is always the stream's whole prefix; the
+        flow runs on the window the state's counters select (streaming.py)."""
         if not batch:
             return []
+        t0 = time.perf_counter()
         K = self.config.stream_overlap_frames
-        rows = [self._row(inp, inp.finalize) for inp in batch]
-        streaming = [not (inp.finalize and inp.stream_state is None) for inp in batch]
-        results: list[tuple[np.ndarray, StreamState | None] | None] = [None] * len(batch)
+        planned = [self._plan_row(inp) for inp in batch]
+        rows = [r for r, _, _ in planned]
+        results: list[tuple[torch.Tensor, StreamState | None] | None] = [None] * len(batch)
         # requests that cannot produce new audio yet skip the flow
         todo = []
-        for i, (inp, row) in enumerate(zip(batch, rows)):
-            start = 0 if is_fresh(inp.stream_state) else inp.stream_state.num_mel_frames_emitted
-            n_new = row.num_out_frames - start
-            enough = n_new > K if start == 0 else n_new >= K
-            if row.num_out_frames == 0 or (streaming[i] and not inp.finalize and not enough):
-                results[i] = self._nothing_new(inp, streaming[i])
+        for i, (inp, (row, streaming, _)) in enumerate(zip(batch, planned)):
+            fresh = is_fresh(inp.stream_state)
+            n_new = row.num_out_frames
+            enough = n_new > K if fresh else n_new >= K
+            if n_new == 0 or (streaming and not inp.finalize and not enough):
+                results[i] = self._nothing_new(inp, streaming)
             else:
                 todo.append(i)
         mels: dict[int, torch.Tensor] = {}
@@ -173,27 +207,47 @@ class S3GenEngine:
                 mels[i] = mel                                                                  # [80, N_i]
         hift_rows: dict[int, HiftRow] = {}
         for i in todo:
-            st = batch[i].stream_state
-            n_frames = int(mels[i].shape[1])
-            if not streaming[i] or is_fresh(st):
-                hift_rows[i] = HiftRow(mels[i], rows[i].seed, phase_at=self._phase_at(batch[i], n_frames, 0))
+            inp, st, seed = batch[i], batch[i].stream_state, rows[i].seed
+            if not planned[i][1] or is_fresh(st):
+                n_frames = int(mels[i].shape[1])
+                hift_rows[i] = HiftRow(mels[i], seed, phase_at=self._phase_at(inp, n_frames, 0))
             else:
-                start = st.num_mel_frames_emitted
-                cache = None if st.hift_cache_source is None else to_device(
-                    np.asarray(st.hift_cache_source, np.float32).reshape(-1), self.device)
-                phase0 = st.extra.get("source_phase")
-                phase0 = None if phase0 is None else to_device(np.asarray(phase0, np.float32), self.device)
-                hift_rows[i] = HiftRow(mels[i][:, start - K:], rows[i].seed, cache,
-                                       sample_offset=(start - K) * SAMPLES_PER_MEL_FRAME, phase0=phase0,
-                                       phase_at=self._phase_at(batch[i], n_frames, start - K))
+                start = st.num_mel_frames_emitted              # the K overlap frames come from the state's mel
+                n_frames = start + int(mels[i].shape[1])
+                hift_rows[i] = HiftRow(torch.cat([st.context_mel[:, -K:], mels[i]], dim=1), seed, st.cache_source,
+                                       sample_offset=(start - K) * SAMPLES_PER_MEL_FRAME, phase0=st.source_phase,
+                                       phase_at=self._phase_at(inp, n_frames, start - K))
         # HiFT in groups of similar length (frames are ~2x tokens; reuse the flow plan's budget)
         hift_lens = [int(hift_rows[i].mel.shape[1]) for i in todo]
         for idx, _ in plan_batches(hift_lens, 2 * self.config.max_batch_tokens, 2 * self.config.length_bucket):
             sel = [todo[j] for j in idx]
             wavs, srcs, phases = self.hift([hift_rows[i] for i in sel])
             for i, wav, src, ph in zip(sel, wavs, srcs, phases):
-                results[i] = self._finish(batch[i], streaming[i], int(mels[i].shape[1]), wav, src, ph)
-        return results  # type: ignore[return-value]
+                results[i] = self._finish(batch[i], planned[i][1], planned[i][2], rows[i], mels[i], wav, src, ph)
+        audio = self._to_host([a for a, _ in results])                                  # one transfer a step
+        stats = self.stats
+        stats.num_steps += 1
+        stats.num_flow_rows += len(todo)
+        stats.num_flow_tokens += sum(int(rows[i].tokens.shape[0]) for i in todo)
+        stats.num_tokens_in += sum(self._num_tokens_in(batch[i], rows[i], planned[i][2]) for i in todo)
+        stats.busy_seconds += time.perf_counter() - t0
+        return [(a, st) for a, (_, st) in zip(audio, results)]
+
+    @staticmethod
+    def _num_tokens_in(inp: VocodeInput, row: FlowRow, start: int) -> int:
+        """New speech tokens whose frames this step produced."""
+        held = 0 if row.finalize else PRE_LOOKAHEAD_TOKENS
+        before = 0 if is_fresh(inp.stream_state) else inp.stream_state.num_tokens_vocoded
+        return start + int(row.tokens.shape[0]) - held - before
+
+    @staticmethod
+    def _to_host(pieces: list[torch.Tensor]) -> list[np.ndarray]:
+        # pieces: [N_i] float32 on the device -> numpy float32 [N_i], through one device -> host copy
+        sizes = [int(p.shape[0]) for p in pieces]
+        if not any(sizes):
+            return [np.zeros(0, np.float32) for _ in pieces]
+        flat = to_numpy(torch.cat([p.reshape(-1).float() for p in pieces]))
+        return list(np.split(flat, np.cumsum(sizes)[:-1]))
 
     def _phase_at(self, inp: VocodeInput, n_frames: int, first_frame: int) -> int | None:
         """Local sample index where the next stream chunk's HiFT input will start (None: no next chunk)."""
@@ -201,40 +255,48 @@ class S3GenEngine:
             return None
         return (n_frames - self.config.stream_overlap_frames - first_frame) * SAMPLES_PER_MEL_FRAME
 
-    def _nothing_new(self, inp: VocodeInput, streaming: bool) -> tuple[np.ndarray, StreamState | None]:
-        empty = np.zeros(0, np.float32)
+    def _nothing_new(self, inp: VocodeInput, streaming: bool) -> tuple[torch.Tensor, StreamState | None]:
+        empty = torch.zeros(0, device=self.device)
         if not streaming:
             return empty, None
-        st = inp.stream_state
-        if inp.finalize and st is not None and st.tail_audio is not None:
-            tail = np.asarray(st.tail_audio, np.float32)  # flush what was held back for the crossfade
-            return tail, next_state(st, mel_frames=st.num_mel_frames_emitted, emitted=tail.size, tail=None,
-                                    source=None, finished=True)
-        return empty, (st if st is not None else StreamState())
+        st = inp.stream_state if inp.stream_state is not None else StreamState()
+        if not inp.finalize:
+            return empty, st
+        # flush what was held back for the crossfade
+        tail = st.tail_audio if st.tail_audio is not None else empty
+        return tail, dataclasses.replace(st, num_samples_emitted=st.num_samples_emitted + int(tail.shape[0]),
+                                         context_mel=None, tail_audio=None, cache_source=None, source_phase=None,
+                                         finished=True)
 
-    def _finish(self, inp: VocodeInput, streaming: bool, num_frames: int, wav: torch.Tensor,
-                src: torch.Tensor, phase: torch.Tensor | None = None) -> tuple[np.ndarray, StreamState | None]:
-        # wav, src: [480 M] for the vocoded frames
+    def _finish(self, inp: VocodeInput, streaming: bool, start: int, row: FlowRow, mel: torch.Tensor,
+                wav: torch.Tensor, src: torch.Tensor, phase: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, StreamState | None]:
+        # mel: [80, n] the new frames; wav, src: [480 M] for the vocoded frames (M = n, or K + n continuing)
         if not streaming:
-            return to_numpy(apply_trim_fade(wav, self._trim_fade)), None
+            return apply_trim_fade(wav, self._trim_fade), None
         K = self.config.stream_overlap_frames
         n_ov = K * SAMPLES_PER_MEL_FRAME
-        st = inp.stream_state
-        if is_fresh(st):
+        st = inp.stream_state if inp.stream_state is not None else StreamState()
+        fresh = is_fresh(st)
+        if fresh:
             wav = apply_trim_fade(wav, self._trim_fade)
         else:
             wav = wav.clone()
-            tail = to_device(np.asarray(st.tail_audio, np.float32), wav.device)
-            wav[:n_ov] = crossfade(wav[:n_ov], tail)
+            wav[:n_ov] = crossfade(wav[:n_ov], st.tail_audio)
+        held = 0 if inp.finalize else PRE_LOOKAHEAD_TOKENS
+        counts = dict(num_tokens_vocoded=start + int(row.tokens.shape[0]) - held,
+                      num_mel_frames_emitted=(0 if fresh else st.num_mel_frames_emitted) + int(mel.shape[1]))
         if inp.finalize:
-            return to_numpy(wav), next_state(st, mel_frames=num_frames, emitted=wav.shape[0], tail=None,
-                                             source=None, finished=True)
+            return wav, StreamState(**counts, num_samples_emitted=st.num_samples_emitted + int(wav.shape[0]),
+                                    finished=True)
+        keep = keep_frames(self.config.stream_context_tokens, K)
+        context = mel if fresh else torch.cat([st.context_mel, mel], dim=1)
         out = wav[:-n_ov]
-        new_state = next_state(st, mel_frames=num_frames, emitted=out.shape[0], tail=wav[-n_ov:],
-                               source=src[-n_ov:], finished=False)
-        if phase is not None:
-            new_state.extra["source_phase"] = to_numpy(phase)
-        return to_numpy(out), new_state
+        # clones: the state must not keep the step's batched buffers alive
+        return out, StreamState(**counts, num_samples_emitted=st.num_samples_emitted + int(out.shape[0]),
+                                context_mel=context[:, -keep:].clone(), tail_audio=wav[-n_ov:].clone(),
+                                cache_source=src[-n_ov:].clone(),
+                                source_phase=None if phase is None else phase.clone())
 
     def warmup(self, conds: dict, first_chunk_tokens: int = 25, batch_sizes: tuple[int, ...] = (1,),
                progress: bool = True) -> int:

@@ -4,7 +4,9 @@ Same math as upstream `CausalMaskedDiffWithXvec.inference` + `CausalConditionalC
 (euler steps on a cosine t schedule, classifier-free guidance inside), with:
 - rows right-padded to a common bucketed length and masked (the encoder and the estimator mask keys and their
   convs are causal, so a row's valid frames do not see the padding);
-- per-request noise from a `NoiseBank` (so batch == alone);
+- per-request noise from a `NoiseBank` (so batch == alone), read at absolute frame positions (a stream step's
+  window reads the frames a one-shot decode of the whole stream would);
+- an optional context mel after the prompt's (a stream step's already generated frames, `streaming.py`);
 - the estimator run in fp32/bf16/fp16 with the euler state `x` kept in fp32 and every input cast once.
 """
 from __future__ import annotations
@@ -37,6 +39,8 @@ class FlowRow:
     embedding: torch.Tensor       # [192] float32 x-vector
     seed: int
     finalize: bool = True
+    context_mel: torch.Tensor | None = None   # [80, N] float32: condition frames after prompt_feat (stream context)
+    noise_offset: int = 0         # frames past the prompt tokens' 2P read the seed's noise this much further on
 
     @property
     def num_tokens(self) -> int:
@@ -48,9 +52,14 @@ class FlowRow:
         return max(MEL_FRAMES_PER_TOKEN * (self.num_tokens - held), 0)
 
     @property
+    def num_cond_frames(self) -> int:
+        """Frames given as the CFM's condition: the prompt's mel, then the context's."""
+        return int(self.prompt_feat.shape[0]) + (0 if self.context_mel is None else int(self.context_mel.shape[1]))
+
+    @property
     def num_out_frames(self) -> int:
-        """Mel frames after the prompt part is cut off (upstream: h.shape[1] - prompt_feat.shape[1])."""
-        return max(self.num_valid_frames - int(self.prompt_feat.shape[0]), 0)
+        """Mel frames after the condition part is cut off (upstream: h.shape[1] - prompt_feat.shape[1])."""
+        return max(self.num_valid_frames - self.num_cond_frames, 0)
 
 
 def add_optional_chunk_mask(xs, masks, use_dynamic_chunk, use_dynamic_left_chunk, decoding_chunk_size,
@@ -136,7 +145,10 @@ class FlowRunner:
             P = r.prompt_token.shape[0]
             token[i, :P] = r.prompt_token
             token[i, P:P + r.tokens.shape[0]] = r.tokens
-            cond[i, :r.prompt_feat.shape[0]] = r.prompt_feat.float()
+            F0 = r.prompt_feat.shape[0]
+            cond[i, :F0] = r.prompt_feat.float()
+            if r.context_mel is not None:
+                cond[i, F0:F0 + r.context_mel.shape[1]] = r.context_mel.t().float()
         lens = to_device([[r.num_tokens, r.num_valid_frames] for r in rows], device, torch.long)          # [B, 2]
         return dict(token=token, token_len=lens[:, 0], valid=lens[:, 1], cond=cond,
                     embedding=torch.stack([r.embedding.float() for r in rows]),
@@ -160,8 +172,18 @@ class FlowRunner:
         return mu.transpose(1, 2).contiguous(), mask[:, None, :], cond.transpose(1, 2).contiguous(), spks
 
     def initial_noise(self, rows: list[FlowRow], num_frames: int) -> torch.Tensor:
-        # -> z [B, 80, num_frames] float32 (row i: seed i's fixed buffer, same slice alone or batched)
-        return torch.stack([self.noise.get(r.seed, num_frames) for r in rows])
+        # -> z [B, 80, num_frames] float32 (row i: seed i's fixed noise, same slice alone or batched; frames past
+        #    the prompt tokens' 2P shifted by the row's noise_offset)
+        zs = []
+        for r in rows:
+            if r.noise_offset == 0:
+                zs.append(self.noise.get(r.seed, num_frames))
+                continue
+            P2 = min(MEL_FRAMES_PER_TOKEN * int(r.prompt_token.shape[0]), num_frames)
+            start = P2 + r.noise_offset
+            zs.append(torch.cat([self.noise.get(r.seed, P2),
+                                 self.noise.window(r.seed, start, start + num_frames - P2)], dim=1))
+        return torch.stack(zs)
 
     def solve(self, z, mu, mask, spks, cond, n_steps: int) -> torch.Tensor:
         # z, mu, cond: [B, 80, T]; mask: [B, 1, T]; spks: [B, 80] -> x [B, 80, T] float32
@@ -190,11 +212,7 @@ class FlowRunner:
 
     @torch.inference_mode()
     def __call__(self, rows: list[FlowRow], padded_tokens: int, n_steps: int) -> list[torch.Tensor]:
-        # -> per row mel [80, num_out_frames] float32 (prompt frames cut off, as upstream)
+        # -> per row mel [80, num_out_frames] float32 (prompt and context frames cut off, as upstream)
         inputs = self.prepare(rows, padded_tokens)
         x = self.core(**inputs, n_steps=n_steps) if self.graphs is None else self.graphs(inputs, n_steps=n_steps)
-        out = []
-        for i, r in enumerate(rows):
-            F0 = int(r.prompt_feat.shape[0])
-            out.append(x[i, :, F0:r.num_valid_frames])
-        return out
+        return [x[i, :, r.num_cond_frames:r.num_valid_frames] for i, r in enumerate(rows)]

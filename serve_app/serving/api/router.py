@@ -28,9 +28,9 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from serve_app.serving.audio import AudioEncoder, change_speed, decode_upload, encode_audio, to_wav_bytes
-from serve_app.serving.pipeline.chunking import chunk_text
 from serve_app.contracts import BUILTIN_VOICE, SAMPLE_RATE, SynthesisParams, VoiceInfo
+from serve_app.serving.audio import MEDIA_TYPES, change_speed, decode_upload, encode_audio, to_wav_bytes
+from serve_app.serving.pipeline.chunking import chunk_text
 from serve_app.serving.errors import (
     InvalidRequestError,
     NotFoundError,
@@ -233,7 +233,8 @@ class SpeechRouter:
         chunks = chunk_text(req.input, self.settings.max_chunk_chars, multilingual=self.settings.multilingual,
                             language=req.language)
         if not chunks:
-            raise InvalidRequestError("input is blank; send some text to speak.", param="input", code="empty_input")
+            raise InvalidRequestError("input has nothing to speak (blank, or only control characters); send some "
+                                      "text.", param="input", code="empty_input")
         params = SynthesisParams(exaggeration=req.exaggeration, cfg_weight=req.cfg_weight,
                                  temperature=req.temperature, top_p=req.top_p, min_p=req.min_p,
                                  repetition_penalty=req.repetition_penalty, seed=req.seed, language=req.language,
@@ -251,7 +252,7 @@ class SpeechRouter:
         chunks, voice_id, params = await self.prepare(req)
         logger.info("%s: %d chars in %d chunk(s), voice=%s format=%s stream=%s", request_id, len(req.input),
                     len(chunks), voice_id, req.response_format, req.is_streaming)
-        media_type = AudioEncoder(req.response_format).media_type
+        media_type = MEDIA_TYPES[req.response_format]
 
         async def start_stream() -> tuple[PipelineStats, AsyncIterator[bytes], bytes | None]:
             stats = PipelineStats()

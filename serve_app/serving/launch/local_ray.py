@@ -52,10 +52,6 @@ class LocalRay:
     temp_dir: str | None
     ports: dict[str, int] = field(default_factory=dict)
 
-    @property
-    def metrics_export_port(self) -> int:
-        return self.ports["metrics_export"]
-
     def stop(self, timeout_s: float = 30.0) -> None:
         import ray
 

@@ -16,6 +16,7 @@ Pure Python, no torch.
 from __future__ import annotations
 
 import re
+import unicodedata
 
 DEFAULT_MAX_CHUNK_CHARS = 300
 
@@ -101,6 +102,14 @@ def punc_norm(text: str, multilingual: bool = False) -> str:
     return text
 
 
+def strip_unspeakable(text: str) -> str:
+    """Drop characters with nothing to speak: controls (NUL, ESC, DEL, C1), format marks (zero-width spaces and
+    joiners, BOM, bidi marks) and lone surrogates. Whitespace controls (tab, newline, ...) stay whitespace."""
+    if text.isprintable():
+        return text
+    return "".join(c for c in text if c.isspace() or unicodedata.category(c) not in ("Cc", "Cf", "Cs"))
+
+
 def _is_abbreviation(text: str, end: int) -> bool:
     """True when the period ending at `end` closes an abbreviation ("Dr.") or an initial ("J.")."""
     if end == 0 or text[end - 1] != ".":
@@ -158,10 +167,12 @@ def chunk_text(text: str, max_chunk_chars: int = DEFAULT_MAX_CHUNK_CHARS, *, mul
 
     Whole sentences are packed greedily; a sentence longer than the limit is split at clauses or words.
     `multilingual`: normalise as upstream's multilingual model does; `language`: its sentence ends too (Greek ;).
-    Returns [] for blank input (the caller rejects it)."""
+    Unspeakable characters are dropped first (`strip_unspeakable`). Returns [] when nothing is left to speak:
+    blank input, or only control characters (the caller rejects it)."""
     if max_chunk_chars < 20:
         raise ValueError(f"max_chunk_chars={max_chunk_chars} is too small to hold a sentence; use >= 20 "
                          f"(default {DEFAULT_MAX_CHUNK_CHARS})")
+    text = strip_unspeakable(text)
     if not text.strip():
         return []
     if len(" ".join(text.split())) <= max_chunk_chars:

@@ -70,15 +70,3 @@ class ReplicaDevice:
         m.gpu_memory_allocated_bytes.set(r["allocated_bytes"], tags=tags)
         m.gpu_memory_reserved_bytes.set(r["reserved_bytes"], tags=tags)
         m.gpu_memory_budget_bytes.set(r["budget_bytes"], tags=tags)
-
-
-async def export_memory_periodically(rd: ReplicaDevice, period_s: float = 10.0) -> None:
-    """Background task a GPU replica runs for its lifetime."""
-    import asyncio
-
-    while True:
-        try:
-            rd.export_metrics()
-        except Exception:  # metrics must never take a replica down
-            log.exception("%s: exporting GPU memory metrics failed", rd.stage)
-        await asyncio.sleep(period_s)

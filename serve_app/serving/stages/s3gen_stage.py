@@ -205,8 +205,9 @@ class S3GenReplica:
             for p, (audio, state) in zip(plans, results):
                 s = p.stream
                 s.state = state
-                num_new = p.num_new
-                self.scheduler.finish_step(p, int(audio.size), now)
+                num_before = s.num_vocoded
+                self.scheduler.finish_step(p, int(audio.size), now, getattr(state, "num_tokens_vocoded", None))
+                num_new = s.num_vocoded - num_before
                 q = self._outputs.get(s.request_id)
                 if q is None:
                     continue   # the caller went away during the step

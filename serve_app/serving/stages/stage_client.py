@@ -95,10 +95,12 @@ class StageClient:
             response = getattr(self.handle, method).remote(*args)
             if timeout_s is None:
                 return await response
+            task = asyncio.ensure_future(_await(response))
             try:
-                return await asyncio.wait_for(asyncio.shield(_await(response)), timeout_s)
+                return await asyncio.wait_for(asyncio.shield(task), timeout_s)
             except asyncio.TimeoutError:
                 response.cancel()
+                task.add_done_callback(_retrieve)   # its RequestCancelledError is expected, not "never retrieved"
                 raise
         result = getattr(self.handle, method)(*args)
         if inspect.isawaitable(result):
@@ -113,3 +115,8 @@ class StageClient:
 
 async def _await(response: Any) -> Any:
     return await response
+
+
+def _retrieve(task: asyncio.Future) -> None:
+    if not task.cancelled():
+        task.exception()

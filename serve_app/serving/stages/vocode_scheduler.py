@@ -144,11 +144,12 @@ class VocodeScheduler:
             plans.append(plan)
         return plans
 
-    def finish_step(self, plan: StepPlan, num_samples: int, now: float) -> None:
-        """Book a step's result: tokens vocoded, audio handed out; grows the stream's next target."""
+    def finish_step(self, plan: StepPlan, num_samples: int, now: float, num_vocoded: int | None = None) -> None:
+        """Book a step's result: tokens vocoded (the backend's own count when it keeps one: a step too small to
+        make audio leaves its tokens for the next), audio handed out; grows the stream's next target."""
         s = plan.stream
         s.running = False
-        s.num_vocoded += plan.num_new
+        s.num_vocoded = s.num_vocoded + plan.num_new if num_vocoded is None else num_vocoded
         s.num_steps += 1
         s.num_samples += num_samples
         if num_samples and s.first_audio_at is None:

@@ -98,9 +98,6 @@ class VoiceReplica:
     async def list_voices(self) -> list[VoiceInfo]:
         return self.store.list()
 
-    async def get_voice(self, voice_id: str) -> VoiceInfo:
-        return self.store.info(voice_id)
-
     async def delete(self, voice_id: str) -> None:
         self._cache.pop(voice_id, None)
         self.store.delete(voice_id)
@@ -108,7 +105,7 @@ class VoiceReplica:
     async def get_conds(self, voice_id: str) -> VoiceConds:
         if voice_id != BUILTIN_VOICE and not self.store.exists(voice_id):   # deleted through another replica
             self._cache.pop(voice_id, None)
-            raise VoiceNotFoundError(f"Voice {voice_id!r} not found; list voices with GET /v1/audio/voices.")
+            raise VoiceNotFoundError(f"Voice {voice_id!r} not found; list voices with GET /v1/voices.")
         if voice_id in self._cache:
             self._cache.move_to_end(voice_id)
             return self._cache[voice_id]

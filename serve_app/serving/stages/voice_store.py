@@ -141,7 +141,7 @@ class VoiceStore:
             return self._builtin_info
         info = self._info(self._dir(voice_id)) if self.exists(voice_id) else None
         if info is None:
-            raise VoiceNotFoundError(f"Voice {voice_id!r} not found; list voices with GET /v1/audio/voices.")
+            raise VoiceNotFoundError(f"Voice {voice_id!r} not found; list voices with GET /v1/voices.")
         return info
 
     def delete(self, voice_id: str) -> None:
@@ -162,4 +162,4 @@ class VoiceStore:
         try:
             return load_conds(path)
         except FileNotFoundError:
-            raise VoiceNotFoundError(f"Voice {voice_id!r} not found; list voices with GET /v1/audio/voices.") from None
+            raise VoiceNotFoundError(f"Voice {voice_id!r} not found; list voices with GET /v1/voices.") from None

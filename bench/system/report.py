@@ -1,0 +1,146 @@
+"""The system benchmark's markdown table and plots, from its result dict (the JSON it writes)."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+THROUGHPUT_PNG = "bench_system_throughput.png"
+TTFA_PNG = "bench_system_ttfa.png"
+
+
+def _f(x, spec: str = ".2f", scale: float = 1.0, none: str = "-") -> str:
+    return none if x is None else format(x * scale, spec)
+
+
+def _errors(level: dict) -> str:
+    if not level.get("errors"):
+        return "0"
+    by = ", ".join(f"{k}: {v}" for k, v in level["errors_by_status"].items())
+    return f"{level['errors']} ({by})"
+
+
+def _load(level: dict) -> str:
+    if level.get("load") == "open":
+        return f"open {level['arrival_rate_per_s']:g}/s"
+    return str(level["concurrency"])
+
+
+def markdown(result: dict) -> str:
+    dev = result.get("device") or {}
+    gpus = dev.get("gpus") or []
+    device = ", ".join(f"{g['name']} ({g['memory_total_mib']} MiB, driver {g['driver']})" for g in gpus) or \
+        dev.get("cpu", "CPU")
+    v = result.get("versions", {})
+    up = result.get("upstream") or {}
+    up_rate = up.get("audio_s_per_s")
+    app = result.get("app") or {}
+    lines = [
+        "# System benchmark (`bench/bench_system.py`)",
+        "",
+        f"{result.get('started_at', '')}; device: {device}; git {str(result.get('git_commit') or '?')[:12]}"
+        f"{' (dirty)' if result.get('git_dirty') else ''}; torch {v.get('torch')}, ray {v.get('ray')}, "
+        f"chatterbox-tts {v.get('chatterbox-tts')}.",
+        "",
+        f"App: `{result.get('config_file')}` with overrides `{result.get('overrides')}`; checkpoint "
+        f"{app.get('checkpoint', '?')} (random weights: {app.get('random_weights')}); ready after "
+        f"{_f(app.get('ready_after_s'), '.0f')} s. Token cap per text chunk: 2 s + "
+        f"{app.get('max_seconds_per_char')} s per character (max {app.get('max_new_tokens')} tokens); "
+        f"router admits {app.get('max_active_speech_requests')} speech requests at once.",
+        "",
+        "Upstream (`ChatterboxTTS`, sequential, same checkpoint and caps): "
+        + (f"{_f(up_rate)} s of audio/s over {up.get('requests')} requests (e2e p50 {_f(up.get('e2e_p50_s'))} s)."
+           if up_rate else f"not measured ({up.get('error') or up.get('skipped') or 'skipped'})."),
+        "",
+        "Audio s/s: seconds of audio received per second of wall time within the level's window (= x real time). "
+        "TTFA: send to the first audio bytes (non-streaming: the whole file). Stall-free: streams a real-time "
+        "player starting at the first byte never waits on. Length ok: OK responses whose audio fits the token cap. "
+        "GPU peak: all processes, all GPUs (NVML, 1 s samples). GPU-ms per audio s: the stage's busy seconds "
+        "(app metric, delta over the level) per second of audio made.",
+        "",
+        "| load | stream | requests | ok | errors | audio s/s | vs upstream | TTFA p50 / p95 / p99 s | e2e p50 s | "
+        "stall-free | length ok | GPU peak MiB | T3 GPU-ms / audio s | S3Gen GPU-ms / audio s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for lv in result.get("levels", []):
+        stage = lv.get("stage_gpu_ms_per_audio_s") or {}
+        lines.append(
+            f"| {_load(lv)} | {'yes' if lv['stream'] else 'no'} | {lv['requests']} | {lv['ok']} | {_errors(lv)} | "
+            f"{_f(lv.get('audio_s_per_s'), '.1f')} | "
+            f"{_f(lv['audio_s_per_s'] / up_rate if up_rate and lv.get('audio_s_per_s') else None, '.1f')}x | "
+            f"{_f(lv.get('ttfa_p50_s'))} / {_f(lv.get('ttfa_p95_s'))} / {_f(lv.get('ttfa_p99_s'))} | "
+            f"{_f(lv.get('e2e_p50_s'))} | {_f(lv.get('stall_free_fraction'), '.1%')} | "
+            f"{_f(lv.get('length_match_fraction'), '.0%')} | {lv.get('gpu_peak_mib') or '-'} | "
+            f"{_f(stage.get('t3'), '.1f')} | {_f(stage.get('s3gen'), '.1f')} |")
+    skipped = result.get("skipped_levels") or []
+    if skipped:
+        lines += ["", "Skipped: " + "; ".join(f"{_load(s)} {'stream' if s['stream'] else 'no stream'} "
+                                              f"({s['reason']})" for s in skipped) + "."]
+    sources = {k: v for lv in result.get("levels", []) for k, v in (lv.get("stage_metric_sources") or {}).items()}
+    if sources:
+        lines += ["", "Stage busy time from: " + ", ".join(f"{k}: `{v}`" for k, v in sorted(sources.items())) + "."]
+    if result.get("notes"):
+        lines += [""] + [f"- {n}" for n in result["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+def _concurrency_axis(ax, levels: list[dict]) -> None:
+    """Log-2 x axis labelled with the measured concurrencies as plain numbers."""
+    ax.set_xscale("log", base=2)
+    ticks = sorted({lv["concurrency"] for lv in levels})
+    if ticks:
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.minorticks_off()
+
+
+def plots(result: dict, out_dir: Path) -> list[str]:
+    """Throughput and TTFA against concurrency (closed-loop levels); -> the files written."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        log.warning("no plots: %s", e)
+        return []
+    closed = [lv for lv in result.get("levels", []) if lv.get("load") == "closed" and lv.get("ok")]
+    written = []
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for stream, style in ((True, "o-"), (False, "s--")):
+        pts = sorted((lv["concurrency"], lv["audio_s_per_s"]) for lv in closed
+                     if lv["stream"] == stream and lv.get("audio_s_per_s") is not None)
+        if pts:
+            ax.plot(*zip(*pts), style, label=f"served, {'streaming' if stream else 'non-streaming'}")
+    up = (result.get("upstream") or {}).get("audio_s_per_s")
+    if up:
+        ax.axhline(up, color="gray", linestyle=":", label=f"upstream, sequential ({up:.3g})")
+    _concurrency_axis(ax, closed)
+    ax.set_xlabel("concurrent requests (closed loop)")
+    ax.set_ylabel("seconds of audio per second")
+    ax.set_title("Throughput")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / THROUGHPUT_PNG, dpi=120)
+    plt.close(fig)
+    written.append(THROUGHPUT_PNG)
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    streams = sorted((lv for lv in closed if lv["stream"]), key=lambda lv: lv["concurrency"])
+    for key, style in (("ttfa_p50_s", "o-"), ("ttfa_p95_s", "s--"), ("ttfa_p99_s", "^:")):
+        pts = [(lv["concurrency"], lv[key]) for lv in streams if lv.get(key) is not None]
+        if pts:
+            ax.plot(*zip(*pts), style, label=key.removeprefix("ttfa_").removesuffix("_s"))
+    _concurrency_axis(ax, streams)
+    ax.set_xlabel("concurrent streams (closed loop)")
+    ax.set_ylabel("time to first audio, s")
+    ax.set_title("Time to first audio (streaming)")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / TTFA_PNG, dpi=120)
+    plt.close(fig)
+    written.append(TTFA_PNG)
+    return written

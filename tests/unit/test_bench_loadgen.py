@@ -1,0 +1,256 @@
+"""The system benchmark's arithmetic on synthetic chunk timings: stall-free playback, percentiles, a level's
+summary, token caps, Prometheus parsing, deploy-file overrides. No server, no GPU."""
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+
+import httpx
+import pytest
+
+from bench.system import prom
+from bench.system.loadgen import RequestSpec, closed_loop, fixed_batch
+from bench.system.measure import (
+    BYTES_PER_SECOND,
+    CANCELLED,
+    LengthCheck,
+    RequestResult,
+    percentile,
+    playback_stalls,
+    summarize,
+)
+from bench.system.server import parse_override, with_overrides
+from bench.system.texts import TEXTS, capped_audio_s, capped_tokens
+
+
+def _stream(times, seconds, *, sent_at=0.0, expected=None, status=200, index=0) -> RequestResult:
+    sizes = [int(s * BYTES_PER_SECOND) for s in seconds]
+    return RequestResult(index=index, stream=True, text_chars=10, sent_at=sent_at, status=status,
+                         ttfa_s=times[0] if times else None, e2e_s=times[-1] if times else 0.1,
+                         audio_bytes=sum(sizes), expected_audio_s=expected, chunk_times_s=list(times),
+                         chunk_bytes=sizes)
+
+
+# -- stall-free -----------------------------------------------------------------------------------------
+
+def test_stream_that_keeps_ahead_of_the_player_is_stall_free():
+    # 1 s of audio at t=0.5, then chunks before the player runs out (at 1.5, then 3.5)
+    assert playback_stalls([0.5, 1.4, 3.0], [1.0, 2.0, 1.0]) == (0, 0.0)
+
+
+def test_chunk_after_the_audio_received_runs_out_is_a_stall():
+    # player starts at 0.5 with 1 s: dry at 1.5; the next chunk comes at 2.0 -> waits 0.5 s
+    n, waited = playback_stalls([0.5, 2.0], [1.0, 1.0])
+    assert n == 1 and waited == pytest.approx(0.5)
+
+
+def test_player_resumes_after_a_stall_and_counts_later_ones_from_there():
+    # dry at 1.5, chunk at 2.0 (0.5 s wait), plays until 3.0; chunk at 2.9 in time; dry at 3.5, chunk at 4.0
+    n, waited = playback_stalls([0.5, 2.0, 2.9, 4.0], [1.0, 1.0, 0.5, 1.0])
+    assert n == 2 and waited == pytest.approx(1.0)
+
+
+def test_first_stall_matches_the_cumulative_rule():
+    # t_i - t_first > A_{i-1}: with A the audio received before chunk i
+    times, audio = [0.2, 0.9, 1.9, 2.7], [0.8, 0.8, 0.8, 0.8]
+    first_by_rule = next(i for i in range(1, len(times)) if times[i] - times[0] > sum(audio[:i]))
+    assert first_by_rule == 2
+    assert playback_stalls(times[:first_by_rule], audio[:first_by_rule]) == (0, 0.0)
+    assert playback_stalls(times[:first_by_rule + 1], audio[:first_by_rule + 1])[0] == 1
+
+
+def test_tolerance_forgives_small_gaps():
+    assert playback_stalls([0.0, 1.05], [1.0, 1.0])[0] == 1
+    assert playback_stalls([0.0, 1.05], [1.0, 1.0], tolerance_s=0.1)[0] == 0
+
+
+def test_no_chunks_no_stalls():
+    assert playback_stalls([], []) == (0, 0.0)
+
+
+# -- percentiles and summaries ------------------------------------------------------------------------------
+
+def test_percentile_interpolates_like_numpy():
+    xs = [1.0, 2.0, 3.0, 4.0, 10.0]
+    assert percentile(xs, 50) == 3.0
+    assert percentile(xs, 0) == 1.0 and percentile(xs, 100) == 10.0
+    assert percentile(xs, 95) == pytest.approx(4.0 + 0.8 * 6.0)   # numpy.percentile(xs, 95) = 8.8
+    assert percentile([5.0], 99) == 5.0
+    assert percentile([], 50) is None
+
+
+def test_summary_counts_errors_by_status_and_leaves_cancelled_out():
+    results = [
+        _stream([0.5, 1.0], [1.0, 1.0], expected=2.0),
+        _stream([0.7, 3.0], [1.0, 1.0], expected=2.0, index=1),                  # stalls
+        RequestResult(index=2, stream=True, text_chars=5, sent_at=0.0, status=429, error_code="server_busy"),
+        RequestResult(index=3, stream=True, text_chars=5, sent_at=0.0, status="exc:ReadError"),
+        RequestResult(index=4, stream=True, text_chars=5, sent_at=0.0, status=CANCELLED),
+    ]
+    s = summarize(results, window_s=10.0)
+    assert (s["requests"], s["ok"], s["errors"], s["cancelled_at_deadline"]) == (4, 2, 2, 1)
+    assert s["errors_by_status"] == {"429": 1, "exc:ReadError": 1}
+    assert s["error_codes"] == {"server_busy": 1}
+    assert s["stall_free_fraction"] == 0.5
+    assert s["ttfa_p50_s"] == pytest.approx(0.6)
+    assert s["audio_s"] == pytest.approx(4.0)
+    assert s["audio_s_per_s"] == pytest.approx(0.4)
+    assert s["length_match_fraction"] == 1.0
+
+
+def test_throughput_counts_only_audio_received_within_the_window():
+    # sent at 8 s into the level; chunks at +1 (inside a 10 s window) and +3 (outside)
+    r = _stream([1.0, 3.0], [2.0, 2.0], sent_at=8.0)
+    s = summarize([r], window_s=10.0)
+    assert s["audio_s_per_s"] == pytest.approx(0.2)
+    assert s["audio_s_per_s_incl_drain"] == pytest.approx(4.0 / 11.0)
+
+
+def test_length_check_allows_dropped_tokens_but_not_a_cut_stream():
+    check = LengthCheck(tolerance_s=0.5, min_ratio=0.7)
+    assert check.matches(10.0, 10.0) and check.matches(7.5, 10.0)
+    assert not check.matches(3.0, 10.0)          # a stream cut short
+    assert not check.matches(11.0, 10.0)         # longer than the cap allows
+    s = summarize([_stream([0.1], [3.0], expected=10.0)], window_s=5.0, length_check=check)
+    assert s["length_match_fraction"] == 0.0 and s["audio_to_cap_ratio_p50"] == pytest.approx(0.3)
+
+
+def test_non_streaming_results_have_no_stall_fraction():
+    r = _stream([2.0], [3.0])
+    r.stream = False
+    assert summarize([r], window_s=5.0)["stall_free_fraction"] is None
+
+
+# -- texts and caps ----------------------------------------------------------------------------------------
+
+def test_texts_are_a_fixed_mixed_list():
+    lengths = [len(t) for t in TEXTS]
+    assert len(TEXTS) == 40 and min(lengths) >= 6 and max(lengths) <= 250
+    assert all(t == " ".join(t.split()) and t[0].isupper() and t[-1] in ".!?," for t in TEXTS)
+
+
+def test_cap_is_two_seconds_plus_per_character_below_max_new_tokens():
+    assert capped_tokens(100, 1000, 0.07) == math.ceil(25 * 9.0)
+    assert capped_tokens(100, 50, 0.07) == 50
+    assert capped_tokens(100, 300, 0.0) == 300
+    assert capped_audio_s("x" * 100, max_new_tokens=1000, max_seconds_per_char=0.07, max_chunk_chars=300) == 9.0
+    assert capped_audio_s("x" * 100, max_new_tokens=1000, max_seconds_per_char=0.07, max_chunk_chars=80) is None
+
+
+# -- Prometheus -----------------------------------------------------------------------------------------------
+
+_SCRAPE = """# HELP ray_chatterbox_t3_busy_seconds_total Wall time
+# TYPE ray_chatterbox_t3_busy_seconds_total counter
+ray_chatterbox_t3_busy_seconds_total{backend="engine",replica="a"} 1.5
+ray_chatterbox_t3_busy_seconds_total{backend="engine",replica="b"} 0.5
+ray_chatterbox_audio_seconds_total{stage="router"} 40.0
+ray_chatterbox_s3gen_batch_seconds_sum{backend="engine"} 3.0
+ray_chatterbox_streams_total{stall_free="true",note="a \\"quoted\\" label"} 7
+"""
+
+
+def test_prometheus_names_compare_without_ray_prefix_or_repeated_total():
+    samples = prom.parse(_SCRAPE)
+    assert prom.total(samples, "chatterbox_t3_busy_seconds_total") == 2.0
+    assert prom.total(samples, "chatterbox_t3_busy_seconds_total_total") == 2.0
+    assert prom.total(samples, "chatterbox_audio_seconds_total", {"stage": "router"}) == 40.0
+    assert prom.total(samples, "chatterbox_audio_seconds_total", {"stage": "t3"}) is None
+    assert prom.total(samples, "chatterbox_streams_total", {"stall_free": "true"}) == 7
+
+
+def test_first_existing_candidate_gives_the_delta():
+    before = prom.parse(_SCRAPE)
+    after = prom.parse(_SCRAPE.replace("} 3.0", "} 5.5"))
+    d, name = prom.first_delta(before, after, [("chatterbox_s3gen_busy_seconds_total", None),
+                                               ("chatterbox_s3gen_batch_seconds_sum", None)])
+    assert (d, name) == (2.5, "chatterbox_s3gen_batch_seconds_sum")
+    assert prom.delta(after, before, "chatterbox_s3gen_batch_seconds_sum") is None   # went down: restarted
+    assert prom.delta(None, after, "chatterbox_s3gen_batch_seconds_sum") is None
+
+
+# -- deploy-file overrides --------------------------------------------------------------------------------------
+
+def test_overrides_go_below_the_apps_args_and_leave_the_original_alone():
+    raw = {"applications": [{"name": "chatterbox", "args": {"router": {"max_ongoing_requests": 64}}}]}
+    new = with_overrides(raw, dict([parse_override("router.settings.max_seconds_per_char=0.07"),
+                                    parse_override("watermark=false")]))
+    args = new["applications"][0]["args"]
+    assert args["router"] == {"max_ongoing_requests": 64, "settings": {"max_seconds_per_char": 0.07}}
+    assert args["watermark"] is False
+    assert "settings" not in raw["applications"][0]["args"]["router"]
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        parse_override("watermark")
+
+
+# -- the load generator against a fake app ----------------------------------------------------------------------
+
+def _fake_app(request: httpx.Request) -> httpx.Response:
+    if json.loads(request.read())["seed"] == 1:
+        return httpx.Response(429, headers={"Retry-After": "0"},
+                              json={"error": {"message": "busy", "type": "rate_limit", "code": "server_busy"}})
+
+    async def pcm():   # 0.1 s of PCM in two reads, as a stream arrives
+        yield b"\0\0" * 1200
+        yield b"\0\0" * 1200
+
+    return httpx.Response(200, content=pcm())
+
+
+def test_closed_loop_and_fixed_batch_record_every_request():
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.MockTransport(_fake_app), base_url="http://app") as client:
+            spec = lambda i: RequestSpec(text="Hello there.", stream=True, seed=i, expected_audio_s=0.1)  # noqa: E731
+            results, _ = await closed_loop(client, spec, concurrency=2, duration_s=0.2, hard_deadline_s=5,
+                                           model="chatterbox", retry_after_max_s=0.01)
+            batch = await fixed_batch(client, [spec(i) for i in range(3)], concurrency=2, hard_deadline_s=5,
+                                      model="chatterbox")
+            return results, batch
+
+    results, batch = asyncio.run(go())
+    assert len(results) >= 2 and any(r.status == 429 for r in results)
+    ok = [r for r in results if r.ok]
+    assert ok and all(r.audio_s == pytest.approx(0.1) and r.ttfa_s is not None for r in ok)
+    assert next(r for r in results if r.status == 429).error_code == "server_busy"
+    assert sorted(str(r.status) for r in batch) == ["200", "200", "429"]
+
+
+def test_markdown_has_a_row_per_level_and_names_skipped_levels():
+    from bench.system.report import markdown
+
+    level = {"load": "closed", "concurrency": 8, "stream": True, **summarize([_stream([0.5], [1.0])], window_s=2.0),
+             "gpu_peak_mib": 1234, "stage_gpu_ms_per_audio_s": {"t3": 12.5, "s3gen": None}}
+    md = markdown({"levels": [level], "upstream": {"audio_s_per_s": 0.25},
+                   "skipped_levels": [{"load": "closed", "concurrency": 256, "stream": True, "reason": "no time"}]})
+    row = next(line for line in md.splitlines() if line.startswith("| 8 |"))
+    assert "| 0.5 | 2.0x |" in row and "| 1234 | 12.5 | - |" in row
+    assert "Skipped: 256 stream (no time)" in md
+
+
+def test_levels_that_do_not_fit_the_budget_are_skipped_and_reported():
+    from types import SimpleNamespace
+
+    from bench.system.levels import Budget, plan_levels, run_levels
+
+    a = SimpleNamespace(levels=[1, 8], nostream_levels=[8], rate=[2.0], duration_s=20.0, max_drain_s=30.0,
+                        metrics_settle_s=1.0, warmup_requests=0)
+    assert [lv["name"] for lv in plan_levels(a)] == ["c1-stream", "c8-stream", "c8-nostream", "rate2-stream"]
+
+    class FakeRunner:
+        base_url = "http://app"
+
+        def __init__(self):
+            self.ran = []
+
+        async def run(self, client, level, hard_deadline_s):
+            self.ran.append((level["name"], hard_deadline_s))
+            budget.deadline -= 40.0   # each level uses 40 s of the budget
+            return {**level, "e2e_p99_s": 5.0}
+
+    budget = Budget(45.0 + 80.0)   # 80 s after the teardown reserve: two levels of ~31 s, not a third
+    runner, result, calls = FakeRunner(), {"levels": [], "skipped_levels": []}, []
+    asyncio.run(run_levels(a, runner, budget, result, lambda: calls.append(1)))
+    assert [name for name, _ in runner.ran] == ["c1-stream", "c8-stream"]
+    assert runner.ran[0][1] == pytest.approx(50.0)   # duration + drain, within the budget
+    assert [s["name"] for s in result["skipped_levels"]] == ["c8-nostream", "rate2-stream"]
+    assert len(result["levels"]) == 2 and len(calls) == 2
