@@ -51,6 +51,10 @@ class RouterSettings(BaseModel):
     max_stage_retries: int = Field(
         1, ge=0, description="Times a speech request starts again when a stage replica dies under it before any of "
         "its audio was sent (Serve restarts the replica; the retry waits for a live one). 0: answer 503 at once.")
+    max_stall_s: float = Field(
+        120.0, ge=0, description="Longest wait for a request's next audio (its first included) from the stages; past "
+        "it the request ends with 503 `stage_stalled` (or, once audio was sent, a cut stream / SSE error event) "
+        "instead of holding its client. 0: no limit.")
 
     # stage calls that are not synthesis
     probe_timeout_s: float = Field(5.0, gt=0, description="Timeout of /readyz and /v1/memory stage calls.")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections import Counter
 
 import httpx
 import pytest
@@ -14,7 +15,8 @@ from serve_fixture import API_KEY
 
 pytestmark = pytest.mark.timeout(420)
 
-NUM_CLIENTS = 16
+NUM_CLIENTS = 10             # each holds 2 S3Gen (and T3) calls (look-ahead): 20, within cpu-tiny's 8 running
+                             # + 16 queued per stage, so none is refused with a 429
 # long enough that a leaked request would keep T3 and S3Gen busy far past the drain bound below
 LONG_TEXT = " ".join(f"Sentence {i} of a long passage that keeps the stages busy for a good while." for i in range(12))
 PROBE = {"input": "A short probe, two chunks at most.", "response_format": "pcm"}
@@ -59,9 +61,9 @@ def test_clients_that_hang_up_free_their_slots(serve_app_instance):
 
         outcomes = asyncio.run(hang_up_storm(base_url, seed=7))
         hung_up_at = time.monotonic()
-        kinds = [o.kind for o in outcomes]
-        assert kinds.count("disconnected") >= NUM_CLIENTS - 2, kinds   # (a very early one may still complete)
-        assert "bad" not in kinds and "hang" not in kinds, outcomes
+        kinds = Counter(o.kind for o in outcomes)
+        assert kinds["disconnected"] >= NUM_CLIENTS - 1, (kinds, outcomes)   # (a very early one may end first)
+        assert not kinds.keys() & {"bad", "hang", "proxy_error"}, (kinds, outcomes)
 
         def drained():
             memory = stage_memory(http)

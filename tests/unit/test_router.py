@@ -343,6 +343,17 @@ async def test_a_replica_lost_before_any_audio_is_retried_once(body, wrapped):
     assert_error(await speech(no_retries, input=TEXT, response_format="pcm", **body), 503)
 
 
+@pytest.mark.parametrize("body", [{}, {"stream": False}, {"stream_format": "sse"}])
+async def test_a_stalled_stage_ends_the_request_instead_of_holding_the_client(body):
+    stack = Stack(t3=FakeT3(step_delay_s=3.0), max_stall_s=0.3)
+    t0 = asyncio.get_running_loop().time()
+    response = await speech(stack, input=TEXT, response_format="pcm", **body)
+    assert asyncio.get_running_loop().time() - t0 < 2.0
+    assert_error(response, 503, code="stage_stalled")
+    await asyncio.sleep(0.05)
+    assert stack.t3.cancelled and not stack.t3.completed                  # the stalled work was cancelled
+
+
 async def test_other_stage_errors_are_not_retried():
     stack = Stack(t3=FakeT3(raise_on_start=BackPressureError(num_queued_requests=5, max_queued_requests=5)))
     assert_error(await speech(stack, input=TEXT), 429)

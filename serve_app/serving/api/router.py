@@ -293,9 +293,30 @@ class SpeechRouter:
             yield SpeechAudioDeltaEvent(audio=base64.b64encode(data).decode())
         yield SpeechAudioDoneEvent(usage=stream.usage())
 
+    async def _audio(self, request_id: str, chunks: list[str], voice_id: str, params: SynthesisParams, *,
+                     streaming: bool, stats: PipelineStats | None = None) -> AsyncIterator[np.ndarray]:
+        """The pipeline's audio pieces, each within `max_stall_s` of the one before: a stage that stalls (a bug,
+        a lost message) ends the request with an error instead of holding its client forever."""
+        pieces = self.pipeline.run(request_id, chunks, voice_id, params, streaming=streaming, stats=stats)
+        limit = self.settings.max_stall_s or None
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout(limit):   # in this task: a cancelled client still closes `pieces`
+                        piece = await pieces.__anext__()
+                except StopAsyncIteration:
+                    return
+                except asyncio.TimeoutError:
+                    logger.error("%s: no audio from the stages for %.0f s; ending the request", request_id, limit)
+                    raise ServiceUnavailableError(f"No audio came from the model stages for {limit:.0f} s; retry "
+                                                  "shortly.", code="stage_stalled", retry_after_s=1) from None
+                yield piece
+        finally:
+            await pieces.aclose()  # cancels stage calls still running (client gone, error, stall)
+
     async def _synthesize_file(self, req: SpeechRequest, request_id: str, chunks: list[str], voice_id: str,
                                params: SynthesisParams) -> bytes:
-        pieces = [p async for p in self.pipeline.run(request_id, chunks, voice_id, params, streaming=False)]
+        pieces = [p async for p in self._audio(request_id, chunks, voice_id, params, streaming=False)]
         audio = np.concatenate(pieces) if pieces else np.zeros(0, np.float32)
         return await asyncio.to_thread(self._finish_file, audio, req.speed, req.response_format)
 
@@ -309,7 +330,7 @@ class SpeechRouter:
     async def _stream_encoded(self, req: SpeechRequest, request_id: str, chunks: list[str], voice_id: str,
                               params: SynthesisParams, stats: PipelineStats) -> AsyncIterator[bytes]:
         out = AudioOut(req.response_format, req.speed, self.watermarker)
-        pieces = self.pipeline.run(request_id, chunks, voice_id, params, streaming=True, stats=stats)
+        pieces = self._audio(request_id, chunks, voice_id, params, streaming=True, stats=stats)
         # Perth runs torch on the CPU: keep it (and the encoder with it) off the event loop.
         offload = self.watermarker is not None
         try:
