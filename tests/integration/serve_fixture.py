@@ -47,8 +47,10 @@ def test_config(checkpoint: Path, voices_dir: Path) -> ServeConfig:
     data["voice"]["voices_dir"] = str(voices_dir)
     data["api_keys"] = [API_KEY]
     data["watermark"] = False
+    # max_stall_s: a stalled stage surfaces as an error well inside the tests' 120-150 s client bounds
     data["router"]["settings"].update(max_new_tokens=MAX_NEW_TOKENS, max_input_chars=1000,
-                                      max_voice_upload_bytes=MAX_VOICE_UPLOAD_BYTES, min_voice_duration_s=1.0)
+                                      max_voice_upload_bytes=MAX_VOICE_UPLOAD_BYTES, min_voice_duration_s=1.0,
+                                      max_stall_s=60.0)
     return ServeConfig.model_validate(data)
 
 
