@@ -525,3 +525,13 @@ async def test_speech_requests_past_the_replica_cap_get_an_openai_429():
         assert (await first).status_code == 200
         again = await c.post("/v1/audio/speech", json={**body, "stream": False})
         assert again.status_code == 200 and len(again.content) > 0
+
+
+async def test_a_finished_stream_is_counted_stall_free_or_not():
+    fast = Stack(first_chunk_tokens=5, stream_chunk_tokens=5)
+    await speech(fast, input=TEXT, response_format="pcm", stream=True)
+    assert fast.metrics.values("streams_total") == [(1, {"stall_free": "true"})]
+    # 7 tokens (0.28 s of audio) a step, 0.4 s apart: every piece after the first comes late
+    slow = Stack(t3=FakeT3(step_delay_s=0.4), first_chunk_tokens=5, stream_chunk_tokens=5)
+    await speech(slow, input="A short one, long enough for three steps.", response_format="pcm", stream=True)
+    assert slow.metrics.values("streams_total") == [(1, {"stall_free": "false"})]

@@ -341,6 +341,8 @@ class SpeechRouter:
             data = await asyncio.to_thread(out.finish) if offload else out.finish()
             if data:
                 yield data
+            # a stream that ran to its end: did every piece come before a listener starting at the first needed it?
+            self.record("streams_total", "inc", 1, stall_free=str(not stats.stalled).lower())
         finally:
             await pieces.aclose()  # cancels stage calls still running (client gone, error)
             out.encoder.close()
