@@ -151,6 +151,30 @@ def test_s3gen_replica_streams_chunks_batched_and_cancels_t3():
     assert replica.memory_report()["max_batch_tokens"] == 200
 
 
+def test_a_second_cancellation_still_frees_the_s3gen_stream_and_its_t3_call():
+    from serve_app.serving.stages.s3gen_stage import S3GenReplica
+
+    t3 = BlockT3(total=10_000, delay_s=0.005)
+    replica = S3GenReplica(None, FakeVoiceHandle(), S3GenSettings(), backend=FakeS3GenBackend(), t3_handle=t3)
+
+    async def run():
+        async def consume():
+            async for _ in replica.synthesize(SpeechJob("twice", "Hi.", "default", first_step_tokens=10)):
+                pass
+
+        task = asyncio.ensure_future(consume())
+        await asyncio.sleep(0.2)
+        task.cancel()
+        await asyncio.sleep(0)        # inside the cleanup now
+        task.cancel()                 # a second cancellation (Ray may cancel again)
+        await asyncio.gather(task, return_exceptions=True)
+        await asyncio.sleep(0.05)
+
+    asyncio.run(run())
+    assert len(replica.scheduler) == 0 and not replica._outputs
+    assert t3.cancelled == ["twice"]
+
+
 def test_conds_cache_is_bounded_lru_and_shares_misses():
     fetched = []
 

@@ -132,11 +132,15 @@ class S3GenReplica:
                 if item.finished:
                     return
         finally:
-            feeder.cancel()
-            await asyncio.gather(feeder, return_exceptions=True)
+            # bookkeeping first: a second cancellation during the await below must not leak the stream
             self.scheduler.remove(job.request_id)
             self._outputs.pop(job.request_id, None)
             self._set_gauge()
+            feeder.cancel()
+            try:   # shielded: the feeder's cleanup (cancelling the T3 call) finishes even if we are cancelled again
+                await asyncio.shield(asyncio.gather(feeder, return_exceptions=True))
+            except asyncio.CancelledError:
+                pass
 
     async def _feed(self, stream: VocodeStream, job: T3Job) -> None:
         """T3's token blocks into the stream; T3's end (or failure) too."""
@@ -221,16 +225,19 @@ class S3GenReplica:
         num_new = sum(p.num_new for p in plans)
         num_samples = sum(int(a.size) for a, _ in results)
         m.s3gen_batch_seconds.observe(seconds, tags=tags)
-        m.s3gen_busy_seconds_total.inc(seconds, tags=tags)
+        if seconds > 0:
+            m.s3gen_busy_seconds_total.inc(seconds, tags=tags)
         m.s3gen_batch_size.observe(len(plans), tags=tags)
         m.s3gen_batch_tokens.observe(num_new, tags=tags)
-        m.s3gen_speech_tokens_total.inc(num_new, tags=tags)
+        if num_new:   # Ray's Counter.inc refuses 0
+            m.s3gen_speech_tokens_total.inc(num_new, tags=tags)
         stats = getattr(self.backend, "stats", lambda: None)()
         flow = getattr(stats, "num_flow_tokens", None)
-        if flow is not None:
+        if flow is not None and flow > getattr(self, "_last_flow_tokens", 0):
             m.s3gen_flow_tokens_total.inc(flow - getattr(self, "_last_flow_tokens", 0), tags=tags)
             self._last_flow_tokens = flow
-        m.audio_seconds_total.inc(num_samples / SAMPLE_RATE, tags={"stage": "s3gen"})
+        if num_samples:
+            m.audio_seconds_total.inc(num_samples / SAMPLE_RATE, tags={"stage": "s3gen"})
 
     def _set_gauge(self) -> None:
         self._metrics.s3gen_queue_depth.set(len(self.scheduler), tags=self._tags)

@@ -43,7 +43,8 @@ def make_t3_backend(checkpoint: Any, settings: T3Settings, rd: ReplicaDevice, qu
         def on_step(seconds: float, batch: int) -> None:
             tags = {"backend": "engine"}
             m.t3_step_seconds.observe(seconds, tags=tags)
-            m.t3_busy_seconds_total.inc(seconds, tags=tags)
+            if seconds > 0:
+                m.t3_busy_seconds_total.inc(seconds, tags=tags)
             m.t3_batch_size.observe(batch, tags=tags)
             m.t3_batch_occupancy_ratio.observe(min(1.0, batch / slots[0]), tags=tags)
 
@@ -133,7 +134,8 @@ class T3Replica:
             self._num_running -= 1
             self._metrics.t3_queue_depth.set(self._num_running, tags=self._tags)
             self._metrics.t3_request_seconds.observe(time.perf_counter() - t0, tags=self._tags)
-            self._metrics.t3_speech_tokens_total.inc(num_tokens, tags=self._tags)
+            if num_tokens:   # Ray's Counter.inc refuses 0 (a request cancelled before its first token)
+                self._metrics.t3_speech_tokens_total.inc(num_tokens, tags=self._tags)
             if self.backend.name == "upstream":
                 self._metrics.t3_batch_size.observe(1, tags=self._tags)
 
