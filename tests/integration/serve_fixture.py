@@ -81,3 +81,11 @@ def stop_serve(instance: ServeInstance) -> None:
     finally:
         instance.ray.stop()
         shutil.rmtree(instance.root, ignore_errors=True)
+
+
+def reference_wav(seconds: float, seed: int, sr: int = 24_000) -> bytes:
+    """A synthetic voice reference clip as mono PCM16 WAV, for enrollment."""
+    from serve_app.model.checkpoint import synthetic_reference
+    from serve_app.serving.audio import to_wav_bytes
+
+    return to_wav_bytes(synthetic_reference(seconds=seconds, sr=sr, seed=seed), sr)

@@ -9,16 +9,13 @@ test waits for /readyz before it ends, so the shared instance serves the tests a
 from __future__ import annotations
 
 import asyncio
-import io
 import time
-import wave
 from collections import Counter
 
 import httpx
-import numpy as np
 import pytest
 from fault_tools import kill_replicas, replica_ids, speech_outcome, wait_ready
-from serve_fixture import API_KEY
+from serve_fixture import API_KEY, reference_wav
 
 pytestmark = pytest.mark.timeout(420)
 
@@ -33,19 +30,6 @@ STAGE_OUTCOMES = {"complete", "error", "error_event", "cut"}
 ALLOWED_ERROR_STATUSES = {429, 503}
 
 
-def wav_bytes(seconds: float, sr: int = 24_000) -> bytes:
-    from serve_app.model.checkpoint import synthetic_reference
-
-    samples = synthetic_reference(seconds=seconds, sr=sr, seed=11)
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(sr)
-        w.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
-    return buf.getvalue()
-
-
 @pytest.fixture(scope="module")
 def http(serve_app_instance):
     with serve_app_instance.client(timeout=REQUEST_BOUND_S) as client:
@@ -55,7 +39,7 @@ def http(serve_app_instance):
 
 @pytest.fixture(scope="module")
 def voice_id(http) -> str:
-    r = http.post("/v1/voices", files={"file": ("ref.wav", wav_bytes(3.0), "audio/wav")}, data={"name": "survivor"})
+    r = http.post("/v1/voices", files={"file": ("ref.wav", reference_wav(3.0, seed=11), "audio/wav")}, data={"name": "survivor"})
     assert r.status_code == 200, r.text
     return r.json()["id"]
 

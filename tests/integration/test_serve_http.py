@@ -19,7 +19,7 @@ import httpx
 import numpy as np
 import openai
 import pytest
-from serve_fixture import API_KEY, MAX_NEW_TOKENS, MAX_VOICE_UPLOAD_BYTES
+from serve_fixture import API_KEY, MAX_NEW_TOKENS, MAX_VOICE_UPLOAD_BYTES, reference_wav
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -50,19 +50,6 @@ def decode(data: bytes, fmt: str) -> tuple[np.ndarray, int]:
 
 def sse_events(text: str) -> list[dict]:
     return [json.loads(line[len("data: "):]) for line in text.splitlines() if line.startswith("data: ")]
-
-
-def wav_bytes(seconds: float, sr: int = 24_000) -> bytes:
-    from serve_app.model.checkpoint import synthetic_reference
-
-    samples = synthetic_reference(seconds=seconds, sr=sr, seed=3)
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(sr)
-        w.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +161,7 @@ def test_streamed_by_default_and_whole_with_stream_false(http, reference, fmt):
 
 
 def test_voices_enroll_list_use_delete(http, oai):
-    r = http.post("/v1/voices", files={"file": ("ref.wav", wav_bytes(3.0), "audio/wav")}, data={"name": "tester"})
+    r = http.post("/v1/voices", files={"file": ("ref.wav", reference_wav(3.0, seed=3), "audio/wav")}, data={"name": "tester"})
     assert r.status_code == 200, r.text
     voice = r.json()
     assert voice["id"].startswith("voice_") and voice["name"] == "tester"
@@ -216,7 +203,7 @@ def test_speech_errors(http, body, status, param):
 
 
 def test_voice_upload_errors(http):
-    too_big = wav_bytes(MAX_VOICE_UPLOAD_BYTES / 48_000 + 2.0)
+    too_big = reference_wav(MAX_VOICE_UPLOAD_BYTES / 48_000 + 2.0, seed=3)
     r = http.post("/v1/voices", files={"file": ("big.wav", too_big, "audio/wav")})
     assert r.status_code == 413, r.text
     r = http.post("/v1/voices", files={"file": ("notes.txt", b"hello", "text/plain")})

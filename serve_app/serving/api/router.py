@@ -86,7 +86,7 @@ class SpeechRouter:
         self.t3 = StageClient(t3_handle, "t3")
         self.s3gen = StageClient(s3gen_handle, "s3gen")
         self.voices = StageClient(voice_handle, "voice")
-        self.pipeline = SpeechPipeline(self.t3, self.s3gen, PipelineConfig(
+        self.pipeline = SpeechPipeline(self.s3gen, PipelineConfig(
             first_chunk_tokens=self.settings.first_chunk_tokens,
             stream_chunk_tokens=self.settings.stream_chunk_tokens,
             lookahead_chunks=self.settings.lookahead_chunks,

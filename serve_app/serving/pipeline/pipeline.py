@@ -39,7 +39,6 @@ logger = logging.getLogger(__name__)
 @dataclass
 class PipelineStats:
     num_speech_tokens: int = 0
-    num_blocks: int = 0
     num_samples: int = 0
     first_audio_at: float | None = None  # time.monotonic() of the first non-empty piece
     stalled: bool = False                # a piece came later than a listener starting at the first one needed it
@@ -65,9 +64,8 @@ def chunk_token_cap(text: str, max_new_tokens: int, max_seconds_per_char: float)
 
 
 class SpeechPipeline:
-    def __init__(self, t3: StageClient, s3gen: StageClient, config: PipelineConfig):
-        self.t3 = t3          # not called here: the S3Gen stage calls T3 itself (kept for probes and symmetry)
-        self.s3gen = s3gen
+    def __init__(self, s3gen: StageClient, config: PipelineConfig):
+        self.s3gen = s3gen    # the only stage called here: the S3Gen stage calls T3 itself
         self.config = config
 
     def _job(self, request_id: str, index: int, text: str, voice_id: str, params: SynthesisParams,
@@ -107,7 +105,6 @@ class SpeechPipeline:
                     next_chunk += 1
                 async for block in running.popleft():
                     block: AudioBlock
-                    stats.num_blocks += 1
                     stats.num_speech_tokens += block.num_speech_tokens
                     if block.finished:
                         stats.finish_reasons += (block.finish_reason or "stop",)

@@ -95,6 +95,7 @@ class S3GenReplica:
         self._outputs: dict[str, asyncio.Queue] = {}     # request_id -> AudioBlock | BaseException
         self._wake: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
+        self._flow_tokens_seen = 0                       # the engine's flow-token count already exported
         self.reconfigure(settings.user_config.model_dump())
         log.info("S3Gen stage ready in %.1fs: backend=%s device=%s dtype=%s quantization=%s weights=%s",
                  time.perf_counter() - t0, self.backend.name, self.rd.device, self.rd.dtype,
@@ -113,8 +114,6 @@ class S3GenReplica:
         self._ensure_loop()
         stream = VocodeStream(job.request_id, conds, job.params.seed, streaming=job.streaming,
                               first_step_tokens=job.first_step_tokens, step_tokens=job.step_tokens)
-        if not job.streaming:
-            stream.target = 0
         self.scheduler.add(stream)
         out: asyncio.Queue = asyncio.Queue()
         self._outputs[job.request_id] = out
@@ -204,38 +203,37 @@ class S3GenReplica:
                     if q is not None:
                         q.put_nowait(StageError(f"vocoding failed: {exc}", code="s3gen_error"))
                 continue
-            self._record_step(plans, results, time.perf_counter() - t0)
+            seconds = time.perf_counter() - t0
             now = time.monotonic()
+            num_new_total = 0
             for p, (audio, state) in zip(plans, results):
                 s = p.stream
                 s.state = state
                 num_before = s.num_vocoded
                 self.scheduler.finish_step(p, int(audio.size), now, getattr(state, "num_tokens_vocoded", None))
                 num_new = s.num_vocoded - num_before
+                num_new_total += num_new
                 q = self._outputs.get(s.request_id)
                 if q is None:
                     continue   # the caller went away during the step
                 if audio.size or p.finalize:
                     q.put_nowait(AudioBlock(s.request_id, audio, num_speech_tokens=num_new, finished=p.finalize,
                                             finish_reason=s.finish_reason if p.finalize else None))
+            self._record_step(len(plans), num_new_total, sum(int(a.size) for a, _ in results), seconds)
             self._wake.set()   # blocks that arrived during the step
 
-    def _record_step(self, plans: list, results: list, seconds: float) -> None:
+    def _record_step(self, num_streams: int, num_new: int, num_samples: int, seconds: float) -> None:
         m, tags = self._metrics, self._tags
-        num_new = sum(p.num_new for p in plans)
-        num_samples = sum(int(a.size) for a, _ in results)
         m.s3gen_batch_seconds.observe(seconds, tags=tags)
-        if seconds > 0:
-            m.s3gen_busy_seconds_total.inc(seconds, tags=tags)
-        m.s3gen_batch_size.observe(len(plans), tags=tags)
+        m.s3gen_batch_size.observe(num_streams, tags=tags)
         m.s3gen_batch_tokens.observe(num_new, tags=tags)
-        if num_new:   # Ray's Counter.inc refuses 0
-            m.s3gen_speech_tokens_total.inc(num_new, tags=tags)
-        stats = getattr(self.backend, "stats", lambda: None)()
-        flow = getattr(stats, "num_flow_tokens", None)
-        if flow is not None and flow > getattr(self, "_last_flow_tokens", 0):
-            m.s3gen_flow_tokens_total.inc(flow - getattr(self, "_last_flow_tokens", 0), tags=tags)
-            self._last_flow_tokens = flow
+        for counter, value in ((m.s3gen_busy_seconds_total, seconds), (m.s3gen_speech_tokens_total, num_new)):
+            if value > 0:   # Ray's Counter.inc refuses 0
+                counter.inc(value, tags=tags)
+        flow = getattr(self.backend.stats(), "num_flow_tokens", None) if hasattr(self.backend, "stats") else None
+        if flow is not None and flow > self._flow_tokens_seen:
+            m.s3gen_flow_tokens_total.inc(flow - self._flow_tokens_seen, tags=tags)
+            self._flow_tokens_seen = flow
         if num_samples:
             m.audio_seconds_total.inc(num_samples / SAMPLE_RATE, tags={"stage": "s3gen"})
 
