@@ -1,13 +1,20 @@
 #!/usr/bin/env bash
-# Runs benchmark scripts on an offline GPU machine in one go: installs the carried wheels (.whl, built by
-# `make bench-wheels`), writes one full-size random-weight checkpoint, then runs each named bench against it.
+# Runs benchmark scripts on an offline GPU machine in one go: unpacks the carried bundle (.whl/site.tar.xz,
+# `PACK=xz bash ../shared/tools/device-wheels.sh .whl`; or installs loose wheels in .whl, `make bench-wheels`),
+# writes one full-size random-weight checkpoint, then runs each named bench against it.
 # Results (JSON + markdown) go to $OUT (or bench/results/), one file pair per bench.
 #   bench/device_run.sh t3 s3gen quant
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results}
 mkdir -p "$OUT"
-if [ -d .whl ]; then
+if [ -f .whl/site.tar.xz ]; then
+  mkdir -p /tmp/site && tar xJf .whl/site.tar.xz -C /tmp/site
+  export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH
+  for w in .whl/py_spy*.whl; do   # py-spy, when carried beside the bundle: `py-spy dump` of replicas under load
+    [ -f "$w" ] && python3 -m pip install -q --no-index --no-deps --target /tmp/site "$w" || true
+  done
+elif [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site:$PWD
 fi

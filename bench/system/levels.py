@@ -168,6 +168,8 @@ def engine_stats(before, after) -> dict:
     per new token vocoded (None for what the app does not export)."""
     flow = prom.delta(before, after, "chatterbox_s3gen_flow_tokens_total")
     new = prom.delta(before, after, "chatterbox_s3gen_speech_tokens_total")
+    padded = prom.delta(before, after, "chatterbox_s3gen_flow_padded_tokens_total")
+    needed = prom.delta(before, after, "chatterbox_s3gen_flow_row_tokens_total")
     return {
         "t3_batch_mean": _mean(before, after, "chatterbox_t3_batch_size"),
         "t3_step_mean_s": _mean(before, after, "chatterbox_t3_step_seconds"),
@@ -178,6 +180,8 @@ def engine_stats(before, after) -> dict:
         "s3gen_step_mean_s": _mean(before, after, "chatterbox_s3gen_batch_seconds"),
         "s3gen_steps": prom.delta(before, after, "chatterbox_s3gen_batch_seconds_count"),
         "vocoded_per_produced_token": flow / new if flow is not None and new else None,
+        "s3gen_flow_padding_ratio": padded / needed if padded is not None and needed else None,
+        "s3gen_graph_captures": prom.delta(before, after, "chatterbox_s3gen_graph_captures_total"),
     }
 
 

@@ -100,6 +100,13 @@ ROWS: list[tuple[str, list[tuple[str, str, str, list[tuple[str, str]]]]]] = [
             (f"sum(rate(ray_chatterbox_s3gen_flow_tokens_total{{{APP}}}[{RATE}])) / "
              f"sum(rate(ray_chatterbox_s3gen_speech_tokens_total{{{APP}}}[{RATE}]))", "flow / new"),
         ]),
+        ("S3Gen flow padding and graph captures", "short", "Row-tokens the flow computed per row-token its "
+         "rows needed (1.0: no padding; rows are grouped into calls by length), and CUDA graphs captured while "
+         "serving per minute (each holds up a step; warm-up captures the grid ahead).", [
+            (f"sum(rate(ray_chatterbox_s3gen_flow_padded_tokens_total{{{APP}}}[{RATE}])) / "
+             f"sum(rate(ray_chatterbox_s3gen_flow_row_tokens_total{{{APP}}}[{RATE}]))", "padded / needed"),
+            (f"60 * sum(rate(ray_chatterbox_s3gen_graph_captures_total{{{APP}}}[{RATE}]))", "captures / min"),
+        ]),
         ("Batch occupancy", "percentunit", "T3: requests per engine step / KV slots. S3Gen: streams and one-shot "
          "jobs per engine step (mean, right axis in streams).", [
             (mean("chatterbox_t3_batch_occupancy_ratio", "replica"), "t3 {{replica}}"),

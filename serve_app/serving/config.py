@@ -158,6 +158,10 @@ class S3GenSettings(DeploymentSettings):
         [1, 4], description="GPU engine replicas capture the first streamed chunk's CUDA graphs for these numbers "
         "of concurrent new streams at start (built-in voice); [] skips the warm-up.")
     warmup_first_chunk_tokens: int = Field(25, ge=1, description="Keep equal to the router's first_chunk_tokens.")
+    warmup_graph_tokens: int = Field(0, ge=0, description="GPU engine replicas capture the flow's CUDA graphs of "
+                                     "every batch bucket and length bucket up to this many tokens (voice prompt "
+                                     "included) at start, so serving never pauses to capture; 0 skips it.")
+    warmup_graph_frames: int = Field(0, ge=0, description="The same for HiFT, up to this many mel frames a row.")
 
 
 class VoiceSettings(DeploymentSettings):

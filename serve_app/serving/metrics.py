@@ -76,6 +76,15 @@ class Metrics:
             "chatterbox_s3gen_flow_tokens_total", "Speech tokens run through the flow, left context and "
             "look-ahead included, voice prompt excluded (/ speech tokens: vocoded per produced token).",
             tag_keys=("backend",))
+        self.s3gen_flow_padded_tokens_total = C(
+            "chatterbox_s3gen_flow_padded_tokens_total", "Row-tokens the flow computed, voice prompt and padding "
+            "included (/ chatterbox_s3gen_flow_row_tokens_total: the padding overhead).", tag_keys=("backend",))
+        self.s3gen_flow_row_tokens_total = C(
+            "chatterbox_s3gen_flow_row_tokens_total", "Tokens of the rows the flow ran, voice prompt included "
+            "(what it had to compute, without padding).", tag_keys=("backend",))
+        self.s3gen_graph_captures_total = C(
+            "chatterbox_s3gen_graph_captures_total", "CUDA graphs captured by S3Gen while serving (each holds up "
+            "a step; warm-up captures are not counted).", tag_keys=("backend",))
         self.s3gen_queue_depth = G(
             "chatterbox_s3gen_queue_depth", "Text chunks (streams) open in this replica.",
             tag_keys=("backend",))

@@ -7,7 +7,7 @@ import torch
 
 from s3gen_helpers import one_thread, fresh_s3gen, random_tokens, random_voice  # noqa: F401  (one_thread: autouse fixture)
 from serve_app.engine.s3gen import (
-    S3GenEngine, S3GenEngineConfig, VocodeInput, plan_batches, strip_enrollment_modules,
+    S3GenEngine, S3GenEngineConfig, VocodeInput, strip_enrollment_modules,
 )
 from serve_app.engine.s3gen.strip import is_removed
 from serve_app.engine.s3gen.vocoder import HiftRow
@@ -30,16 +30,6 @@ def _inputs():
         VocodeInput(random_tokens(9, 2), random_voice(12, 2, odd_feat=True), seed=12),
         VocodeInput(random_tokens(14, 3), random_voice(5, 3), seed=13),
     ]
-
-
-def test_plan_batches_respects_budget_and_covers_all():
-    lengths = [5, 300, 40, 41, 200, 7]
-    plan = plan_batches(lengths, max_batch_tokens=512, bucket=32)
-    seen = sorted(i for idx, _ in plan for i in idx)
-    assert seen == list(range(len(lengths)))
-    for idx, padded in plan:
-        assert padded % 32 == 0 and all(lengths[i] <= padded for i in idx)
-        assert len(idx) == 1 or len(idx) * padded <= 512
 
 
 def test_batched_equals_alone_and_lengths(engine):

@@ -3,6 +3,7 @@ forward (tiny and full architecture, padded and fully masked rows, fp32 and bf16
 length bucket == unpadded."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -104,6 +105,33 @@ def test_warmup_captures_the_shapes_a_first_chunk_uses():
     assert audio.size > 0 and isinstance(state, StreamState)
     assert eng.flow.graphs.captures == 2 and eng.hift.graphs.captures == 2   # replayed, nothing new captured
     assert not eng.flow.graphs.seen and not eng.hift.graphs.seen
+
+
+def test_graph_grid_captured_ahead_covers_a_mixed_step():
+    """`capture_graphs` captures every (batch bucket, length bucket) within the limits; a later step of stream
+    first chunks and one-shot decodes then only replays (recording fakes: CPU)."""
+    from test_s3gen_graphs import RecordingGraphs
+
+    from serve_app.engine.s3gen import StreamState
+
+    eng = S3GenEngine(fresh_s3gen("tiny"), S3GenEngineConfig(n_cfm_timesteps=2, length_bucket=32,
+                                                             hift_length_bucket=16, graph_max_tokens=128))
+    eng.use_graphs = True
+    eng.flow.graphs = RecordingGraphs(eng.flow.core, (1, 2, 4), max_graphs=64, capture_after=1, name="flow",
+                                      max_size=128)
+    eng.hift.graphs = RecordingGraphs(eng.hift.trunk, (1, 2, 4), max_graphs=64, capture_after=1, name="hift",
+                                      max_size=128)
+    n = eng.capture_graphs(max_tokens=64, max_frames=64, progress=False)
+    # flow: L in (32, 64) x b in (1, 2, 4) with b * L <= 128 -> 5; HiFT: M in 16..64 x b with b * M <= 128 -> 10
+    assert (eng.flow.graphs.captures, eng.hift.graphs.captures, n) == (5, 10, 15)
+    assert eng.capture_graphs(max_tokens=64, max_frames=64, progress=False) == 0     # already held
+    voice = random_voice(10, 1)
+    out = eng.step([VocodeInput(random_tokens(8, 2), voice, seed=1, finalize=False, stream_state=StreamState()),
+                    VocodeInput(random_tokens(14, 3), voice, seed=2)])
+    assert all(a.size > 0 and np.isfinite(a).all() for a, _ in out)
+    assert (eng.flow.graphs.captures, eng.hift.graphs.captures) == (5, 10)            # replayed only
+    assert not eng.flow.graphs.seen and not eng.hift.graphs.seen
+    assert eng.stats.num_flow_calls >= 1 and eng.stats.flow_padding_ratio >= 1.0
 
 
 def test_stage_warm_up_only_on_gpu_engine_replicas():

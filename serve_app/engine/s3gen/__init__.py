@@ -1,7 +1,8 @@
 """S3Gen engine: batched, half-precision, quantizable speech tokens -> 24 kHz audio (plain torch)."""
 from .conds import conditionals_to_voice_conds, gen_dict_from_voice_conds, voice_conds_to_conditionals
 from .config import SAMPLE_RATE, SAMPLES_PER_TOKEN, S3GenEngineConfig, VocodeInput
-from .engine import S3GenEngine, plan_batches
+from .batching import plan_batches
+from .engine import S3GenEngine
 from .stats import S3GenEngineStats
 from .streaming import StreamState
 from .strip import strip_enrollment_modules

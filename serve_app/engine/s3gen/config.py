@@ -57,7 +57,14 @@ class S3GenEngineConfig:
                                          # one-shot decodes always use all of it. Costs fidelity: see the test
     cfg_rate: float | None = None        # None: upstream inference_cfg_rate (0.7)
     enforce_eager: bool = False          # True: no CUDA graphs for the flow's euler loop (CUDA only anyway)
-    graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)  # flow batches padded up to these; larger eager
+    graph_batch_sizes: tuple[int, ...] = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)  # flow / HiFT batches are
+                                         # padded up to these (pad rows are computed); larger ones run eagerly
+    graph_max_tokens: int = 16_384       # flow graphs only for padded rows x tokens up to this (eager above:
+                                         # compute-bound there, and a graph's static buffers grow with it)
+    hift_graph_max_frames: int = 2_048   # HiFT graphs only for padded rows x mel frames up to this
+    batch_overhead_tokens: int = 256     # the fixed cost of one more flow call, in row-tokens (H100 bf16: ~14 ms
+                                         # a call, ~55 us per row-token): the step's rows are split into calls
+                                         # that minimise padding + this (batching.py); HiFT uses twice it in frames
     compile: bool = False                # torch.compile the CFM estimator (fuses its small kernels; a slow
                                          # warm-up: ~2 min on an H100 with compile_dynamic)
     compile_dynamic: bool = True         # compile once for all lengths and batches (False: once per shape)
@@ -79,6 +86,8 @@ class S3GenEngineConfig:
             raise ValueError(f"max_batch_tokens={self.max_batch_tokens} is too small; use >= 64 (e.g. 32768)")
         if self.hift_length_bucket < 1:
             raise ValueError(f"hift_length_bucket={self.hift_length_bucket} must be >= 1 (e.g. 16)")
+        if self.batch_overhead_tokens < 0:
+            raise ValueError(f"batch_overhead_tokens={self.batch_overhead_tokens} must be >= 0 (e.g. 256)")
         if self.length_bucket < 1:
             raise ValueError(f"length_bucket={self.length_bucket} must be >= 1")
         if self.stream_prompt_tokens is not None and self.stream_prompt_tokens < 0:

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .batching import padded_rows, plan_batches
 from .config import (
     DTYPES, MEL_FRAMES_PER_TOKEN, PRE_LOOKAHEAD_TOKENS, SAMPLES_PER_MEL_FRAME, S3GenEngineConfig, VocodeInput,
 )
@@ -37,25 +38,6 @@ from .transfer import to_device
 from .vocoder import HiftRow, HiftRunner, fold_weight_norm
 
 log = logging.getLogger(__name__)
-
-
-def plan_batches(lengths: list[int], max_batch_tokens: int, bucket: int) -> list[tuple[list[int], int]]:
-    """Group request indices into flow batches: sorted by length, each batch's rows * padded length within
-    `max_batch_tokens`. -> [(indices, padded_length)]. Pure Python."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    batches: list[tuple[list[int], int]] = []
-    cur: list[int] = []
-    cur_len = 0
-    for i in order:
-        padded = -(-max(lengths[i], 1) // bucket) * bucket
-        if cur and (len(cur) + 1) * max(cur_len, padded) > max_batch_tokens:
-            batches.append((cur, cur_len))
-            cur, cur_len = [], 0
-        cur.append(i)
-        cur_len = max(cur_len, padded)
-    if cur:
-        batches.append((cur, cur_len))
-    return batches
 
 
 class S3GenEngine:
@@ -104,10 +86,11 @@ class S3GenEngine:
         self.use_graphs = self.device.type == "cuda" and not config.enforce_eager and capturable
         if self.use_graphs:
             self.flow.graphs = ShapeGraphs(self.flow.core, config.graph_batch_sizes, config.max_graphs,
-                                           config.graph_capture_after, name="flow")
+                                           config.graph_capture_after, name="flow", max_size=config.graph_max_tokens)
         if self.device.type == "cuda" and not config.enforce_eager:
             self.hift.graphs = ShapeGraphs(self.hift.trunk_fn, config.graph_batch_sizes, config.max_graphs,
-                                           config.graph_capture_after, name="HiFT trunk")
+                                           config.graph_capture_after, name="HiFT trunk",
+                                           max_size=config.hift_graph_max_frames)
         log.info("S3Gen engine: estimator %s (%s), flow graphs %s, HiFT graphs %s (%d weight-normed convs folded)",
                  config.dtype, type(estimator_fn).__name__, self.flow.graphs is not None,
                  self.hift.graphs is not None, folded)
@@ -200,10 +183,12 @@ class S3GenEngine:
             else:
                 todo.append(i)
         mels: dict[int, torch.Tensor] = {}
-        for idx, padded in plan_batches([rows[i].num_tokens for i in todo], self.config.max_batch_tokens,
-                                        self.config.length_bucket):
+        cfg, buckets = self.config, self._batch_buckets()
+        flow_plan = plan_batches([rows[i].num_tokens for i in todo], cfg.max_batch_tokens, cfg.length_bucket,
+                                 buckets, cfg.batch_overhead_tokens, cfg.graph_max_tokens)
+        for idx, padded in flow_plan:
             sel = [todo[j] for j in idx]
-            for i, mel in zip(sel, self.flow([rows[i] for i in sel], padded, self.config.n_cfm_timesteps)):
+            for i, mel in zip(sel, self.flow([rows[i] for i in sel], padded, cfg.n_cfm_timesteps)):
                 mels[i] = mel                                                                  # [80, N_i]
         hift_rows: dict[int, HiftRow] = {}
         for i in todo:
@@ -219,7 +204,9 @@ class S3GenEngine:
                                        phase_at=self._phase_at(inp, n_frames, start - K))
         # HiFT in groups of similar length (frames are ~2x tokens; reuse the flow plan's budget)
         hift_lens = [int(hift_rows[i].mel.shape[1]) for i in todo]
-        for idx, _ in plan_batches(hift_lens, 2 * self.config.max_batch_tokens, 2 * self.config.length_bucket):
+        hift_buckets = self.hift.graphs.batch_buckets if self.hift.graphs is not None else ()
+        for idx, _ in plan_batches(hift_lens, 2 * cfg.max_batch_tokens, cfg.hift_length_bucket, hift_buckets,
+                                   2 * cfg.batch_overhead_tokens, cfg.hift_graph_max_frames):
             sel = [todo[j] for j in idx]
             wavs, srcs, phases = self.hift([hift_rows[i] for i in sel])
             for i, wav, src, ph in zip(sel, wavs, srcs, phases):
@@ -229,9 +216,21 @@ class S3GenEngine:
         stats.num_steps += 1
         stats.num_flow_rows += len(todo)
         stats.num_flow_tokens += sum(int(rows[i].tokens.shape[0]) for i in todo)
+        stats.num_flow_calls += len(flow_plan)
+        stats.num_flow_row_tokens += sum(rows[i].num_tokens for i in todo)
+        stats.num_flow_padded_tokens += sum(padded_rows(len(idx), buckets, padded, cfg.graph_max_tokens) * padded
+                                            for idx, padded in flow_plan)
         stats.num_tokens_in += sum(self._num_tokens_in(batch[i], rows[i], planned[i][2]) for i in todo)
         stats.busy_seconds += time.perf_counter() - t0
         return [(a, st) for a, (_, st) in zip(audio, results)]
+
+    def num_graph_captures(self) -> int:
+        """CUDA graphs captured so far, flow and HiFT."""
+        return sum(g.captures for g in (self.flow.graphs, self.hift.graphs) if g is not None)
+
+    def _batch_buckets(self) -> tuple[int, ...]:
+        """The batch sizes flow calls are padded to (graph buckets), () when the flow runs eagerly."""
+        return self.flow.graphs.batch_buckets if self.use_graphs and self.flow.graphs is not None else ()
 
     @staticmethod
     def _num_tokens_in(inp: VocodeInput, row: FlowRow, start: int) -> int:
@@ -318,6 +317,44 @@ class S3GenEngine:
                  len(self.flow.graphs.graphs) if self.flow.graphs else 0,
                  len(self.hift.graphs.graphs) if self.hift.graphs else 0)
         return len(todo)
+
+    def capture_graphs(self, max_tokens: int, max_frames: int, min_tokens: int = 0, progress: bool = True) -> int:
+        """Capture ahead of traffic the flow graphs of every (graph batch bucket, length bucket) up to
+        `max_tokens` long (from `min_tokens`) and the HiFT graphs up to `max_frames`, within the graph size
+        limits, so that serving replays graphs instead of capturing them between users' steps (a capture costs
+        about two eager calls and holds up every stream of the step). -> graphs captured."""
+        from tqdm import tqdm
+
+        if self.flow.graphs is None and self.hift.graphs is None:
+            return 0
+        cfg, dev, fg, hg = self.config, self.device, self.flow.graphs, self.hift.graphs
+        first = max(cfg.length_bucket, -(-min_tokens // cfg.length_bucket) * cfg.length_bucket)
+        flow_shapes = [(b, L) for L in range(first, max_tokens + 1, cfg.length_bucket)
+                       for b in fg.batch_buckets if b * L <= cfg.graph_max_tokens] if fg is not None else []
+        fb = self.hift.length_bucket
+        hift_shapes = [(b, M) for M in range(fb, max_frames + 1, fb)
+                       for b in hg.batch_buckets if b * M <= cfg.hift_graph_max_frames] if hg is not None else []
+        g = torch.Generator(device="cpu").manual_seed(0)
+        n = 0
+        with torch.inference_mode():
+            for b, L in tqdm(flow_shapes, desc="S3Gen flow graphs", unit="graph", disable=not progress):
+                rows = [FlowRow(tokens=torch.randint(0, 6561, (L,), generator=g).to(dev),
+                                prompt_token=torch.zeros(0, dtype=torch.long, device=dev),
+                                prompt_feat=torch.zeros(0, 80, device=dev),
+                                embedding=torch.randn(192, generator=g).to(dev), seed=i) for i in range(b)]
+                n += fg.capture(self.flow.prepare(rows, L), n_steps=cfg.n_cfm_timesteps)
+            hd, n_fft, hop = self.hift.dtype, self.hift.n_fft, self.hift.hop
+            for b, M in tqdm(hift_shapes, desc="S3Gen HiFT graphs", unit="graph", disable=not progress):
+                TT = M * SAMPLES_PER_MEL_FRAME // hop + 1
+                inputs = dict(mel=(0.1 * torch.randn(b, 80, M, generator=g)).to(dev, hd),
+                              lengths=torch.full((b,), M, dtype=torch.long, device=dev),
+                              s_stft=(0.1 * torch.randn(b, n_fft + 2, TT, generator=g)).to(dev, hd))
+                n += hg.capture(inputs)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        log.info("S3Gen graphs captured ahead of traffic: %d (flow: %d shapes up to %d tokens, HiFT: %d up to %d "
+                 "frames)", n, len(flow_shapes), max_tokens, len(hift_shapes), max_frames)
+        return n
 
     # ---- API --------------------------------------------------------------------------------------------
     def vocode(self, batch: list[VocodeInput]) -> list[np.ndarray]:

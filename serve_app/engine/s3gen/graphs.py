@@ -6,9 +6,10 @@ HiFT's convolution trunk (`HiftRunner.trunk`). At small batches both are launch-
 
 Shapes: the batch is padded up to a bucket; pad rows are copies of real rows (at capture) or stale rows of
 earlier calls, computed and dropped (rows never mix). Other dimensions must already be bucketed by the caller.
-Graphs are captured lazily, share one memory pool and are kept in a bounded LRU; a batch above the largest
-bucket runs eagerly. A shape is captured only on its `capture_after`-th call (eager before): a capture costs
-about two eager calls, and streams grow through many shapes seen once.
+Graphs are captured lazily (or ahead of time, `capture`), share one memory pool and are kept in a bounded LRU;
+a batch above the largest bucket, or a shape above `max_size` padded rows x length (compute-bound there, and
+its static buffers would be large), runs eagerly. A shape is captured only on its `capture_after`-th call
+(eager before): a capture costs about two eager calls, and streams grow through many shapes seen once.
 """
 from __future__ import annotations
 
@@ -33,12 +34,13 @@ class _Graph:
 
 class ShapeGraphs:
     def __init__(self, fn: Callable[..., Any], batch_buckets: tuple[int, ...], max_graphs: int,
-                 capture_after: int = 2, name: str = "fn"):
+                 capture_after: int = 2, name: str = "fn", max_size: int | None = None):
         self.fn = fn                              # fn(**tensors, **static) -> Tensor | tuple of Tensors, [B, ...]
         self.batch_buckets = tuple(sorted(batch_buckets))
         self.max_graphs = max_graphs
         self.capture_after = max(1, capture_after)
         self.name = name
+        self.max_size = max_size                  # padded rows x the first input's last dim; None: no limit
         self.graphs: OrderedDict[Key, _Graph] = OrderedDict()
         self.seen: OrderedDict[Key, int] = OrderedDict()   # calls per shape not yet captured
         self.pool = None
@@ -47,14 +49,34 @@ class ShapeGraphs:
     def bucket(self, batch: int) -> int | None:
         return next((b for b in self.batch_buckets if b >= batch), None)
 
+    def _key(self, tensors: dict[str, torch.Tensor], static: dict) -> Key | None:
+        """The graph a call would replay, or None when it runs eagerly (no bucket, or above max_size)."""
+        first = next(iter(tensors.values()))
+        Bp = self.bucket(first.shape[0])
+        if Bp is None or (self.max_size is not None and Bp * first.shape[-1] > self.max_size):
+            return None
+        return (Bp, tuple((k, tuple(v.shape[1:]), v.dtype) for k, v in tensors.items()),
+                tuple(sorted(static.items())))
+
+    def capture(self, tensors: dict[str, torch.Tensor], **static) -> bool:
+        """Capture this call's shape now, ahead of traffic (a warm-up). -> whether a graph was captured."""
+        key = self._key(tensors, static)
+        if key is None or key in self.graphs:
+            return False
+        while len(self.graphs) >= self.max_graphs:
+            self.graphs.popitem(last=False)
+        self.graphs[key] = self._capture(self._padded(tensors, key[0]), static)
+        self.captures += 1
+        self.seen.pop(key, None)
+        return True
+
     def __call__(self, tensors: dict[str, torch.Tensor], **static):
         # tensors: name -> [B, ...] (same B) -> fn's output(s), [B, ...], fresh tensors
         B = next(iter(tensors.values())).shape[0]
-        Bp = self.bucket(B)
-        if Bp is None:
+        key = self._key(tensors, static)
+        if key is None:
             return self.fn(**tensors, **static)
-        key = (Bp, tuple((k, tuple(v.shape[1:]), v.dtype) for k, v in tensors.items()),
-               tuple(sorted(static.items())))
+        Bp = key[0]
         g = self.graphs.get(key)
         if g is None:
             n = self.seen.pop(key, 0) + 1

@@ -124,6 +124,7 @@ class EngineS3GenBackend:
         self.engine = engine
         self.device = device
         self.dtype = dtype
+        self._captures_at_start = 0
 
     @classmethod
     def from_model(cls, s3gen: torch.nn.Module, *, device: str, dtype: torch.dtype, quant: Any = None,
@@ -148,6 +149,13 @@ class EngineS3GenBackend:
         inputs = [VocodeInput(it.tokens, it.conds, it.seed, it.finalize, it.state) for it in items]
         return [(np.asarray(audio, np.float32).reshape(-1), state) for audio, state in self.engine.step(inputs)]
 
-    def stats(self) -> Any:
-        """The engine's running counters (tokens through the flow, steps, busy time), or None."""
-        return getattr(self.engine, "stats", None)
+    def stats(self) -> dict[str, int]:
+        """The engine's running totals (tokens through the flow, padded row-tokens, graph captures since warm-up)."""
+        s = self.engine.stats
+        return {"num_flow_tokens": s.num_flow_tokens, "num_flow_row_tokens": s.num_flow_row_tokens,
+                "num_flow_padded_tokens": s.num_flow_padded_tokens,
+                "num_graph_captures": self.engine.num_graph_captures() - self._captures_at_start}
+
+    def mark_warm(self) -> None:
+        """Graph captures from here on count as captured while serving."""
+        self._captures_at_start = self.engine.num_graph_captures()

@@ -57,10 +57,19 @@ def make_s3gen_backend(checkpoint: Any, settings: S3GenSettings, rd: ReplicaDevi
 
 
 def warm_up(backend: S3GenBackend, checkpoint: Any, settings: S3GenSettings, device: str) -> int:
-    """Capture the engine's first-chunk CUDA graphs with the built-in voice before taking requests
-    (`S3GenEngine.warmup`). GPU engine replicas only; -> engine steps run (0: skipped)."""
-    if not settings.warmup_batch_sizes or not isinstance(backend, EngineS3GenBackend) \
-            or not str(device).startswith("cuda"):
+    """Capture the engine's CUDA graphs before taking requests: the grid of flow / HiFT shapes
+    (`S3GenEngine.capture_graphs`), then the first chunk with the built-in voice (`S3GenEngine.warmup`).
+    GPU engine replicas only; -> first-chunk engine steps run (0: skipped)."""
+    if not isinstance(backend, EngineS3GenBackend) or not str(device).startswith("cuda"):
+        return 0
+    if settings.warmup_graph_tokens or settings.warmup_graph_frames:
+        t0 = time.perf_counter()
+        try:
+            n = backend.engine.capture_graphs(settings.warmup_graph_tokens, settings.warmup_graph_frames)
+            log.info("S3Gen warm-up: %d CUDA graphs captured in %.1fs", n, time.perf_counter() - t0)
+        except Exception:  # an optimization: shapes are captured when first seen instead
+            log.exception("S3Gen graph capture failed; continuing, shapes are captured when first seen")
+    if not settings.warmup_batch_sizes:
         return 0
     from serve_app.model.loader import load_builtin_conds
 
@@ -85,6 +94,8 @@ class S3GenReplica:
         t0 = time.perf_counter()
         self.backend = backend or make_s3gen_backend(checkpoint, settings, self.rd, quantization)
         warm_up(self.backend, checkpoint, settings, self.rd.device)
+        if isinstance(self.backend, EngineS3GenBackend):
+            self.backend.mark_warm()
         self._voice = voice_handle
         self._t3 = StageClient(t3_handle, "t3") if t3_handle is not None else None
         self.conds = CondsCache(self._fetch_conds, self.backend.prepare_conds, settings.max_cached_voices, "s3gen")
@@ -95,7 +106,7 @@ class S3GenReplica:
         self._outputs: dict[str, asyncio.Queue] = {}     # request_id -> AudioBlock | BaseException
         self._wake: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
-        self._flow_tokens_seen = 0                       # the engine's flow-token count already exported
+        self._stats_seen: dict[str, int] = {}           # the engine's totals already exported
         self.reconfigure(settings.user_config.model_dump())
         log.info("S3Gen stage ready in %.1fs: backend=%s device=%s dtype=%s quantization=%s weights=%s",
                  time.perf_counter() - t0, self.backend.name, self.rd.device, self.rd.dtype,
@@ -230,10 +241,16 @@ class S3GenReplica:
         for counter, value in ((m.s3gen_busy_seconds_total, seconds), (m.s3gen_speech_tokens_total, num_new)):
             if value > 0:   # Ray's Counter.inc refuses 0
                 counter.inc(value, tags=tags)
-        flow = getattr(self.backend.stats(), "num_flow_tokens", None) if hasattr(self.backend, "stats") else None
-        if flow is not None and flow > self._flow_tokens_seen:
-            m.s3gen_flow_tokens_total.inc(flow - self._flow_tokens_seen, tags=tags)
-            self._flow_tokens_seen = flow
+        stats = self.backend.stats() if hasattr(self.backend, "stats") else None
+        if stats is not None:   # the engine's running totals -> counter increments since the last step
+            for counter, key in ((m.s3gen_flow_tokens_total, "num_flow_tokens"),
+                                 (m.s3gen_flow_row_tokens_total, "num_flow_row_tokens"),
+                                 (m.s3gen_flow_padded_tokens_total, "num_flow_padded_tokens"),
+                                 (m.s3gen_graph_captures_total, "num_graph_captures")):
+                value = stats.get(key)
+                if value is not None and value > self._stats_seen.get(key, 0):
+                    counter.inc(value - self._stats_seen.get(key, 0), tags=tags)
+                    self._stats_seen[key] = value
         if num_samples:
             m.audio_seconds_total.inc(num_samples / SAMPLE_RATE, tags={"stage": "s3gen"})
 
