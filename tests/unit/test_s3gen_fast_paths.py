@@ -87,6 +87,23 @@ def test_folding_hift_weight_norm_keeps_its_output():
     torch.testing.assert_close(HiftRunner(twin)([HiftRow(mel, seed=1)])[0][0], before)   # the copy still works
 
 
+def test_batched_istft_equals_torch_istft_per_row():
+    """HiFT's batched iSTFT (no host sync) == torch.istft of each row alone, with HiFT's own window."""
+    from serve_app.engine.s3gen.vocoder import istft_rows
+
+    hift = fresh_s3gen("tiny").mel2wav
+    n_fft, hop = hift.istft_params["n_fft"], hift.istft_params["hop_len"]
+    window = hift.stft_window.float()
+    g = torch.Generator().manual_seed(0)
+    frames = [61, 40, 9, 2]
+    spec = torch.complex(torch.randn(4, n_fft // 2 + 1, 61, generator=g), torch.randn(4, n_fft // 2 + 1, 61, generator=g))
+    out = istft_rows(spec, torch.tensor(frames), n_fft, hop, window)
+    assert out.shape == (4, hop * 60)
+    for i, n in enumerate(frames):
+        ref = torch.istft(spec[i:i + 1, :, :n], n_fft, hop, n_fft, window=window)[0]
+        torch.testing.assert_close(out[i, :hop * (n - 1)], ref, atol=1e-5, rtol=1e-5)
+
+
 def test_warmup_captures_the_shapes_a_first_chunk_uses():
     """Warm-up at replica start must capture exactly the shapes a new stream's first chunk then replays
     (graphs replaced by recording fakes: CPU)."""

@@ -6,8 +6,8 @@ Same math as upstream `HiFTGenerator.inference` (f0 predictor -> neural source -
 - the source's random phases and noise drawn from per-request generators (upstream uses the global RNG), the
   noise indexed by absolute sample position and the harmonic phase carried across stream chunks, so a stream
   sees the same source as a one-shot decode;
-- the source STFT and the iSTFT done per row on the valid part (their reflect padding / window envelope
-  depend on the row's end);
+- the source STFT done per row on the valid part (its reflect padding depends on the row's end), the iSTFT
+  batched with each row's own window envelope (`istft_rows`: torch.istft waits for the GPU at every call);
 - `cache_source` per row (streaming): the first samples of the source are replaced to keep phase continuity;
 - Snake activations with 1/(alpha + eps) precomputed (read at construction: build the runner after loading).
 """
@@ -58,6 +58,24 @@ def fold_weight_norm(module: torch.nn.Module) -> int:
             setattr(parent, name, plain)
             n += 1
     return n
+
+
+def istft_rows(spec: torch.Tensor, frames: torch.Tensor, n_fft: int, hop: int, window: torch.Tensor) -> torch.Tensor:
+    """`torch.istft(spec[i:i+1, :, :frames[i]], n_fft, hop, n_fft, window)` (center=True) for every row in one go,
+    without its host sync: torch.istft checks the window envelope on the host, one GPU wait per call (per row,
+    HiFT's rows having different lengths). Same math: inverse rFFT of each frame, windowed, overlap-added, divided
+    by the overlap-added squared window of the row's own frames, `n_fft // 2` trimmed from the start.
+    spec: [B, n_fft // 2 + 1, TT] complex, frames: [B] int64 valid frames per row (on spec's device)
+    -> [B, hop * (TT - 1)] float32; row i is valid for its first hop * (frames[i] - 1) samples."""
+    B, _, TT = spec.shape
+    valid = (torch.arange(TT, device=spec.device)[None, :] < frames[:, None]).float()[:, None, :]   # [B, 1, TT]
+    w = window.float()[None, :, None]                                                             # [1, n_fft, 1]
+    seg = torch.fft.irfft(spec, n=n_fft, dim=1) * w * valid                                       # [B, n_fft, TT]
+    L = n_fft + hop * (TT - 1)
+    y = F.fold(seg, output_size=(1, L), kernel_size=(1, n_fft), stride=(1, hop))[:, 0, 0]        # [B, L]
+    env = F.fold((w * w) * valid, output_size=(1, L), kernel_size=(1, n_fft), stride=(1, hop))[:, 0, 0]  # [B, L]
+    start = n_fft // 2
+    return y[:, start:start + hop * (TT - 1)] / env[:, start:start + hop * (TT - 1)].clamp_min(1e-11)
 
 
 def _masks(lengths: torch.Tensor, T: int) -> torch.Tensor:
@@ -231,11 +249,9 @@ class HiftRunner:
         magnitude = torch.clip(torch.exp(x[:, :half]), max=1e2)
         phase = torch.sin(x[:, half:])
         spec = torch.complex(magnitude * torch.cos(phase), magnitude * torch.sin(phase))    # [B, F, TT]
-        window = self._window(x)
-        wavs, sources = [], []
-        for i in range(B):
-            n = frames[i]
-            wav = torch.istft(spec[i:i + 1, :, :n], self.n_fft, self.hop, self.n_fft, window=window)[0]
-            wavs.append(torch.clamp(wav, -hift.audio_limit, hift.audio_limit))
-            sources.append(src[i, 0, :lengths_s[i]])
+        frames_d = to_device(frames, device, torch.long)                                      # [B], no sync
+        wav = istft_rows(spec, frames_d, self.n_fft, self.hop, self._window(x))               # [B, hop (TT-1)]
+        wav = torch.clamp(wav, -hift.audio_limit, hift.audio_limit)
+        wavs = [wav[i, :self.hop * (frames[i] - 1)] for i in range(B)]
+        sources = [src[i, 0, :lengths_s[i]] for i in range(B)]
         return wavs, sources, phases
