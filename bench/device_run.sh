@@ -12,7 +12,9 @@ if [ -f .whl/site.tar.xz ]; then
   mkdir -p /tmp/site && tar xJf .whl/site.tar.xz -C /tmp/site
   export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH
   for w in .whl/py_spy*.whl; do   # py-spy, when carried beside the bundle: `py-spy dump` of replicas under load
-    [ -f "$w" ] && python3 -m pip install -q --no-index --no-deps --target /tmp/site "$w" || true
+    # (its own target: pip will not add a bin/ to the bundle's existing one)
+    [ -f "$w" ] && python3 -m pip install -q --no-index --no-deps --target /tmp/pyspy "$w" \
+      && export PATH=/tmp/pyspy/bin:$PATH || true
   done
 elif [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl

@@ -117,15 +117,8 @@ def plots(result: dict, out_dir: Path) -> list[str]:
     if up:
         ax.axhline(up, color="gray", linestyle=":", label=f"upstream, sequential ({up:.3g})")
     _concurrency_axis(ax, closed)
-    ax.set_xlabel("concurrent requests (closed loop)")
-    ax.set_ylabel("seconds of audio per second")
-    ax.set_title("Throughput")
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out_dir / THROUGHPUT_PNG, dpi=120)
-    plt.close(fig)
-    written.append(THROUGHPUT_PNG)
+    written.append(_save(plt, fig, ax, out_dir / THROUGHPUT_PNG, "concurrent requests (closed loop)",
+                         "seconds of audio per second", "Throughput"))
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     streams = sorted((lv for lv in closed if lv["stream"]), key=lambda lv: lv["concurrency"])
@@ -134,13 +127,19 @@ def plots(result: dict, out_dir: Path) -> list[str]:
         if pts:
             ax.plot(*zip(*pts), style, label=key.removeprefix("ttfa_").removesuffix("_s"))
     _concurrency_axis(ax, streams)
-    ax.set_xlabel("concurrent streams (closed loop)")
-    ax.set_ylabel("time to first audio, s")
-    ax.set_title("Time to first audio (streaming)")
+    written.append(_save(plt, fig, ax, out_dir / TTFA_PNG, "concurrent streams (closed loop)",
+                         "time to first audio, s", "Time to first audio (streaming)"))
+    return written
+
+
+def _save(plt, fig, ax, path: Path, xlabel: str, ylabel: str, title: str) -> str:
+    """Label, grid, legend, write and close one plot; -> its file name."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out_dir / TTFA_PNG, dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
-    written.append(TTFA_PNG)
-    return written
+    return path.name

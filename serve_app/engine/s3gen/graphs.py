@@ -63,12 +63,17 @@ class ShapeGraphs:
         key = self._key(tensors, static)
         if key is None or key in self.graphs:
             return False
+        self.seen.pop(key, None)
+        self._add(key, tensors, static)
+        return True
+
+    def _add(self, key: Key, tensors: dict[str, torch.Tensor], static: dict) -> _Graph:
+        """Capture `key`'s graph on buffers padded from `tensors`, evicting the least recently used if full."""
         while len(self.graphs) >= self.max_graphs:
             self.graphs.popitem(last=False)
-        self.graphs[key] = self._capture(self._padded(tensors, key[0]), static)
+        g = self.graphs[key] = self._capture(self._padded(tensors, key[0]), static)
         self.captures += 1
-        self.seen.pop(key, None)
-        return True
+        return g
 
     def __call__(self, tensors: dict[str, torch.Tensor], **static):
         # tensors: name -> [B, ...] (same B) -> fn's output(s), [B, ...], fresh tensors
@@ -76,7 +81,6 @@ class ShapeGraphs:
         key = self._key(tensors, static)
         if key is None:
             return self.fn(**tensors, **static)
-        Bp = key[0]
         g = self.graphs.get(key)
         if g is None:
             n = self.seen.pop(key, 0) + 1
@@ -85,12 +89,8 @@ class ShapeGraphs:
                 while len(self.seen) > 4 * self.max_graphs:
                     self.seen.popitem(last=False)
                 return self.fn(**tensors, **static)
-            while len(self.graphs) >= self.max_graphs:
-                self.graphs.popitem(last=False)
-            g = self._capture(self._padded(tensors, Bp), static)
-            self.captures += 1
-            self.graphs[key] = g
-            log.info("captured %s CUDA graph: batch %d, %s (%d held)", self.name, Bp,
+            g = self._add(key, tensors, static)
+            log.info("captured %s CUDA graph: batch %d, %s (%d held)", self.name, key[0],
                      {k: tuple(v.shape[1:]) for k, v in tensors.items()}, len(self.graphs))
         else:
             self.graphs.move_to_end(key)

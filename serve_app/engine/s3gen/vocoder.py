@@ -249,7 +249,7 @@ class HiftRunner:
         magnitude = torch.clip(torch.exp(x[:, :half]), max=1e2)
         phase = torch.sin(x[:, half:])
         spec = torch.complex(magnitude * torch.cos(phase), magnitude * torch.sin(phase))    # [B, F, TT]
-        frames_d = to_device(frames, device, torch.long)                                      # [B], no sync
+        frames_d = lengths * (SAMPLES_PER_MEL_FRAME // self.hop) + 1                           # [B] = frames
         wav = istft_rows(spec, frames_d, self.n_fft, self.hop, self._window(x))               # [B, hop (TT-1)]
         wav = torch.clamp(wav, -hift.audio_limit, hift.audio_limit)
         wavs = [wav[i, :self.hop * (frames[i] - 1)] for i in range(B)]

@@ -23,6 +23,15 @@ class CondsCache:
         self._inflight: dict[str, asyncio.Future] = {}
         self._stage = stage
 
+    @classmethod
+    def from_voice_stage(cls, voice_handle: Any, convert: Callable[[VoiceConds], Any], max_entries: int = 64,
+                         stage: str = "") -> CondsCache:
+        """Filled by the Voice stage's `get_conds` through its handle."""
+        async def fetch(voice_id: str) -> VoiceConds:
+            return await voice_handle.get_conds.remote(voice_id)
+
+        return cls(fetch, convert, max_entries, stage)
+
     def __len__(self) -> int:
         return len(self._entries)
 

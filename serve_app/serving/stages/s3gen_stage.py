@@ -19,14 +19,16 @@ from ray import serve
 
 from serve_app.serving.stages.conds_cache import CondsCache
 from serve_app.serving.config import S3GenSettings, S3GenUserConfig, stage_device
-from serve_app.contracts import SAMPLE_RATE, AudioBlock, SpeechJob, T3Job, TokenChunk, VoiceConds
+from serve_app.contracts import SAMPLE_RATE, AudioBlock, SpeechJob, T3Job, TokenChunk
 from serve_app.serving.metrics import get_metrics
 from serve_app.serving.stages.replica_device import ReplicaDevice
 from serve_app.serving.errors import StageError
 from serve_app.serving.stages.s3gen_backend import EngineS3GenBackend, S3GenBackend, UpstreamS3GenBackend, VocodeItem
 from serve_app.serving.stages.stage_client import StageClient
 from serve_app.serving.stages.vocode_scheduler import LOOKAHEAD_TOKENS, VocodePolicy, VocodeScheduler, VocodeStream
-from serve_app.serving.stages.stage_common import configure_replica_logging, describe, quantize_upstream, resolve_quant, spec_for
+from serve_app.serving.stages.stage_common import (
+    configure_replica_logging, describe, log_stage_ready, quantize_upstream, resolve_quant, spec_for,
+)
 
 log = logging.getLogger(__name__)
 
@@ -96,9 +98,9 @@ class S3GenReplica:
         warm_up(self.backend, checkpoint, settings, self.rd.device)
         if isinstance(self.backend, EngineS3GenBackend):
             self.backend.mark_warm()
-        self._voice = voice_handle
         self._t3 = StageClient(t3_handle, "t3") if t3_handle is not None else None
-        self.conds = CondsCache(self._fetch_conds, self.backend.prepare_conds, settings.max_cached_voices, "s3gen")
+        self.conds = CondsCache.from_voice_stage(voice_handle, self.backend.prepare_conds,
+                                                 settings.max_cached_voices, "s3gen")
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="s3gen")
         self._metrics = get_metrics()
         self._tags = {"backend": self.backend.name}
@@ -108,13 +110,7 @@ class S3GenReplica:
         self._loop_task: asyncio.Task | None = None
         self._stats_seen: dict[str, int] = {}           # the engine's totals already exported
         self.reconfigure(settings.user_config.model_dump())
-        log.info("S3Gen stage ready in %.1fs: backend=%s device=%s dtype=%s quantization=%s weights=%s",
-                 time.perf_counter() - t0, self.backend.name, self.rd.device, self.rd.dtype,
-                 self.rd.quantization.get("s3gen", "none"),
-                 checkpoint.describe() if hasattr(checkpoint, "describe") else checkpoint)
-
-    async def _fetch_conds(self, voice_id: str) -> VoiceConds:
-        return await self._voice.get_conds.remote(voice_id)
+        log_stage_ready("S3Gen", time.perf_counter() - t0, self.backend.name, self.rd, checkpoint)
 
     # ---- the request's side -------------------------------------------------------------------------------
     async def synthesize(self, job: SpeechJob) -> AsyncIterator[AudioBlock]:

@@ -54,6 +54,13 @@ def quantize_upstream(specs: dict[str, Any], **roots: Any) -> dict[str, int]:
     return {k: len(v) for k, v in done.items()}
 
 
+def log_stage_ready(stage: str, seconds: float, backend: str, rd: Any, checkpoint: Any) -> None:
+    """A model stage replica's start-up line: backend, device, dtype, quantization and weights."""
+    log.info("%s stage ready in %.1fs: backend=%s device=%s dtype=%s quantization=%s weights=%s", stage, seconds,
+             backend, rd.device, rd.dtype, rd.quantization.get(stage.lower(), "none"),
+             checkpoint.describe() if hasattr(checkpoint, "describe") else checkpoint)
+
+
 def configure_replica_logging() -> None:
     """Inside a Serve replica, send our INFO logs (device, weights, quantization at start-up) to stderr, which
     Ray forwards to the driver's console; Ray configures only its own loggers there."""

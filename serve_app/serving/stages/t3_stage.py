@@ -15,10 +15,12 @@ from ray import serve
 
 from serve_app.serving.stages.conds_cache import CondsCache
 from serve_app.serving.config import T3Settings, T3UserConfig, stage_device
-from serve_app.contracts import T3Job, TokenChunk, VoiceConds
+from serve_app.contracts import T3Job, TokenChunk
 from serve_app.serving.metrics import get_metrics
 from serve_app.serving.stages.replica_device import ReplicaDevice
-from serve_app.serving.stages.stage_common import configure_replica_logging, describe, quantize_upstream, resolve_quant, spec_for
+from serve_app.serving.stages.stage_common import (
+    configure_replica_logging, describe, log_stage_ready, quantize_upstream, resolve_quant, spec_for,
+)
 from serve_app.serving.stages.t3_backend import EngineT3Backend, T3Backend, UpstreamT3Backend
 
 log = logging.getLogger(__name__)
@@ -107,18 +109,12 @@ class T3Replica:
         self.rd = ReplicaDevice.setup("t3", stage_device(settings), settings.num_gpus, settings.dtype)
         t0 = time.perf_counter()
         self.backend = backend or make_t3_backend(checkpoint, settings, self.rd, quantization)
-        self._voice = voice_handle
-        self.conds = CondsCache(self._fetch_conds, self.backend.prepare_conds, settings.max_cached_voices, "t3")
+        self.conds = CondsCache.from_voice_stage(voice_handle, self.backend.prepare_conds,
+                                                 settings.max_cached_voices, "t3")
         self._metrics = get_metrics()
         self._tags = {"backend": self.backend.name}
         self._num_running = 0
-        log.info("T3 stage ready in %.1fs: backend=%s device=%s dtype=%s quantization=%s weights=%s",
-                 time.perf_counter() - t0, self.backend.name, self.rd.device, self.rd.dtype,
-                 self.rd.quantization.get("t3", "none"),
-                 checkpoint.describe() if hasattr(checkpoint, "describe") else checkpoint)
-
-    async def _fetch_conds(self, voice_id: str) -> VoiceConds:
-        return await self._voice.get_conds.remote(voice_id)
+        log_stage_ready("T3", time.perf_counter() - t0, self.backend.name, self.rd, checkpoint)
 
     async def generate(self, job: T3Job) -> AsyncIterator[TokenChunk]:
         conds = await self.conds.get(job.voice_id)
