@@ -124,6 +124,10 @@ class T3UserConfig(_Model):
 class S3GenUserConfig(_Model):
     max_batch_tokens: int = Field(4096, ge=1, description="New speech tokens vocoded in one engine step, over "
                                   "all of the replica's streams (the most urgent go first).")
+    max_stream_batch_tokens: int | None = Field(None, ge=1, description="Of those, streaming rows' new tokens "
+                                                "per step (None: max_batch_tokens). Lower keeps steps short, so "
+                                                "listeners wait less between blocks; the less urgent streams go "
+                                                "next step, with more tokens each.")
     max_step_tokens: int = Field(200, ge=1, description="A stream's later steps grow (doubling) up to this many "
                                  "new tokens: fewer, larger steps cost less flow context and batch better.")
     min_step_tokens: int = Field(8, ge=1, description="A stream whose listener runs low steps early, with at "

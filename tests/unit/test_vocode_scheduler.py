@@ -125,3 +125,24 @@ def test_seconds_left_and_duplicate_ids():
     with pytest.raises(ValueError, match="already open"):
         sched.add(_stream("a"))
     assert sched.remove("a") is s and sched.remove("a") is None
+
+
+def test_stream_budget_bounds_streaming_rows_not_one_shot_jobs():
+    sched = VocodeScheduler(VocodePolicy(max_batch_new_tokens=1000, max_stream_batch_tokens=60), SR)
+    streams = [_stream(f"s{i}", first_step_tokens=25, step_tokens=50) for i in range(4)]
+    for s in streams:
+        sched.add(s)
+        s.tokens.extend(range(28))
+    jobs = [_stream(f"j{i}", streaming=False) for i in range(2)]
+    for j in jobs:
+        sched.add(j)
+        j.tokens.extend(range(300))
+        j.t3_finished = True
+    plans = sched.take_ready(0.0)
+    # two first steps fit the stream budget (25 + 25 <= 60), both one-shot jobs fit the step's budget
+    assert sorted(p.stream.request_id for p in plans) == ["j0", "j1", "s0", "s1"]
+    assert sum(p.num_new for p in plans if p.stream.streaming) == 50
+    # the left-over streams run next step
+    for p in plans:
+        sched.finish_step(p, 0, 0.0)
+    assert sorted(p.stream.request_id for p in sched.take_ready(0.0)) == ["s2", "s3"]

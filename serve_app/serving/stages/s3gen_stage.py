@@ -256,7 +256,8 @@ class S3GenReplica:
     def reconfigure(self, user_config: dict) -> None:
         cfg = S3GenUserConfig.model_validate(user_config or {})
         self.scheduler.policy = VocodePolicy(max_step_tokens=cfg.max_step_tokens, min_step_tokens=cfg.min_step_tokens,
-                                             low_water_s=cfg.low_water_s, max_batch_new_tokens=cfg.max_batch_tokens)
+                                             low_water_s=cfg.low_water_s, max_batch_new_tokens=cfg.max_batch_tokens,
+                                             max_stream_batch_tokens=cfg.max_stream_batch_tokens)
         log.info("S3Gen stage user_config: %s", cfg.model_dump())
 
     def invalidate_voice(self, voice_id: str) -> None:

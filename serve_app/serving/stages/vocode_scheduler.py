@@ -14,8 +14,10 @@ A stream is ready when
   listener's buffer runs low: less than `low_water_s` of audio left to play at real time since the first block.
 
 "Usable" tokens exclude the flow's look-ahead (`LOOKAHEAD_TOKENS`), which waits for the next block or the end.
-Ready streams are taken most urgent first (first steps, then by audio left to play) within `max_step_tokens`
-of new tokens per step in all (at least one stream always runs).
+Ready streams are taken most urgent first (first steps, then by audio left to play) within `max_batch_new_tokens`
+of new tokens per step in all, and streaming rows within `max_stream_batch_tokens` (a step's time is what every
+waiting listener waits on: a smaller stream budget keeps steps short and leaves the less urgent streams to the
+next step, with more tokens each). At least one stream always runs.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ class VocodePolicy:
     min_step_tokens: int = 8            # a low buffer triggers a step only with at least this many
     low_water_s: float = 1.0            # step early when less audio than this is left to play
     max_batch_new_tokens: int = 4096    # new tokens vocoded in one engine step, over all streams
+    max_stream_batch_tokens: int | None = None   # of those, streaming rows' (None: max_batch_new_tokens)
 
     def __post_init__(self) -> None:
         if self.min_step_tokens < 1 or self.max_step_tokens < self.min_step_tokens:
@@ -135,11 +138,15 @@ class VocodeScheduler:
                        key=lambda s: self._urgency(s, now))
         plans: list[StepPlan] = []
         budget = self.policy.max_batch_new_tokens
+        stream_budget = self.policy.max_stream_batch_tokens
+        stream_budget = budget if stream_budget is None else stream_budget
         for s in ready:
             plan = StepPlan(s, list(s.tokens), finalize=s.t3_finished)
-            if plans and plan.num_new > budget:
+            if plans and (plan.num_new > budget or (s.streaming and plan.num_new > stream_budget)):
                 continue
             budget -= plan.num_new
+            if s.streaming:
+                stream_budget -= plan.num_new
             s.running = True
             plans.append(plan)
         return plans
