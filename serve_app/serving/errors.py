@@ -155,6 +155,12 @@ def _unwrap(exc: BaseException) -> BaseException:
     return exc
 
 
+def is_backpressure(exc: BaseException) -> bool:
+    """A stage turned the call away before it started (its queue was full, also when the stage it called did):
+    the same call can be made again later."""
+    return BackPressureError is not None and isinstance(_unwrap(exc), BackPressureError)
+
+
 def is_replica_lost(exc: BaseException) -> bool:
     """The stage replica a request ran on died or became unreachable (also when a stage saw it happen to the
     stage it called): nothing else went wrong, and the same request can run again on a live or restarted one."""

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import base64
 import json
 
@@ -535,3 +536,46 @@ async def test_a_finished_stream_is_counted_stall_free_or_not():
     slow = Stack(t3=FakeT3(step_delay_s=0.4), first_chunk_tokens=5, stream_chunk_tokens=5)
     await speech(slow, input="A short one, long enough for three steps.", response_format="pcm", stream=True)
     assert slow.metrics.values("streams_total") == [(1, {"stall_free": "false"})]
+
+
+class BusyOnceS3Gen(FakeS3Gen):
+    """Turns away the first call for each text chunk listed in `busy` (a full queue), then serves it."""
+
+    def __init__(self, busy: dict[int, int]):
+        super().__init__()
+        self.busy = dict(busy)   # chunk index -> rejections left
+
+    async def synthesize(self, job):
+        index = int(job.request_id.rsplit("-", 1)[1])
+        if self.busy.get(index, 0) > 0:
+            self.busy[index] -= 1
+            self.jobs.append(job)
+            raise BackPressureError(num_queued_requests=8, max_queued_requests=8)
+        async for block in super().synthesize(job):
+            yield block
+
+
+async def test_a_later_chunk_turned_away_by_a_full_queue_is_asked_again_not_cut():
+    stack = Stack(s3gen=BusyOnceS3Gen({1: 2, 2: 1}), max_chunk_chars=40)
+    stack.router.pipeline.config = dataclasses.replace(stack.router.pipeline.config, busy_backoff_s=0.001)
+    r = await speech(stack, input=TEXT + " " + TEXT, response_format="pcm")
+    assert r.status_code == 200
+    samples, _ = decode_any(r.content, "pcm")
+    assert samples.size == stack.expected_samples(TEXT + " " + TEXT)
+    ids = [j.request_id for j in stack.s3gen.jobs]
+    assert ids.count(ids[0][:-2] + "-1") == 3 and ids.count(ids[0][:-2] + "-2") == 2
+
+
+async def test_the_first_chunk_turned_away_is_a_429_and_a_later_one_past_its_retries_cuts_the_stream():
+    stack = Stack(s3gen=BusyOnceS3Gen({0: 1}), max_chunk_chars=40)
+    assert_error(await speech(stack, input=TEXT, response_format="pcm"), 429, code="backpressure")
+    stack = Stack(s3gen=BusyOnceS3Gen({1: 99}), max_chunk_chars=40)
+    stack.router.pipeline.config = dataclasses.replace(stack.router.pipeline.config, busy_backoff_s=0.001,
+                                                       busy_retries=3)
+    from serve_app.serving.api.app import StreamInterrupted
+
+    sent: list[dict] = []
+    with pytest.raises(StreamInterrupted):   # audio had started: the body is cut, not completed
+        await run_asgi_until(stack.app, {"input": TEXT + " " + TEXT, "response_format": "pcm"}, None, None, sent=sent)
+    assert next(m for m in sent if m["type"] == "http.response.start")["status"] == 200
+    assert [j.request_id[-2:] for j in stack.s3gen.jobs].count("-1") == 4

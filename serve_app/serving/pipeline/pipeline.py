@@ -12,6 +12,9 @@
 - The call for text chunk k+1 starts (up to `lookahead_chunks` ahead) as soon as chunk k starts being consumed,
   so T3 runs ahead of the vocoder.
 - Consecutive text chunks are joined with a `crossfade_samples` crossfade.
+- A later text chunk turned away by a full stage queue (Ray's BackPressureError) is asked for again, with
+  backoff, up to `busy_retries` times: its request has started (audio may be playing), so it waits for room rather
+  than be cut. The first chunk's rejection goes to the client as a 429 before anything started.
 - Closing the returned generator (client gone, error) cancels every stage call still running (Ray cancels the
   S3Gen call, which cancels its T3 call).
 
@@ -20,6 +23,7 @@ No torch; audio is float32 numpy at 24 kHz.
 from __future__ import annotations
 
 import dataclasses
+import asyncio
 import logging
 import math
 import time
@@ -31,6 +35,7 @@ import numpy as np
 
 from serve_app.contracts import SAMPLE_RATE, SPEECH_TOKEN_RATE, AudioBlock, SpeechJob, SynthesisParams
 from serve_app.serving.audio import Crossfader
+from serve_app.serving.errors import is_backpressure
 from serve_app.serving.stages.stage_client import StageClient, StageStream
 
 logger = logging.getLogger(__name__)
@@ -54,6 +59,8 @@ class PipelineConfig:
     max_seconds_per_char: float = 0.0   # 0: every chunk may use params.max_new_tokens
     t3_block_tokens: int = 16
     stall_tolerance_s: float = 0.05     # lateness that does not count as a stall (one network hop)
+    busy_retries: int = 20              # a later chunk turned away by a full stage queue is asked for again ...
+    busy_backoff_s: float = 0.05        # ... after this, doubling up to 1 s a wait (~16 s in all)
 
 
 def chunk_token_cap(text: str, max_new_tokens: int, max_seconds_per_char: float) -> int:
@@ -96,15 +103,32 @@ class SpeechPipeline:
             return samples
 
         try:
-            for _ in range(len(chunks)):
+            for index in range(len(chunks)):
                 while next_chunk < len(chunks) and len(running) <= self.config.lookahead_chunks:
                     job = self._job(request_id, next_chunk, chunks[next_chunk], voice_id, params, streaming)
                     stream = self.s3gen.stream("synthesize", job)
                     running.append(stream)
                     opened.append(stream)
                     next_chunk += 1
-                async for block in running.popleft():
-                    block: AudioBlock
+                stream, retries, admitted = running.popleft(), 0, False
+                while True:
+                    try:
+                        block: AudioBlock = await stream.__anext__()
+                    except StopAsyncIteration:
+                        break
+                    except Exception as exc:
+                        # turned away before it started: only a later chunk waits (the first answers 429)
+                        if index == 0 or admitted or retries >= self.config.busy_retries or not is_backpressure(exc):
+                            raise
+                        await asyncio.sleep(min(1.0, self.config.busy_backoff_s * 2 ** retries))
+                        retries += 1
+                        logger.info("%s: text chunk %d turned away by a full S3Gen queue; asking again (%d of %d)",
+                                    request_id, index, retries, self.config.busy_retries)
+                        job = self._job(request_id, index, chunks[index], voice_id, params, streaming)
+                        stream = self.s3gen.stream("synthesize", job)
+                        opened.append(stream)
+                        continue
+                    admitted = True
                     stats.num_speech_tokens += block.num_speech_tokens
                     if block.finished:
                         stats.finish_reasons += (block.finish_reason or "stop",)
