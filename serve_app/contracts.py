@@ -24,6 +24,9 @@ BUILTIN_VOICE = "default"
 SAMPLE_RATE = 24_000
 SAMPLES_PER_TOKEN = 960  # 24 kHz / 25 speech tokens per second
 SPEECH_TOKEN_RATE = 25
+# where a streamed text chunk's time to first audio goes inside the S3Gen replica (AudioBlock.timings): the voice's
+# conditionals, T3 until its first token block arrives, waiting for the vocoder loop, the first vocoder step
+FIRST_AUDIO_PHASES = ("conds", "t3", "vocode_wait", "vocode")
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,7 @@ class AudioBlock:
     num_speech_tokens: int = 0        # speech tokens vocoded into this block (new ones, not the context)
     finished: bool = False
     finish_reason: str | None = None  # with finished: T3's "stop" | "length"
+    timings: dict[str, float] | None = None  # a streamed chunk's first audio: seconds per FIRST_AUDIO_PHASES
 
 
 @dataclass(frozen=True)

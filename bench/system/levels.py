@@ -16,6 +16,7 @@ from bench.system.gpu_monitor import GpuMonitor
 from bench.system.loadgen import LoopLagProbe, RequestSpec, closed_loop, fixed_batch, make_client, open_loop
 from bench.system.measure import LengthCheck, percentile, summarize
 from bench.system.texts import capped_audio_s, text_for
+from serve_app.contracts import FIRST_AUDIO_PHASES
 
 log = logging.getLogger("bench_system")
 
@@ -156,11 +157,17 @@ class LevelRunner:
                 "app_stall_free_fraction": (stall_free or 0) / app_streams if app_streams else None}
 
 
-def _mean(before, after, hist: str) -> float | None:
+def _mean(before, after, hist: str, labels: dict[str, str] | None = None) -> float | None:
     """Mean of a histogram over the level (delta of _sum / delta of _count)."""
-    n = prom.delta(before, after, hist + "_count")
-    t = prom.delta(before, after, hist + "_sum")
+    n = prom.delta(before, after, hist + "_count", labels)
+    t = prom.delta(before, after, hist + "_sum", labels)
     return t / n if n and t is not None else None
+
+
+def first_audio_phases(before, after) -> dict[str, float | None]:
+    """Mean seconds of each part of a stream's time to first audio over the level (the router's histogram)."""
+    return {phase: _mean(before, after, "chatterbox_first_audio_phase_seconds", {"phase": phase})
+            for phase in (*FIRST_AUDIO_PHASES, "router")}
 
 
 def engine_stats(before, after) -> dict:
@@ -182,6 +189,7 @@ def engine_stats(before, after) -> dict:
         "vocoded_per_produced_token": flow / new if flow is not None and new else None,
         "s3gen_flow_padding_ratio": padded / needed if padded is not None and needed else None,
         "s3gen_graph_captures": prom.delta(before, after, "chatterbox_s3gen_graph_captures_total"),
+        "first_audio_phase_mean_s": first_audio_phases(before, after),
     }
 
 

@@ -73,6 +73,7 @@ def markdown(result: dict) -> str:
             f"{_f(lv.get('e2e_p50_s'))} | {_f(lv.get('stall_free_fraction'), '.1%')} | "
             f"{_f(lv.get('length_match_fraction'), '.0%')} | {lv.get('gpu_peak_mib') or '-'} | "
             f"{_f(stage.get('t3'), '.1f')} | {_f(stage.get('s3gen'), '.1f')} |")
+    lines += _phases_table(result.get("levels", []))
     skipped = result.get("skipped_levels") or []
     if skipped:
         lines += ["", "Skipped: " + "; ".join(f"{_load(s)} {'stream' if s['stream'] else 'no stream'} "
@@ -83,6 +84,19 @@ def markdown(result: dict) -> str:
     if result.get("notes"):
         lines += [""] + [f"- {n}" for n in result["notes"]]
     return "\n".join(lines) + "\n"
+
+
+def _phases_table(levels: list[dict]) -> list[str]:
+    """Mean time to first audio by phase per streaming level (the app's chatterbox_first_audio_phase_seconds)."""
+    rows = [(lv, (lv.get("engine") or {}).get("first_audio_phase_mean_s") or {}) for lv in levels if lv["stream"]]
+    rows = [(lv, ph) for lv, ph in rows if any(v is not None for v in ph.values())]
+    if not rows:
+        return []
+    phases = list(rows[0][1])
+    return ["", "Time to first audio by phase, mean ms (S3Gen replica: voice conds, T3 until its first token block, "
+            "waiting for the vocoder loop, the first step; router: the rest, HTTP to the first piece):", "",
+            "| load | " + " | ".join(phases) + " |", "|---|" + "---|" * len(phases)] + [
+        f"| {_load(lv)} | " + " | ".join(_f(ph.get(p), '.0f', 1000.0) for p in phases) + " |" for lv, ph in rows]
 
 
 def _concurrency_axis(ax, levels: list[dict]) -> None:

@@ -68,6 +68,11 @@ ROWS: list[tuple[str, list[tuple[str, str, str, list[tuple[str, str]]]]]] = [
         ("T3 decode step", "s", "One T3 engine decode step over all running requests (engine backend).", [
             (q(p, "chatterbox_t3_step_seconds", "replica"), f"p{int(p * 100)} {{{{replica}}}}") for p in (0.5, 0.95)
         ]),
+        ("Time to first audio by phase (mean)", "s", "Where a stream's first audio waits: in the S3Gen replica the "
+         "voice's conditionals (conds), T3 until its first token block (t3), the vocoder loop (vocode_wait) and the "
+         "first step (vocode); router: the rest (HTTP, text, the stage calls' hops, encoding).", [
+            (mean("chatterbox_first_audio_phase_seconds", "phase"), "{{phase}}"),
+        ]),
     ]),
     ("Throughput and batching", [
         ("Audio seconds per second (real-time factor)", "short", "Seconds of audio produced per wall-clock second: "

@@ -24,6 +24,7 @@ EXPECTED = {
     "chatterbox_requests_total",
     "chatterbox_request_duration_seconds_bucket",
     "chatterbox_time_to_first_audio_seconds_bucket",
+    "chatterbox_first_audio_phase_seconds_bucket",   # the request below streams (the default)
     "chatterbox_audio_seconds_total",
     "chatterbox_t3_request_seconds_bucket",
     "chatterbox_t3_speech_tokens_total",

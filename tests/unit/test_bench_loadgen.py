@@ -254,3 +254,22 @@ def test_levels_that_do_not_fit_the_budget_are_skipped_and_reported():
     assert runner.ran[0][1] == pytest.approx(50.0)   # duration + drain, within the budget
     assert [s["name"] for s in result["skipped_levels"]] == ["c8-nostream", "rate2-stream"]
     assert len(result["levels"]) == 2 and len(calls) == 2
+
+
+def test_first_audio_phases_are_level_means_and_get_a_table():
+    from bench.system.levels import first_audio_phases
+    from bench.system.report import markdown
+
+    scrape = ("ray_chatterbox_first_audio_phase_seconds_sum{phase=\"t3\"} %s\n"
+              "ray_chatterbox_first_audio_phase_seconds_count{phase=\"t3\"} %s\n"
+              "ray_chatterbox_first_audio_phase_seconds_sum{phase=\"router\"} %s\n"
+              "ray_chatterbox_first_audio_phase_seconds_count{phase=\"router\"} %s\n")
+    before, after = prom.parse(scrape % (1.0, 10, 0.5, 10)), prom.parse(scrape % (1.6, 14, 0.7, 14))
+    phases = first_audio_phases(before, after)
+    assert phases["t3"] == pytest.approx(0.15) and phases["router"] == pytest.approx(0.05)
+    assert phases["vocode"] is None          # not exported: no number made up
+    level = {"load": "closed", "concurrency": 8, "stream": True, **summarize([_stream([0.5], [1.0])], window_s=2.0),
+             "engine": {"first_audio_phase_mean_s": phases}}
+    md = markdown({"levels": [level, {**level, "stream": False}]})
+    rows = [line for line in md.splitlines() if line.startswith("| 8 |") and "150" in line]
+    assert len(rows) == 1 and rows[0].endswith("| 50 |") and "| - |" in rows[0]

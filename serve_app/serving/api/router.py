@@ -264,12 +264,21 @@ class SpeechRouter:
         else:
             work = self._retrying(request_id, lambda: self._synthesize_file(req, request_id, chunks, voice_id, params))
         result = await (work if wait_for_disconnect is None else cancel_on_disconnect(work, wait_for_disconnect))
-        self.record("time_to_first_audio_seconds", "observe", time.monotonic() - started_at, route="speech",
-                    stream=str(req.is_streaming).lower())
+        ttfa = time.monotonic() - started_at
+        self.record("time_to_first_audio_seconds", "observe", ttfa, route="speech", stream=str(req.is_streaming).lower())
         if not req.is_streaming:
             return SpeechFile(result, media_type)
         stats, encoded, first = result
+        self._record_first_audio_phases(ttfa, stats.first_audio_timings)
         return SpeechStream(_prepend(first, encoded), media_type, len(req.input), stats)
+
+    def _record_first_audio_phases(self, ttfa: float, timings: dict[str, float] | None) -> None:
+        """The S3Gen replica's phases of the first chunk's first audio, and the rest of `ttfa` as `router`."""
+        if not timings:
+            return
+        for phase, seconds in timings.items():
+            self.record("first_audio_phase_seconds", "observe", seconds, phase=phase)
+        self.record("first_audio_phase_seconds", "observe", max(0.0, ttfa - sum(timings.values())), phase="router")
 
     async def _retrying(self, request_id: str, attempt: Callable[[], Awaitable[T]]) -> T:
         """`attempt()`, run again (up to `max_stage_retries` times) when a stage replica died under it. Only work

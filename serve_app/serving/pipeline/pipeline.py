@@ -48,6 +48,7 @@ class PipelineStats:
     first_audio_at: float | None = None  # time.monotonic() of the first non-empty piece
     stalled: bool = False                # a piece came later than a listener starting at the first one needed it
     finish_reasons: tuple[str, ...] = ()
+    first_audio_timings: dict[str, float] | None = None   # the first chunk's, from the S3Gen replica
 
 
 @dataclass(frozen=True)
@@ -129,6 +130,8 @@ class SpeechPipeline:
                         opened.append(stream)
                         continue
                     admitted = True
+                    if block.timings and index == 0 and stats.first_audio_timings is None:
+                        stats.first_audio_timings = block.timings
                     stats.num_speech_tokens += block.num_speech_tokens
                     if block.finished:
                         stats.finish_reasons += (block.finish_reason or "stop",)

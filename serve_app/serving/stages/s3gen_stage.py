@@ -19,7 +19,7 @@ from ray import serve
 
 from serve_app.serving.stages.conds_cache import CondsCache
 from serve_app.serving.config import S3GenSettings, S3GenUserConfig, stage_device
-from serve_app.contracts import SAMPLE_RATE, AudioBlock, SpeechJob, T3Job, TokenChunk
+from serve_app.contracts import FIRST_AUDIO_PHASES, SAMPLE_RATE, AudioBlock, SpeechJob, T3Job, TokenChunk
 from serve_app.serving.metrics import get_metrics
 from serve_app.serving.stages.replica_device import ReplicaDevice
 from serve_app.serving.errors import StageError
@@ -87,6 +87,14 @@ def warm_up(backend: S3GenBackend, checkpoint: Any, settings: S3GenSettings, dev
         return 0
 
 
+def first_audio_timings(marks: dict[str, float], step_started: float, step_done: float) -> dict[str, float] | None:
+    """Seconds per FIRST_AUDIO_PHASES of a stream whose first audio a step made (None if a mark is missing)."""
+    if not all(k in marks for k in ("entered", "conds", "t3")):
+        return None
+    edges = (marks["entered"], marks["conds"], marks["t3"], step_started, step_done)
+    return {phase: max(0.0, b - a) for phase, a, b in zip(FIRST_AUDIO_PHASES, edges, edges[1:])}
+
+
 class S3GenReplica:
     def __init__(self, checkpoint: Any, voice_handle: Any, settings: S3GenSettings, quantization: str | None = None,
                  backend: S3GenBackend | None = None, t3_handle: Any = None) -> None:
@@ -117,10 +125,12 @@ class S3GenReplica:
         """One text chunk: T3 tokens in blocks -> vocoder scheduler -> audio blocks (the last has finished=True)."""
         if self._t3 is None:
             raise StageError("this S3Gen replica was built without a T3 handle", code="s3gen_error")
+        entered = time.monotonic()
         conds = await self.conds.get(job.voice_id)
         self._ensure_loop()
         stream = VocodeStream(job.request_id, conds, job.params.seed, streaming=job.streaming,
                               first_step_tokens=job.first_step_tokens, step_tokens=job.step_tokens)
+        stream.marks.update(entered=entered, conds=time.monotonic())
         self.scheduler.add(stream)
         out: asyncio.Queue = asyncio.Queue()
         self._outputs[job.request_id] = out
@@ -155,6 +165,8 @@ class S3GenReplica:
             async for chunk in t3:
                 chunk: TokenChunk
                 stream.tokens.extend(chunk.tokens)
+                if chunk.tokens:
+                    stream.marks.setdefault("t3", time.monotonic())
                 if chunk.finished:
                     if chunk.finish_reason == "error":
                         raise StageError(f"T3 failed on text chunk {job.request_id}.", code="t3_error")
@@ -198,7 +210,7 @@ class S3GenReplica:
                                 (p.stream.state if p.stream.state is not None else self.backend.new_stream_state()),
                                 p.stream.request_id)
                      for p in plans]
-            t0 = time.perf_counter()
+            t0, taken = time.perf_counter(), time.monotonic()
             try:
                 results = await loop.run_in_executor(self._executor, self.backend.vocode_batch, items)
             except Exception as exc:  # noqa: BLE001 - the step's streams fail, the replica goes on
@@ -217,6 +229,7 @@ class S3GenReplica:
                 s = p.stream
                 s.state = state
                 num_before = s.num_vocoded
+                first_audio = s.streaming and s.first_audio_at is None and audio.size > 0
                 self.scheduler.finish_step(p, int(audio.size), now, getattr(state, "num_tokens_vocoded", None))
                 num_new = s.num_vocoded - num_before
                 num_new_total += num_new
@@ -225,7 +238,8 @@ class S3GenReplica:
                     continue   # the caller went away during the step
                 if audio.size or p.finalize:
                     q.put_nowait(AudioBlock(s.request_id, audio, num_speech_tokens=num_new, finished=p.finalize,
-                                            finish_reason=s.finish_reason if p.finalize else None))
+                                            finish_reason=s.finish_reason if p.finalize else None,
+                                            timings=first_audio_timings(s.marks, taken, now) if first_audio else None))
             self._record_step(len(plans), num_new_total, sum(int(a.size) for a, _ in results), seconds)
             self._wake.set()   # blocks that arrived during the step
 

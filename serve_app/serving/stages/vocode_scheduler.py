@@ -63,6 +63,7 @@ class VocodeStream:
     target: int = 0                     # usable tokens that trigger the next (non-urgent) step
     running: bool = False               # in the engine step now
     done: bool = False
+    marks: dict[str, float] = field(default_factory=dict)   # time.monotonic() of the first-audio milestones
 
     def __post_init__(self) -> None:
         self.target = self.first_step_tokens
