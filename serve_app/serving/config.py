@@ -55,9 +55,16 @@ class AutoscalingSettings(_Model):
         return self
 
 
+class RuntimeEnv(_Model):
+    env_vars: dict[str, str] = Field(default_factory=dict, description="Environment of the replica's process, "
+                                     "set before CUDA starts: e.g. CUDA_MPS_ACTIVE_THREAD_PERCENTAGE caps the "
+                                     "share of SMs a stage's kernels may use under CUDA MPS.")
+
+
 class ActorOptions(_Model):
     num_cpus: float = Field(1.0, ge=0)
     num_gpus: float = Field(0.0, ge=0)
+    runtime_env: RuntimeEnv | None = None
 
     @field_validator("num_gpus")
     @classmethod
@@ -99,7 +106,7 @@ class DeploymentSettings(_Model):
     def to_options(self) -> dict[str, Any]:
         """Keyword arguments for `Deployment.options(...)`."""
         opts: dict[str, Any] = dict(
-            ray_actor_options=self.ray_actor_options.model_dump(),
+            ray_actor_options=self.ray_actor_options.model_dump(exclude_none=True),
             max_ongoing_requests=self.max_ongoing_requests,
             max_queued_requests=self.max_queued_requests,
             health_check_period_s=self.health_check_period_s,

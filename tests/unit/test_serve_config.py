@@ -155,3 +155,22 @@ def test_local_ray_gets_enough_logical_cpus_for_the_deploy_file(monkeypatch, cap
     assert run.local_num_cpus(config) == 16
     tiny = load_deploy_file(DEPLOY / "cpu-tiny.yaml").config
     assert tiny.cpus_requested() == 1.5 and run.local_num_cpus(tiny) == 16
+
+
+def test_a_stage_can_set_its_process_environment_through_ray():
+    from serve_app.serving.launch.builder import build_app
+
+    config = load_deploy_file(DEPLOY / "gpu-1x.yaml").config.with_env_defaults().for_cluster(num_cluster_gpus=1)
+    env = {"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "60"}
+    s3gen_settings = config.s3gen.model_copy(update={"ray_actor_options": config.s3gen.ray_actor_options.model_copy(
+        update={"runtime_env": {"env_vars": env}})})
+    config = config.model_copy(update={"s3gen": ServeConfig.model_validate(
+        {**config.model_dump(), "s3gen": s3gen_settings.model_dump()}).s3gen})
+    ingress = build_app(config, checkpoint=_FakeCheckpoint(), resolve=False)._bound_deployment
+    t3_app, s3gen_app, _, _ = ingress.init_args
+    s3gen_env = s3gen_app._bound_deployment._replica_config.ray_actor_options["runtime_env"]["env_vars"]
+    t3_env = t3_app._bound_deployment._replica_config.ray_actor_options["runtime_env"]["env_vars"]
+    assert s3gen_env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] == "60" and s3gen_env["TQDM_DISABLE"] == "1"
+    assert "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE" not in t3_env
+    with pytest.raises(ValidationError):   # only env_vars: the rest of a runtime env belongs to the app
+        ServeConfig.model_validate({"s3gen": {"ray_actor_options": {"runtime_env": {"pip": ["numpy"]}}}})

@@ -51,9 +51,12 @@ def resolve_checkpoint_for(config: ServeConfig) -> Any:
 
 
 def _options(settings: Any, extra_env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Deployment options; the replica's environment is ours, then the deploy file's (`ray_actor_options.
+    runtime_env.env_vars`), then `extra_env`."""
     opts = settings.to_options()
+    own = (opts["ray_actor_options"].get("runtime_env") or {}).get("env_vars", {})
     opts["ray_actor_options"] = {**opts["ray_actor_options"],
-                                 "runtime_env": {"env_vars": {**_REPLICA_ENV, **(extra_env or {})}}}
+                                 "runtime_env": {"env_vars": {**_REPLICA_ENV, **own, **(extra_env or {})}}}
     return opts
 
 
