@@ -194,6 +194,8 @@ def engine_stats(before, after) -> dict:
 
 
 def _r(x):
+    if isinstance(x, dict):
+        return {k: _r(v) for k, v in x.items()}
     return None if x is None else round(x, 3)
 
 

@@ -257,7 +257,7 @@ def test_levels_that_do_not_fit_the_budget_are_skipped_and_reported():
 
 
 def test_first_audio_phases_are_level_means_and_get_a_table():
-    from bench.system.levels import first_audio_phases
+    from bench.system.levels import _r, first_audio_phases
     from bench.system.report import markdown
 
     scrape = ("ray_chatterbox_first_audio_phase_seconds_sum{phase=\"t3\"} %s\n"
@@ -268,6 +268,7 @@ def test_first_audio_phases_are_level_means_and_get_a_table():
     phases = first_audio_phases(before, after)
     assert phases["t3"] == pytest.approx(0.15) and phases["router"] == pytest.approx(0.05)
     assert phases["vocode"] is None          # not exported: no number made up
+    assert _r({"engine": {"t3": 0.12345, "vocode": None}}) == {"engine": {"t3": 0.123, "vocode": None}}   # the log line
     level = {"load": "closed", "concurrency": 8, "stream": True, **summarize([_stream([0.5], [1.0])], window_s=2.0),
              "engine": {"first_audio_phase_mean_s": phases}}
     md = markdown({"levels": [level, {**level, "stream": False}]})
