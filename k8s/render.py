@@ -10,8 +10,8 @@ because in a cluster the proxy must listen on every pod's `serve` port (KubeRay'
 asks that pod's proxy for `/-/healthz`). The options this script was run with are written into the manifest's
 first line, so `--check` (and tests/unit/test_k8s_manifests.py) can re-render it exactly.
 
-Needs only pyyaml and pydantic (the serve config is validated with serve_app.serving.config, which imports
-neither ray nor torch).
+Needs only pyyaml, pydantic and pydantic-settings (the serve config is validated with serve_app.serving.config
+and the Ray variables come from serve_app.envs; neither imports ray or torch).
 """
 from __future__ import annotations
 
@@ -76,10 +76,14 @@ def ray_version() -> str:
     return m.group(1)
 
 
-def serve_config(config_path: Path) -> dict[str, Any]:
-    """The deploy file as KubeRay's serveConfigV2: validated, applications unchanged, HTTP on every pod."""
+def _project_on_path() -> None:
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
+
+
+def serve_config(config_path: Path) -> dict[str, Any]:
+    """The deploy file as KubeRay's serveConfigV2: validated, applications unchanged, HTTP on every pod."""
+    _project_on_path()
     from serve_app.serving.config import load_deploy_file
 
     load_deploy_file(config_path)  # raises ValueError naming the fix
@@ -92,6 +96,9 @@ def serve_config(config_path: Path) -> dict[str, Any]:
 
 
 def _env(checkpoint: str) -> list[dict[str, Any]]:
+    _project_on_path()
+    from serve_app.envs import ray_process_env
+
     def secret(name: str, key: str) -> dict[str, Any]:
         return {"name": key, "valueFrom": {"secretKeyRef": {"name": name, "key": key, "optional": True}}}
 
@@ -102,6 +109,8 @@ def _env(checkpoint: str) -> list[dict[str, Any]]:
         {"name": "HF_HOME", "value": f"{DATA_MOUNT}/huggingface"},
         secret(HF_SECRET, "HF_TOKEN"),
         secret(API_KEYS_SECRET, "CHATTERBOX_API_KEYS"),
+        # Ray's own: the Serve proxy on each pod (started by `ray start` in this container) loads our middleware
+        *({"name": name, "value": value} for name, value in ray_process_env().items()),
     ]
 
 

@@ -1,7 +1,7 @@
 """Every CHATTERBOX_* environment variable, declared once, typed and documented.
 
 Call sites do `from serve_app.envs import get_envs` and read attributes; nothing else reads os.environ for
-CHATTERBOX_* settings.
+CHATTERBOX_* settings. Below them: the one variable of Ray's that this project sets (`ray_process_env`).
 """
 from __future__ import annotations
 
@@ -42,3 +42,18 @@ class Envs(BaseSettings):
 @lru_cache(maxsize=1)
 def get_envs() -> Envs:
     return Envs()
+
+
+# -- Ray's own variables that this project sets --------------------------------------------------------------------
+
+RAY_PROXY_CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
+PROXY_MIDDLEWARES_IMPORT_PATH = "serve_app.serving.api.proxy_middleware:proxy_middlewares"
+
+
+def ray_process_env() -> dict[str, str]:
+    """What every Ray process of this project needs in its environment: Ray Serve's HTTP proxy reads
+    RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH when it starts and wraps itself in the middlewares that function
+    returns (api/proxy_middleware.py: a request whose router replica died is retried, or answered with an
+    OpenAI-shaped 503 instead of uvicorn's plain-text 500). Set on `ray start` (launch/local_ray.py) and on the
+    k8s pods (k8s/render.py); Ray's processes inherit it from the raylet."""
+    return {RAY_PROXY_CALLBACK_ENV: PROXY_MIDDLEWARES_IMPORT_PATH}

@@ -4,7 +4,8 @@ bound; nothing hangs; a new request succeeds within 30 s of the kill; enrolled v
 
 Each test kills one deployment's replica processes (`ray.kill`) while a mix of speech requests (streamed audio,
 SSE, whole files; the built-in and an enrolled voice) is running. Serve's controller starts a new replica; the
-test waits for /readyz before it ends, so the shared instance serves the tests after it.
+test waits for /readyz before it ends, so the shared instance serves the tests after it. The router's death is
+covered by the middleware in Ray's HTTP proxy (api/proxy_middleware.py): no plain-text 500 from the proxy either.
 """
 from __future__ import annotations
 
@@ -25,8 +26,8 @@ KILL_AFTER_S = 3.0           # requests are admitted and generating by then
 TEXT = ("The first sentence of this request keeps the stages busy for a little while. "
         "The second sentence follows it closely and gives T3 another chunk to speak. "
         "A third sentence makes the request long enough to be running when the replica dies.")   # 3 text chunks
-# allowed outcomes of a request in flight when a stage replica dies; a router's death adds Ray's proxy 500
-STAGE_OUTCOMES = {"complete", "error", "error_event", "cut"}
+# allowed outcomes of a request in flight when any replica dies, the router's included (never "proxy_error")
+ALLOWED_OUTCOMES = {"complete", "error", "error_event", "cut"}
 ALLOWED_ERROR_STATUSES = {429, 503}
 
 
@@ -95,13 +96,10 @@ def test_killing_a_replica_mid_load(serve_app_instance, http, voice_id, deployme
         print("  ", row)
 
     assert running >= 1, "every request ended before the kill: the test did not test anything"
-    allowed = STAGE_OUTCOMES | ({"proxy_error"} if deployment == "SpeechIngress" else set())
-    assert all(o.kind in allowed for o in outcomes), report                        # nothing hung, nothing broken
+    assert all(o.kind in ALLOWED_OUTCOMES for o in outcomes), report               # nothing hung, nothing broken
     for o in outcomes:
         if o.kind == "error":
             assert o.status in ALLOWED_ERROR_STATUSES, report                      # 503 + Retry-After, or 429
-        if o.kind == "proxy_error":                                                # the router itself died
-            assert o.status == 500, report
     assert recovery_s <= RECOVERY_S, f"a new request succeeded only {recovery_s:.1f}s after the kill"
 
     wait_ready(http)

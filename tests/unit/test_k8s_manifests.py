@@ -222,6 +222,14 @@ def test_env_vars_are_declared_in_envs_module(rayservice: dict) -> None:
     assert used and used <= declared, f"not in serve_app/envs.py: {sorted(used - declared)}"
 
 
+def test_every_ray_process_gets_the_proxy_middleware(rayservice: dict) -> None:
+    from serve_app.envs import ray_process_env
+
+    for container in (_head(rayservice), _worker(rayservice)):   # each pod's Serve proxy inherits `ray start`'s env
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert ray_process_env().items() <= env.items(), container["name"]
+
+
 def test_ray_version_matches_the_lock(rayservice: dict) -> None:
     lock = (ROOT / "uv.lock").read_text()
     assert f'name = "ray"\nversion = "{_cluster(rayservice)["rayVersion"]}"' in lock

@@ -17,8 +17,11 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from serve_app.envs import ray_process_env
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +41,16 @@ def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
     finally:
         for s in socks:
             s.close()
+
+
+def ray_head_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """The project's Ray variables (envs.ray_process_env) for the head; Serve's HTTP proxy and every worker inherit
+    them from it. A value already set in `environ` is kept, with a warning: it replaces the project's."""
+    wanted = ray_process_env()
+    for name, value in wanted.items():
+        if environ.get(name, value) != value:
+            log.warning("%s is set to %r: keeping it, so the proxy runs without %s", name, environ[name], value)
+    return {name: environ.get(name, value) for name, value in wanted.items()}
 
 
 def _ray_executable() -> str:
@@ -101,6 +114,7 @@ def start_local_ray(*, num_cpus: float | None = None, num_gpus: int | None = Non
     # `ray start` turns token authentication on unless told otherwise, while a connecting driver reads
     # RAY_AUTH_MODE (default off) when ray is imported: give the head the driver's setting so both agree.
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
+    env.update(ray_head_env(os.environ))
     out = open(log_file, "ab") if log_file else subprocess.DEVNULL
     log.info("starting a private Ray head: %s", " ".join(cmd))
     proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
