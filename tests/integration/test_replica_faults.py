@@ -28,7 +28,9 @@ TEXT = ("The first sentence of this request keeps the stages busy for a little w
         "A third sentence makes the request long enough to be running when the replica dies.")   # 3 text chunks
 # allowed outcomes of a request in flight when any replica dies, the router's included (never "proxy_error")
 ALLOWED_OUTCOMES = {"complete", "error", "error_event", "cut"}
-ALLOWED_ERROR_STATUSES = {429, 503}
+# issue 13's target is zero 5xx: a request that had sent nothing is retried (stage replicas: by the router, the
+# router replica: by the proxy middleware) and completes; only a second loss in one request would be a 503
+ALLOWED_ERROR_STATUSES = {429}
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +101,7 @@ def test_killing_a_replica_mid_load(serve_app_instance, http, voice_id, deployme
     assert all(o.kind in ALLOWED_OUTCOMES for o in outcomes), report               # nothing hung, nothing broken
     for o in outcomes:
         if o.kind == "error":
-            assert o.status in ALLOWED_ERROR_STATUSES, report                      # 503 + Retry-After, or 429
+            assert o.status in ALLOWED_ERROR_STATUSES, report                      # no 5xx
     assert recovery_s <= RECOVERY_S, f"a new request succeeded only {recovery_s:.1f}s after the kill"
 
     wait_ready(http)
