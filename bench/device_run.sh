@@ -24,9 +24,15 @@ export CHATTERBOX_WATERMARK=false HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1   # the wh
 CKPT=${CKPT:-/tmp/chatterbox-full}
 python3 -m serve_app.cli make-checkpoint "$CKPT" --preset full 2>&1 | tail -2
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
+if [ "${MPS:-0}" = 1 ]; then   # CUDA MPS, as deploy/gpu-1x.yaml is measured (k8s/README.md)
+  export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps CUDA_MPS_LOG_DIRECTORY=/tmp/mpslog
+  mkdir -p /tmp/mps /tmp/mpslog
+  pgrep -f nvidia-cuda-mps-control >/dev/null || nvidia-cuda-mps-control -d
+fi
 # `gpu-tests` runs tests/gpu or $GPU_TESTS (pytest is in the bundle), `soak` bench/soak.py on deploy/gpu-1x.yaml;
 # anything else is bench/bench_<name>.py.
-# BENCH_ARGS are passed to every bench; STEP_TIMEOUT bounds each step (seconds) so one hang cannot eat the whole device call.
+# BENCH_ARGS are passed to every bench; STEP_TIMEOUT bounds each step (seconds) so one hang cannot eat the whole device call;
+# MPS=1 starts CUDA MPS first.
 for b in "$@"; do
   echo ">> $b"
   if [ "$b" = gpu-tests ]; then
@@ -36,8 +42,10 @@ for b in "$@"; do
     timeout "${STEP_TIMEOUT:-600}" python3 -m bench.soak --serve "${SOAK_CONFIG:-deploy/gpu-1x.yaml}" \
       --checkpoint "$CKPT" --out "$OUT" ${SOAK_ARGS:---minutes 5 --concurrency 32} 2>&1 \
       | tee "$OUT/soak.log" | grep -v -i warning | tail -40 || true
-  else
+  else   # the GPU's busy share beside each bench (nvidia-smi dmon, 1 s samples)
+    nvidia-smi dmon -s u -d 1 > "$OUT/bench_${b}_dmon.txt" 2>&1 & dmon=$!
     timeout "${STEP_TIMEOUT:-600}" python3 -m "bench.bench_$b" --checkpoint "$CKPT" --out "$OUT" ${BENCH_ARGS:-} 2>&1 \
       | tee "$OUT/bench_$b.log" | grep -v -i warning | tail -40 || true
+    kill "$dmon" 2>/dev/null || true
   fi
 done
