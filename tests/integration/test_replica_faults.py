@@ -15,13 +15,14 @@ from collections import Counter
 
 import httpx
 import pytest
-from fault_tools import kill_replicas, replica_ids, speech_outcome, wait_ready
+from fault_tools import kill_replicas, replica_ids, speech_outcome, stage_memory, wait_ready, wait_until
 from serve_fixture import API_KEY, reference_wav
 
 pytestmark = pytest.mark.timeout(420)
 
 RECOVERY_S = 30.0            # the target: a new request gets audio within this long of the kill
 REQUEST_BOUND_S = 150.0      # an in-flight request ends (either way) within this long: replica restart + retry
+IDLE_BOUND_S = 60.0         # after the requests ended, the stages hold no request of theirs within this long
 KILL_AFTER_S = 3.0           # requests are admitted and generating by then
 TEXT = ("The first sentence of this request keeps the stages busy for a little while. "
         "The second sentence follows it closely and gives T3 another chunk to speak. "
@@ -112,3 +113,12 @@ def test_killing_a_replica_mid_load(serve_app_instance, http, voice_id, deployme
                                             "stream": False})
     assert r.status_code == 200 and len(r.content) > 0, r.text
     print("  outcomes:", dict(Counter(o.kind for o in outcomes)))
+
+    # nothing leaks: work the dead replica's requests left in the other stages ends (cancelled, or run out)
+    t0 = time.monotonic()
+
+    def idle():
+        memory = stage_memory(http)
+        return memory["t3"]["num_unfinished"] == 0 and memory["s3gen"]["num_streams"] == 0, memory
+    wait_until(idle, IDLE_BOUND_S, "the stages to be idle after the kill")
+    print(f"  stages idle {time.monotonic() - t0:.1f}s after the last request")
