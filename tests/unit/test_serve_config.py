@@ -162,10 +162,9 @@ def test_a_stage_can_set_its_process_environment_through_ray():
 
     config = load_deploy_file(DEPLOY / "gpu-1x.yaml").config.with_env_defaults().for_cluster(num_cluster_gpus=1)
     env = {"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "60"}
-    s3gen_settings = config.s3gen.model_copy(update={"ray_actor_options": config.s3gen.ray_actor_options.model_copy(
-        update={"runtime_env": {"env_vars": env}})})
-    config = config.model_copy(update={"s3gen": ServeConfig.model_validate(
-        {**config.model_dump(), "s3gen": s3gen_settings.model_dump()}).s3gen})
+    raw = config.model_dump()
+    raw["s3gen"]["ray_actor_options"]["runtime_env"] = {"env_vars": env}
+    config = ServeConfig.model_validate(raw)
     ingress = build_app(config, checkpoint=_FakeCheckpoint(), resolve=False)._bound_deployment
     t3_app, s3gen_app, _, _ = ingress.init_args
     s3gen_env = s3gen_app._bound_deployment._replica_config.ray_actor_options["runtime_env"]["env_vars"]
