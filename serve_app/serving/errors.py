@@ -92,6 +92,11 @@ class UnprocessableError(ChatterboxError):
     error_type = "invalid_request_error"
 
 
+class RequestTimeoutError(ChatterboxError):
+    status_code = 408
+    error_type = "timeout_error"
+
+
 class RateLimitedError(ChatterboxError):
     status_code = 429
     error_type = "rate_limit_error"

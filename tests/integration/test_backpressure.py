@@ -57,13 +57,14 @@ def test_burst_beyond_queue_limits_gets_429_then_recovers(serve_app_instance):
 
     responses = asyncio.run(burst())
     statuses = [r.status_code for r in responses]
-    assert set(statuses) <= {200, 429, 503}, statuses
-    ours = [r for r in responses if r.status_code == 429]
-    # a 503 can also come from Ray's HTTP proxy itself (ingress queue full): plain text, not our error model.
+    # every rejection is a 429 in the app's error model, whichever queue was full: a stage's (the router answers)
+    # or the router's own (Ray's proxy answers, in plain text 503, which the proxy middleware reshapes).
     # How many are rejected is not asserted: S3Gen replicas call T3, and Ray Serve counts max_queued_requests
     # per caller and approximately; on the 2-core CI machine 24-36 of 40 were admitted against 24 configured.
-    assert len(ours) >= 1, statuses
-    for r in ours:
+    assert set(statuses) <= {200, 429}, statuses
+    rejected = [r for r in responses if r.status_code == 429]
+    assert len(rejected) >= 1, statuses
+    for r in rejected:
         assert int(r.headers["Retry-After"]) >= 1
         error = r.json()["error"]
         assert error["type"] == "rate_limit_error" and error["code"] == "backpressure"

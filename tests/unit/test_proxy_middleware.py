@@ -82,7 +82,26 @@ class FakeProxy:
             if step == "audio_break_raise":
                 raise RuntimeError("replica died mid-stream")
             return
+        if step in PROXY_ANSWERS:     # the proxy's own plain-text answer (Ray's convert_object_to_asgi_messages)
+            status, text, extra = PROXY_ANSWERS[step]
+            await send({"type": "http.response.start", "status": status,
+                        "headers": [[b"content-type", b"text/plain; charset=utf-8"], *extra]})
+            await send({"type": "http.response.body", "body": text.encode()})
+            return
+        if step == "app_503":         # the app's own error: JSON, passed through as it is
+            await send({"type": "http.response.start", "status": 503,
+                        "headers": [(b"content-type", b"application/json"), (b"retry-after", b"1")]})
+            await send({"type": "http.response.body", "body": b'{"error": {"code": "stage_unavailable"}}'})
+            return
         raise AssertionError(step)
+
+
+PROXY_ANSWERS = {
+    "proxy_backpressure": (503, "Request dropped due to backpressure (num_queued_requests=4, max_queued_requests=4).",
+                           [(b"retry-after", b"2")]),
+    "proxy_timeout": (408, "Request 1a2b timed out after 30.0s.", []),
+    "proxy_unavailable": (503, "Deployment 'SpeechIngress' is unavailable.", []),
+}
 
 
 def middleware(app) -> LostReplicaRetry:
@@ -246,3 +265,29 @@ def test_a_declared_length_over_the_limit_reads_nothing_up_front():
     headers = [(b"content-type", b"application/json"), (b"content-length", b"5000")]
     run(LostReplicaRetry(proxy, max_body_bytes=1000), http_scope(headers=headers), client)
     assert client.parts == [b"x" * 10] and client.sent[0]["status"] == 413
+
+
+@pytest.mark.parametrize("step,status,error_type,code,retry_after", [
+    ("proxy_backpressure", 429, "rate_limit_error", "backpressure", "2"),   # as the app answers the same Ray error
+    ("proxy_timeout", 408, "timeout_error", "request_timeout", None),
+    ("proxy_unavailable", 503, "service_unavailable_error", ERROR_CODE, "1"),
+])
+def test_the_proxys_own_plain_text_answers_get_the_apps_error_model(step, status, error_type, code, retry_after):
+    proxy = FakeProxy(step)
+    client = Client(BODY_PARTS)
+    run(middleware(proxy), http_scope(**SPEECH), client)
+    assert len(proxy.bodies) == 1                                          # an answer: nothing is retried
+    assert [m["type"] for m in client.sent] == ["http.response.start", "http.response.body"], client.sent
+    start, body = client.sent
+    headers = {k.decode().lower(): v.decode() for k, v in start["headers"]}
+    assert start["status"] == status and headers["content-type"] == "application/json"
+    assert headers.get("retry-after") == retry_after
+    error = json.loads(body["body"])["error"]
+    assert set(error) == OPENAI_ERROR_FIELDS and (error["type"], error["code"]) == (error_type, code)
+    assert PROXY_ANSWERS[step][1].split(" (")[0].rstrip(".") in error["message"]   # Ray's reason is kept
+
+
+def test_the_apps_own_errors_pass_through_untouched():
+    client = Client(BODY_PARTS)
+    run(middleware(FakeProxy("app_503")), http_scope(**SPEECH), client)
+    assert client.sent[0]["status"] == 503 and b"stage_unavailable" in client.sent[1]["body"]

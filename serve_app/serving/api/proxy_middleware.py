@@ -12,7 +12,10 @@ RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH, which serve_app/envs.py: `ray_process
 - answers an OpenAI-shaped `503 router_unavailable` with Retry-After when nothing answered still, or when the
   route is not safe to repeat (voice uploads and deletes) or its body was too large to keep;
 - ends a started SSE stream that broke off with the app's own `error` event and a clean end; any other started
-  body is left cut off (no final chunk), so a truncated audio file never looks complete.
+  body is left cut off (no final chunk), so a truncated audio file never looks complete;
+- gives the proxy's own plain-text answers (it writes them for 408/429/503: a request timeout, the router's queue
+  full, no router replica) the app's error model: an OpenAI-shaped body; the queue-full 503 becomes the 429
+  `backpressure` the app answers for the same Ray error (errors.to_api_error), with Retry-After.
 
 It runs in the proxy process: it imports no torch and nothing of the engine.
 """
@@ -28,7 +31,9 @@ from starlette.datastructures import Headers
 from starlette.middleware import Middleware
 
 from serve_app.serving.api.middleware import MAX_JSON_BODY_BYTES, SPEECH_PATH, error_response
-from serve_app.serving.errors import ServiceUnavailableError, to_api_error
+from serve_app.serving.errors import (
+    ChatterboxError, RateLimitedError, RequestTimeoutError, ServiceUnavailableError, to_api_error,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +42,18 @@ RETRY_BACKOFF_S = (0.5, 1.0, 2.0)     # before retry 1, 2, 3; the proxy itself w
 RETRY_AFTER_S = 1.0
 ERROR_CODE = "router_unavailable"
 SAFE_METHODS = frozenset({"GET", "HEAD"})
+PROXY_ERROR_STATUSES = frozenset({408, 429, 503})   # the statuses Ray's proxy answers itself, in plain text
+
+
+def proxy_error(status: int, text: str, retry_after: str | None) -> ChatterboxError:
+    """The app's error for a plain-text answer of Ray's proxy (`text`: Ray's message)."""
+    retry_after_s = float(retry_after) if retry_after and retry_after.replace(".", "", 1).isdigit() else RETRY_AFTER_S
+    message = text.strip().splitlines()[0][:200] if text.strip() else f"HTTP {status} from the proxy"
+    if status == 408:
+        return RequestTimeoutError(f"{message} Retry, or send less text per request.", code="request_timeout")
+    if status == 429 or "backpressure" in text.lower():
+        return RateLimitedError(f"{message} Retry later.", code="backpressure", retry_after_s=retry_after_s)
+    return ServiceUnavailableError(f"{message} Retry shortly.", code=ERROR_CODE, retry_after_s=retry_after_s)
 
 
 def proxy_middlewares() -> list[Middleware]:
@@ -109,6 +126,9 @@ class Attempt:
     num_body_bytes: int = 0
     expects_trailers: bool = False
     error: Exception | None = None
+    proxy_status: int | None = None          # the proxy's own plain-text answer, held back to be reshaped
+    proxy_headers: Headers | None = None
+    proxy_text: bytes = b""
 
 
 class LostReplicaRetry:
@@ -160,11 +180,22 @@ class LostReplicaRetry:
 
         async def tracked_send(message: dict) -> None:
             kind = message["type"]
+            if attempt.proxy_status is not None:   # the body of the proxy's own answer: kept, then reshaped
+                if kind == "http.response.body":
+                    attempt.proxy_text += message.get("body", b"")
+                    if not message.get("more_body", False):
+                        attempt.completed = True
+                        await self._send_proxy_error(scope, attempt, send)
+                return
             if kind == "http.response.start":
                 attempt.started = True
                 attempt.expects_trailers = bool(message.get("trailers", False))
-                content_type = Headers(raw=list(message.get("headers", ()))).get("content-type", "")
-                attempt.is_sse = content_type.lower().startswith("text/event-stream")
+                headers = Headers(raw=list(message.get("headers", ())))
+                content_type = headers.get("content-type", "").lower()
+                attempt.is_sse = content_type.startswith("text/event-stream")
+                if message.get("status") in PROXY_ERROR_STATUSES and content_type.startswith("text/plain"):
+                    attempt.proxy_status, attempt.proxy_headers = message["status"], headers
+                    return
             elif kind == "http.response.body":
                 attempt.num_body_bytes += len(message.get("body", b""))
                 if not message.get("more_body", False) and not attempt.expects_trailers:
@@ -181,10 +212,27 @@ class LostReplicaRetry:
             attempt.error = exc
         return attempt
 
+    async def _send_proxy_error(self, scope: dict, attempt: Attempt, send: Callable) -> None:
+        text = attempt.proxy_text.decode("utf-8", "replace")
+        exc = proxy_error(attempt.proxy_status, text, attempt.proxy_headers.get("retry-after"))
+        logger.warning("%s %s (request %s): the proxy answered %d (%s); sent as %d %s", scope["method"],
+                       scope["path"], _request_id(scope), attempt.proxy_status, text.strip()[:120],
+                       exc.status_code, exc.code)
+        response = error_response(exc, _request_id(scope))
+
+        async def no_receive() -> dict:   # a JSONResponse does not read the request
+            return {"type": "http.disconnect"}
+
+        await response(scope, no_receive, send)
+
     async def _finish(self, scope: dict, body: RequestBody, send: Callable, attempt: Attempt) -> None:
         """The response started, or the client left: end it as the module docstring says."""
         if not attempt.started or attempt.completed:
             return   # the client left before an answer (nobody to answer), or the answer is whole
+        if attempt.proxy_status is not None:   # the proxy's own answer broke off: send what it was to say
+            if not body.disconnected:
+                await self._send_proxy_error(scope, attempt, send)
+            return
         if attempt.is_sse and not body.disconnected:
             exc = ServiceUnavailableError("The router replica serving this stream stopped; the stream ends here. "
                                           "Retry the request.", code=ERROR_CODE, retry_after_s=RETRY_AFTER_S)
