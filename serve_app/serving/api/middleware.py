@@ -43,11 +43,20 @@ def error_response(exc: BaseException, request_id: str | None = None) -> JSONRes
     return JSONResponse(api_error.body.model_dump(), status_code=api_error.status_code, headers=headers)
 
 
-def _header(scope: dict, name: bytes) -> str | None:
+def request_header(scope: dict, name: bytes) -> str | None:
+    """A request header from the ASGI scope (`name` lower-case), or None."""
     for key, value in scope.get("headers", ()):
         if key.lower() == name:
             return value.decode("latin-1")
     return None
+
+
+def declared_length(scope: dict) -> int | None:
+    """The request's Content-Length, or None (none declared; a malformed one is the server's to reject)."""
+    try:
+        return int(request_header(scope, b"content-length") or "")
+    except ValueError:
+        return None
 
 
 def check_api_key(authorization: str | None, api_keys: list[str]) -> None:
@@ -75,10 +84,10 @@ class ApiKeyAuth:
             await self.app(scope, receive, send)
             return
         try:
-            check_api_key(_header(scope, b"authorization"), self.router.settings.api_keys)
+            check_api_key(request_header(scope, b"authorization"), self.router.settings.api_keys)
         except AuthenticationError as exc:
             self.router.record_request(_route_label(scope), exc.status_code, time.monotonic())
-            await error_response(exc, _header(scope, b"x-request-id"))(scope, receive, send)
+            await error_response(exc, request_header(scope, b"x-request-id"))(scope, receive, send)
             return
         await self.app(scope, receive, send)
 
@@ -107,13 +116,9 @@ class BodySizeLimit:
             await self.app(scope, receive, send)
             return
         limit, error = self.limit_for(scope)
-        request_id = _header(scope, b"x-request-id")
-        declared = _header(scope, b"content-length")
-        try:
-            too_large = declared is not None and int(declared) > limit
-        except ValueError:
-            too_large = False   # the server rejects a malformed Content-Length before we see it
-        if too_large:
+        request_id = request_header(scope, b"x-request-id")
+        declared = declared_length(scope)
+        if declared is not None and declared > limit:
             await self._refuse(scope, receive, send, error, request_id)
             return
 
@@ -172,7 +177,7 @@ class SpeechAdmission:
             exc = RateLimitedError(f"This server is running its maximum of {cap} speech requests; retry shortly.",
                                    code="server_busy", retry_after_s=1.0)
             self.router.record_request("speech", exc.status_code, time.monotonic(), stream=False)
-            await error_response(exc, _header(scope, b"x-request-id"))(scope, receive, send)
+            await error_response(exc, request_header(scope, b"x-request-id"))(scope, receive, send)
             return
         self.active += 1
         try:

@@ -30,7 +30,9 @@ from typing import Any
 from starlette.datastructures import Headers
 from starlette.middleware import Middleware
 
-from serve_app.serving.api.middleware import MAX_JSON_BODY_BYTES, SPEECH_PATH, error_response
+from serve_app.serving.api.middleware import (
+    MAX_JSON_BODY_BYTES, SPEECH_PATH, declared_length, error_response, request_header,
+)
 from serve_app.serving.errors import (
     ChatterboxError, RateLimitedError, RequestTimeoutError, ServiceUnavailableError, to_api_error,
 )
@@ -66,7 +68,7 @@ def is_retryable(scope: dict) -> bool:
     method = scope["method"]
     if method in SAFE_METHODS:
         return True
-    content_type = Headers(scope=scope).get("content-type", "").lower()
+    content_type = (request_header(scope, b"content-type") or "").lower()
     return method == "POST" and scope["path"].endswith(SPEECH_PATH) and not content_type.startswith("multipart/")
 
 
@@ -149,7 +151,8 @@ class LostReplicaRetry:
             await self.app(scope, receive, send)
             return
         body = RequestBody(receive)
-        retryable = is_retryable(scope) and not _declares_more_than(scope, self.max_body_bytes) \
+        declared = declared_length(scope)   # over the limit: the app refuses it (413) unread, and so do we
+        retryable = is_retryable(scope) and not (declared is not None and declared > self.max_body_bytes) \
             and await body.read(self.max_body_bytes)
         num_retries = 0
         while True:
@@ -248,17 +251,9 @@ class LostReplicaRetry:
             raise attempt.error   # the server closes the connection: the body has no final chunk
 
 
-def _declares_more_than(scope: dict, max_bytes: int) -> bool:
-    """A Content-Length over the limit: the app refuses the body (413) before reading it, and so do we."""
-    try:
-        return int(Headers(scope=scope).get("content-length", "0")) > max_bytes
-    except ValueError:
-        return False
-
-
 def _request_id(scope: dict) -> str | None:
     """Ray's RequestIdMiddleware (inside this one) writes x-request-id into the scope on the first attempt."""
-    return Headers(scope=scope).get("x-request-id")
+    return request_header(scope, b"x-request-id")
 
 
 def _why(attempt: Attempt) -> str:

@@ -210,7 +210,7 @@ class S3GenReplica:
                                 (p.stream.state if p.stream.state is not None else self.backend.new_stream_state()),
                                 p.stream.request_id)
                      for p in plans]
-            t0, taken = time.perf_counter(), time.monotonic()
+            taken = time.monotonic()
             try:
                 results = await loop.run_in_executor(self._executor, self.backend.vocode_batch, items)
             except Exception as exc:  # noqa: BLE001 - the step's streams fail, the replica goes on
@@ -222,8 +222,8 @@ class S3GenReplica:
                     if q is not None:
                         q.put_nowait(StageError(f"vocoding failed: {exc}", code="s3gen_error"))
                 continue
-            seconds = time.perf_counter() - t0
             now = time.monotonic()
+            seconds = now - taken
             num_new_total = 0
             for p, (audio, state) in zip(plans, results):
                 s = p.stream
