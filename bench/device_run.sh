@@ -22,7 +22,7 @@ elif [ -d .whl ]; then
 fi
 export CHATTERBOX_WATERMARK=false HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1   # the wheel bundle drops Perth's model
 CKPT=${CKPT:-/tmp/chatterbox-full}
-python3 -m serve_app.cli make-checkpoint "$CKPT" --preset full 2>&1 | tail -2
+[ -d "$CKPT" ] || python3 -m serve_app.cli make-checkpoint "$CKPT" --preset full 2>&1 | tail -2   # once per machine
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
 if [ "${MPS:-0}" = 1 ]; then   # CUDA MPS, as deploy/gpu-1x.yaml is measured (k8s/README.md)
   export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps CUDA_MPS_LOG_DIRECTORY=/tmp/mpslog

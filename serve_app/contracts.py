@@ -25,8 +25,11 @@ SAMPLE_RATE = 24_000
 SAMPLES_PER_TOKEN = 960  # 24 kHz / 25 speech tokens per second
 SPEECH_TOKEN_RATE = 25
 # where a streamed text chunk's time to first audio goes inside the S3Gen replica (AudioBlock.timings): the voice's
-# conditionals, T3 until its first token block arrives, waiting for the vocoder loop, the first vocoder step
-FIRST_AUDIO_PHASES = ("conds", "t3", "vocode_wait", "vocode")
+# conditionals; T3 until its first token block arrives, as the T3 replica saw it (T3_FIRST_BLOCK_PHASES: waiting for
+# a slot + prefill until the first token, decoding until the first block is full) and the rest of that wait
+# ("t3_call": the handle calls there and back, T3's voice lookup); waiting for the vocoder loop; the first step
+T3_FIRST_BLOCK_PHASES = ("t3_first_token", "t3_first_block")
+FIRST_AUDIO_PHASES = ("conds", "t3_call", *T3_FIRST_BLOCK_PHASES, "vocode_wait", "vocode")
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,7 @@ class TokenChunk:
     tokens: list[int]          # new speech tokens (< 6561), in order
     finished: bool = False
     finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
+    timings: dict[str, float] | None = None  # a request's first block: seconds per T3_FIRST_BLOCK_PHASES in T3
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,9 @@ Stall-free: a player that starts at the first audio bytes and plays in real time
 at t_i carrying a_i seconds; the player has played until t_first + a_0 + ... + a_{i-1} unless it waited before.
 A chunk that arrives after that point is a stall (the player waits, then resumes with it). Before the first stall
 this is exactly "t_i - t_first > A_{i-1}" with A the audio already received.
+
+Where streams stall: the first late chunk's index i (>= 1; 1 = the chunk right after the first), the audio the
+player had played when it first waited (A_{i-1}), and t_i - t_first.
 """
 from __future__ import annotations
 
@@ -52,22 +55,65 @@ class RequestResult:
         return sum(b for t, b in zip(self.chunk_times_s, self.chunk_bytes) if t <= limit) / BYTES_PER_SECOND
 
 
-def playback_stalls(chunk_times_s: Sequence[float], chunk_audio_s: Sequence[float],
-                    tolerance_s: float = 0.0) -> tuple[int, float]:
-    """(number of stalls, seconds waited) of a real-time player starting at the first chunk.
-    chunk_times_s: arrival times, ascending; chunk_audio_s: seconds of audio each chunk carries."""
+@dataclass(frozen=True)
+class Stalls:
+    """How a real-time player starting at the first chunk fared on one stream."""
+
+    count: int = 0                                  # chunks the player waited for
+    waited_s: float = 0.0                           # seconds waited, all stalls
+    first_index: int | None = None                  # index of the first late chunk (>= 1); None: no stall
+    first_at_played_s: float | None = None          # audio played when it first waited: chunks 0..first_index-1
+    first_after_first_audio_s: float | None = None  # first late chunk's arrival - first chunk's arrival
+
+
+def playback_stall_details(chunk_times_s: Sequence[float], chunk_audio_s: Sequence[float],
+                           tolerance_s: float = 0.0) -> Stalls:
+    """Stalls of a real-time player starting at the first chunk, and where the first one was.
+    chunk_times_s: arrival times, ascending; chunk_audio_s: seconds of audio each chunk carries.
+    A chunk later than the player's dry point + tolerance_s is a stall: the player resumes with it at its arrival
+    (later dry points shift); a gap within the tolerance is forgiven and shifts nothing."""
     if not chunk_times_s:
-        return 0, 0.0
+        return Stalls()
     played_until = chunk_times_s[0] + chunk_audio_s[0]
-    num_stalls, waited_s = 0, 0.0
-    for t, a in zip(chunk_times_s[1:], chunk_audio_s[1:]):
+    num_stalls, waited_s, first = 0, 0.0, None
+    for i, (t, a) in enumerate(zip(chunk_times_s[1:], chunk_audio_s[1:]), start=1):
         if t > played_until + tolerance_s:
+            if first is None:   # no wait before: the player had played all audio of chunks 0..i-1
+                first = (i, math.fsum(chunk_audio_s[:i]), t - chunk_times_s[0])
             num_stalls += 1
             waited_s += t - played_until
             played_until = t + a
         else:
             played_until += a
-    return num_stalls, waited_s
+    return Stalls(num_stalls, waited_s, *(first or (None, None, None)))
+
+
+def playback_stalls(chunk_times_s: Sequence[float], chunk_audio_s: Sequence[float],
+                    tolerance_s: float = 0.0) -> tuple[int, float]:
+    """(number of stalls, seconds waited) of a real-time player starting at the first chunk
+    (see playback_stall_details)."""
+    s = playback_stall_details(chunk_times_s, chunk_audio_s, tolerance_s)
+    return s.count, s.waited_s
+
+
+STALL_INDEX_TOP = 5   # first late chunks at this index or later share one histogram key, "5+"
+
+
+def _stall_index_key(index: int) -> str:
+    return str(index) if index < STALL_INDEX_TOP else f"{STALL_INDEX_TOP}+"
+
+
+def _stall_summary(stalls: Sequence[Stalls]) -> dict:
+    """Where the streams that stalled stalled first, and how often they stalled; None (hist: {}) for no stalls."""
+    stalled = [s for s in stalls if s.count]
+    by_key = Counter(_stall_index_key(s.first_index) for s in stalled)
+    order = [_stall_index_key(i) for i in range(1, STALL_INDEX_TOP + 1)]
+    return {
+        "stall_first_chunk_index_hist": {k: by_key[k] for k in order if by_key[k]},   # "1".."4", "5+" -> streams
+        "stall_first_at_played_s_p50": percentile([s.first_at_played_s for s in stalled], 50),
+        "stall_first_after_first_audio_s_p50": percentile([s.first_after_first_audio_s for s in stalled], 50),
+        "stalls_per_stalled_stream_mean": sum(s.count for s in stalled) / len(stalled) if stalled else None,
+    }
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
@@ -110,11 +156,9 @@ def summarize(results: Sequence[RequestResult], *, window_s: float, stall_tolera
     ttfa = [r.ttfa_s for r in ok if r.ttfa_s is not None]
     e2e = [r.e2e_s for r in ok if r.e2e_s is not None]
     streams = [r for r in ok if r.stream and r.chunk_times_s]
-    stall_counts, stall_waits = [], []
-    for r in streams:
-        n, waited = playback_stalls(r.chunk_times_s, [b / BYTES_PER_SECOND for b in r.chunk_bytes], stall_tolerance_s)
-        stall_counts.append(n)
-        stall_waits.append(waited)
+    stalls = [playback_stall_details(r.chunk_times_s, [b / BYTES_PER_SECOND for b in r.chunk_bytes],
+                                     stall_tolerance_s) for r in streams]
+    stall_counts, stall_waits = [s.count for s in stalls], [s.waited_s for s in stalls]
     checked = [r for r in ok if r.expected_audio_s]
     ratios = [r.audio_s / r.expected_audio_s for r in checked]
     last_end = max((r.sent_at + r.e2e_s for r in ok if r.e2e_s is not None), default=0.0)
@@ -139,6 +183,8 @@ def summarize(results: Sequence[RequestResult], *, window_s: float, stall_tolera
         "audio_per_request_p50_s": percentile([r.audio_s for r in ok], 50),
         "stall_free_fraction": (sum(1 for n in stall_counts if n == 0) / len(stall_counts)) if stall_counts else None,
         "stall_wait_p95_s": percentile(stall_waits, 95),
+        "stall_streams": len(stalls),   # OK streams with audio: what the stall numbers are over
+        **_stall_summary(stalls),
         "length_checked": len(checked),
         "length_match_fraction": (sum(1 for r in checked if length_check.matches(r.audio_s, r.expected_audio_s))
                                   / len(checked)) if checked else None,

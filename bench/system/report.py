@@ -73,6 +73,7 @@ def markdown(result: dict) -> str:
             f"{_f(lv.get('e2e_p50_s'))} | {_f(lv.get('stall_free_fraction'), '.1%')} | "
             f"{_f(lv.get('length_match_fraction'), '.0%')} | {lv.get('gpu_peak_mib') or '-'} | "
             f"{_f(stage.get('t3'), '.1f')} | {_f(stage.get('s3gen'), '.1f')} |")
+    lines += _stall_lines(result.get("levels", []))
     lines += _phases_table(result.get("levels", []))
     skipped = result.get("skipped_levels") or []
     if skipped:
@@ -84,6 +85,26 @@ def markdown(result: dict) -> str:
     if result.get("notes"):
         lines += [""] + [f"- {n}" for n in result["notes"]]
     return "\n".join(lines) + "\n"
+
+
+def _stall_lines(levels: list[dict]) -> list[str]:
+    """One line per streaming level: how many streams stalled, where they first did, how often."""
+    rows = [lv for lv in levels if lv["stream"] and lv.get("stall_streams")]
+    if not rows:
+        return []
+    lines = ["", "Where streams stall (first late chunk #1: the one after the first chunk; played: audio played "
+             "when the player first waited; after first audio: first chunk to the late chunk):", ""]
+    for lv in rows:
+        hist = lv.get("stall_first_chunk_index_hist") or {}
+        name = str(lv.get("name") or _load(lv)).removesuffix("-stream")
+        line = f"- {name}: {sum(hist.values())} of {lv['stall_streams']} streams stalled"
+        if hist:
+            line += ("; first late chunk " + ", ".join(f"#{k}: {v}" for k, v in hist.items())
+                     + f"; played {_f(lv.get('stall_first_at_played_s_p50'), '.1f')} s (p50) when it first waited, "
+                     f"{_f(lv.get('stall_first_after_first_audio_s_p50'), '.1f')} s after first audio; "
+                     f"{_f(lv.get('stalls_per_stalled_stream_mean'), '.1f')} stalls each")
+        lines.append(line + ".")
+    return lines
 
 
 def _phases_table(levels: list[dict]) -> list[str]:

@@ -135,6 +135,9 @@ class S3GenUserConfig(_Model):
                                                 "per step (None: max_batch_tokens). Lower keeps steps short, so "
                                                 "listeners wait less between blocks; the less urgent streams go "
                                                 "next step, with more tokens each.")
+    first_steps_alone: bool = Field(False, description="Streams' first steps (time to first audio) run in a step "
+                                    "of their own whenever any is ready, ahead of and apart from the others' "
+                                    "steps, which then wait that much longer.")
     max_step_tokens: int = Field(200, ge=1, description="A stream's later steps grow (doubling) up to this many "
                                  "new tokens: fewer, larger steps cost less flow context and batch better.")
     min_step_tokens: int = Field(8, ge=1, description="A stream whose listener runs low steps early, with at "

@@ -30,8 +30,10 @@ class Metrics:
             boundaries=LATENCY_BOUNDARIES_S, tag_keys=("route", "stream"))
         self.first_audio_phase_seconds = H(
             "chatterbox_first_audio_phase_seconds", "Where a stream's time to first audio went: in the S3Gen "
-            "replica (conds, t3: until T3's first token block, vocode_wait: for the vocoder loop, vocode: the "
-            "first step) and the rest (router: HTTP, text, the stage calls' hops, encoding).",
+            "replica (conds; until T3's first token block: t3_first_token: T3 waiting for a slot and prefilling, "
+            "t3_first_block: decoding the rest of the block, t3_call: the calls' hops there and back; "
+            "vocode_wait: for the vocoder loop, vocode: the first step) and the rest (router: HTTP, text, the "
+            "stage calls' hops, encoding).",
             boundaries=LATENCY_BOUNDARIES_S, tag_keys=("phase",))
         self.audio_seconds_total = C(
             "chatterbox_audio_seconds_total", "Seconds of audio produced.", tag_keys=("stage",))

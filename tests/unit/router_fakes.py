@@ -43,6 +43,7 @@ class FakeT3:
             raise self.raise_on_start
         total = tokens_for(job.text)
         chunk_index = int(job.request_id.rsplit("-", 1)[1])
+        started = time.monotonic()
         try:
             for start in range(0, total, self.tokens_per_step):
                 await asyncio.sleep(self.step_delay_s)
@@ -50,7 +51,10 @@ class FakeT3:
                     yield TokenChunk(job.request_id, [], finished=True, finish_reason="error")
                     return
                 tokens = [(i * 37) % 6561 for i in range(start, min(total, start + self.tokens_per_step))]
-                yield TokenChunk(job.request_id, tokens)
+                # the first block carries T3's split of its wait, as T3Replica's does (a token step, no decode)
+                timings = (dict(t3_first_token=time.monotonic() - started, t3_first_block=0.0) if start == 0
+                           else None)
+                yield TokenChunk(job.request_id, tokens, timings=timings)
             yield TokenChunk(job.request_id, [], finished=True, finish_reason="stop")
             self.completed.append(job.request_id)
         except (asyncio.CancelledError, GeneratorExit):

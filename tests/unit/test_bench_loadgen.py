@@ -16,7 +16,9 @@ from bench.system.measure import (
     CANCELLED,
     LengthCheck,
     RequestResult,
+    Stalls,
     percentile,
+    playback_stall_details,
     playback_stalls,
     summarize,
 )
@@ -67,6 +69,64 @@ def test_tolerance_forgives_small_gaps():
 
 def test_no_chunks_no_stalls():
     assert playback_stalls([], []) == (0, 0.0)
+    assert playback_stall_details([], []) == Stalls(0, 0.0, None, None, None)
+
+
+# -- where streams stall (times and durations are binary fractions: exact equality holds) ----------------------
+
+def test_first_stall_is_the_late_chunk_and_played_is_the_audio_before_it():
+    # dry at 2.0 after chunks 0 and 1; chunk 2 at 2.5: index 2, played 1 + 1 = 2.0 s, 2.5 s after first audio
+    assert playback_stall_details([0.0, 0.5, 2.5], [1.0, 1.0, 1.0]) == Stalls(1, 0.5, 2, 2.0, 2.5)
+    # arriving exactly when the player runs dry is not a stall (strict >, as in playback_stalls)
+    assert playback_stall_details([0.0, 0.5, 2.0], [1.0, 1.0, 1.0]) == Stalls()
+
+
+def test_chunk_right_after_the_first_is_index_one():
+    assert playback_stall_details([0.0, 1.5], [1.0, 1.0]) == Stalls(1, 0.5, 1, 1.0, 1.5)
+
+
+def test_first_stall_details_with_uneven_chunks_and_a_later_stall():
+    # first audio at 0.5; dry at 1.5, chunk 1 (0.75) in time -> dry at 2.0; chunk 2 at 2.5 late (first: index 2,
+    # played 1.0 + 0.5 = 1.5 s, 2.0 s after first audio, waits 0.5); resumes -> dry at 2.75; chunk 3 at 2.75 just
+    # in time -> dry at 4.75; chunk 4 at 5.5 late (waits 0.75). Without the shift at 2.5 chunk 3 would be late.
+    d = playback_stall_details([0.5, 1.25, 2.5, 2.75, 5.5], [1.0, 0.5, 0.25, 2.0, 1.0])
+    assert d == Stalls(count=2, waited_s=1.25, first_index=2, first_at_played_s=1.5, first_after_first_audio_s=2.0)
+    assert playback_stalls([0.5, 1.25, 2.5, 2.75, 5.5], [1.0, 0.5, 0.25, 2.0, 1.0]) == (2, 1.25)
+
+
+def test_a_gap_within_the_tolerance_shifts_nothing_and_is_not_the_first_stall():
+    times, audio = [0.0, 1.0625, 2.1875], [1.0, 1.0, 1.0]
+    # tolerance 0.125: chunk 1 (0.0625 late) forgiven, player still dry at 2.0; chunk 2 later than 2.125
+    assert playback_stall_details(times, audio, tolerance_s=0.125) == Stalls(1, 0.1875, 2, 2.0, 2.1875)
+    # no tolerance: chunk 1 is the first stall (played 1.0 s), resume -> dry at 2.0625, chunk 2 late again
+    assert playback_stall_details(times, audio) == Stalls(2, 0.1875, 1, 1.0, 1.0625)
+
+
+def test_summary_says_where_streams_first_stalled():
+    q = [0.25] * 7
+    results = [
+        _stream([0.0, 1.5], [1.0, 1.0], index=0),                                        # #1, played 1.0, +1.5
+        _stream([0.5, 1.25, 2.5, 2.75, 5.5], [1.0, 0.5, 0.25, 2.0, 1.0], index=1),       # #2, 1.5, +2.0; 2 stalls
+        _stream([0.0, 0.125, 0.375, 0.625, 0.875, 2.0], q[:6], index=2),                 # #5, 1.25, +2.0
+        _stream([0.0, 0.125, 0.375, 0.625, 0.875, 1.125, 3.0], q, index=3),              # #6, 1.5, +3.0
+        _stream([0.5, 1.0], [1.0, 1.0], index=4),                                        # no stall
+    ]
+    s = summarize(results, window_s=10.0)
+    assert s["stall_streams"] == 5 and s["stall_free_fraction"] == pytest.approx(0.2)
+    assert s["stall_first_chunk_index_hist"] == {"1": 1, "2": 1, "5+": 2}
+    assert list(s["stall_first_chunk_index_hist"]) == ["1", "2", "5+"]
+    assert s["stall_first_at_played_s_p50"] == pytest.approx(1.375)          # of 1.0, 1.25, 1.5, 1.5
+    assert s["stall_first_after_first_audio_s_p50"] == pytest.approx(2.0)    # of 1.5, 2.0, 2.0, 3.0
+    assert s["stalls_per_stalled_stream_mean"] == pytest.approx(1.25)        # (1 + 2 + 1 + 1) / 4
+    json.dumps(s)
+
+
+def test_summary_without_stalls_has_no_stall_positions():
+    for results in ([_stream([0.5, 1.0], [1.0, 1.0])], []):
+        s = summarize(results, window_s=5.0)
+        assert s["stall_first_chunk_index_hist"] == {}
+        assert s["stall_first_at_played_s_p50"] is None and s["stall_first_after_first_audio_s_p50"] is None
+        assert s["stalls_per_stalled_stream_mean"] is None
 
 
 # -- percentiles and summaries ------------------------------------------------------------------------------
@@ -227,6 +287,21 @@ def test_markdown_has_a_row_per_level_and_names_skipped_levels():
     assert "Skipped: 256 stream (no time)" in md
 
 
+def test_markdown_has_a_stall_line_per_streaming_level():
+    from bench.system.report import markdown
+
+    stalled = summarize([_stream([0.0, 1.5], [1.0, 1.0]), _stream([0.0, 0.5, 2.5], [1.0, 1.0, 1.0], index=1),
+                         _stream([0.0, 0.5, 1.0], [1.0, 1.0, 1.0], index=2)], window_s=5.0)
+    calm = summarize([_stream([0.5], [1.0])], window_s=5.0)
+    levels = [{"name": "c32-stream", "load": "closed", "concurrency": 32, "stream": True, **stalled},
+              {"name": "c8-stream", "load": "closed", "concurrency": 8, "stream": True, **calm},
+              {"name": "c8-nostream", "load": "closed", "concurrency": 8, "stream": False, **calm}]
+    lines = [line for line in markdown({"levels": levels}).splitlines() if "streams stalled" in line]
+    assert lines == ["- c32: 2 of 3 streams stalled; first late chunk #1: 1, #2: 1; played 1.5 s (p50) when it "
+                     "first waited, 2.0 s after first audio; 1.0 stalls each.",
+                     "- c8: 0 of 1 streams stalled."]
+
+
 def test_levels_that_do_not_fit_the_budget_are_skipped_and_reported():
     from types import SimpleNamespace
 
@@ -260,13 +335,13 @@ def test_first_audio_phases_are_level_means_and_get_a_table():
     from bench.system.levels import _r, first_audio_phases
     from bench.system.report import markdown
 
-    scrape = ("ray_chatterbox_first_audio_phase_seconds_sum{phase=\"t3\"} %s\n"
-              "ray_chatterbox_first_audio_phase_seconds_count{phase=\"t3\"} %s\n"
+    scrape = ("ray_chatterbox_first_audio_phase_seconds_sum{phase=\"t3_first_token\"} %s\n"
+              "ray_chatterbox_first_audio_phase_seconds_count{phase=\"t3_first_token\"} %s\n"
               "ray_chatterbox_first_audio_phase_seconds_sum{phase=\"router\"} %s\n"
               "ray_chatterbox_first_audio_phase_seconds_count{phase=\"router\"} %s\n")
     before, after = prom.parse(scrape % (1.0, 10, 0.5, 10)), prom.parse(scrape % (1.6, 14, 0.7, 14))
     phases = first_audio_phases(before, after)
-    assert phases["t3"] == pytest.approx(0.15) and phases["router"] == pytest.approx(0.05)
+    assert phases["t3_first_token"] == pytest.approx(0.15) and phases["router"] == pytest.approx(0.05)
     assert phases["vocode"] is None          # not exported: no number made up
     assert _r({"engine": {"t3": 0.12345, "vocode": None}}) == {"engine": {"t3": 0.123, "vocode": None}}   # the log line
     level = {"load": "closed", "concurrency": 8, "stream": True, **summarize([_stream([0.5], [1.0])], window_s=2.0),

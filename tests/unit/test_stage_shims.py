@@ -328,3 +328,31 @@ def test_cpu_replicas_default_to_dynamic_int8_and_ignore_bnb(caplog):
     assert resolve_quant("none", "cpu", "t3") == {}
     assert resolve_quant("mixed", "cpu", "t3") == {} and "ignored" in caplog.text   # a GPU config fell back
     assert resolve_quant(None, "cuda", "t3") == {}
+
+
+def test_t3_blocks_carry_the_first_blocks_timings_once():
+    # first token after 0.03 s (queue + prefill), 4 more steps of 0.01 s fill the first block of 5 tokens: the
+    # first block says so; later blocks carry no timings
+    from serve_app.contracts import T3_FIRST_BLOCK_PHASES
+    from serve_app.serving.stages.t3_stage import blocks_of
+
+    async def tokens(job):
+        await asyncio.sleep(0.03)
+        for i in range(12):
+            yield TokenChunk(job.request_id, [i])
+            await asyncio.sleep(0.01)
+        yield TokenChunk(job.request_id, [], finished=True, finish_reason="length")
+
+    async def run():
+        import time
+
+        job = T3Job("r", "Hi.", "default", first_block_tokens=5, block_tokens=4)
+        return [c async for c in blocks_of(tokens(job), job, time.monotonic())]
+
+    blocks = asyncio.run(run())
+    assert [len(b.tokens) for b in blocks] == [5, 4, 3] and blocks[-1].finished
+    first = blocks[0].timings
+    assert set(first) == set(T3_FIRST_BLOCK_PHASES)
+    assert 0.03 <= first["t3_first_token"] < 0.03 + 0.03
+    assert 0.04 <= first["t3_first_block"] < 0.04 + 0.04
+    assert all(b.timings is None for b in blocks[1:])

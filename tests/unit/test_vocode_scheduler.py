@@ -146,3 +146,34 @@ def test_stream_budget_bounds_streaming_rows_not_one_shot_jobs():
     for p in plans:
         sched.finish_step(p, 0, 0.0)
     assert sorted(p.stream.request_id for p in sched.take_ready(0.0)) == ["s2", "s3"]
+
+
+def test_first_steps_alone_run_apart_from_later_steps_and_one_shot_jobs():
+    def setup(alone: bool):
+        sched = VocodeScheduler(VocodePolicy(first_steps_alone=alone), SR)
+        old = _stream("old", first_step_tokens=10, step_tokens=20)      # past its first step, buffer low
+        sched.add(old)
+        old.tokens.extend(range(13))
+        _run(sched, sched.take_ready(0.0), 0.0)
+        old.tokens.extend(range(30))
+        job = _stream("job", streaming=False)
+        sched.add(job)
+        job.tokens.extend(range(100))
+        job.t3_finished = True
+        new = [_stream(f"new{i}", first_step_tokens=10, step_tokens=20) for i in range(2)]
+        for s in new:
+            sched.add(s)
+            s.tokens.extend(range(13))
+        return sched
+
+    mixed = setup(alone=False)
+    assert sorted(p.stream.request_id for p in mixed.take_ready(0.1)) == ["job", "new0", "new1", "old"]
+    sched = setup(alone=True)
+    first = sched.take_ready(0.1)
+    assert sorted(p.stream.request_id for p in first) == ["new0", "new1"]
+    assert all(p.num_new == 10 for p in first)
+    _run(sched, first, 0.2)
+    # the others go next, still in one step; the new streams are not ready again with 0 new tokens
+    assert sorted(p.stream.request_id for p in sched.take_ready(0.2)) == ["job", "old"]
+    # no first step waiting: steps are as before
+    assert sched.take_ready(0.2) == []

@@ -19,7 +19,9 @@ from ray import serve
 
 from serve_app.serving.stages.conds_cache import CondsCache
 from serve_app.serving.config import S3GenSettings, S3GenUserConfig, stage_device
-from serve_app.contracts import FIRST_AUDIO_PHASES, SAMPLE_RATE, AudioBlock, SpeechJob, T3Job, TokenChunk
+from serve_app.contracts import (
+    FIRST_AUDIO_PHASES, SAMPLE_RATE, T3_FIRST_BLOCK_PHASES, AudioBlock, SpeechJob, T3Job, TokenChunk,
+)
 from serve_app.serving.metrics import get_metrics
 from serve_app.serving.stages.replica_device import ReplicaDevice
 from serve_app.serving.errors import StageError
@@ -87,12 +89,18 @@ def warm_up(backend: S3GenBackend, checkpoint: Any, settings: S3GenSettings, dev
         return 0
 
 
-def first_audio_timings(marks: dict[str, float], step_started: float, step_done: float) -> dict[str, float] | None:
-    """Seconds per FIRST_AUDIO_PHASES of a stream whose first audio a step made (None if a mark is missing)."""
+def first_audio_timings(marks: dict[str, float], step_started: float, step_done: float,
+                        t3_timings: dict[str, float] | None = None) -> dict[str, float] | None:
+    """Seconds per FIRST_AUDIO_PHASES of a stream whose first audio a step made (None if a mark is missing).
+    `t3_timings`: the T3 replica's own split of the wait for the first block (T3_FIRST_BLOCK_PHASES); the rest of
+    that wait is "t3_call" (without the split, all of it: the T3 phases are left out)."""
     if not all(k in marks for k in ("entered", "conds", "t3")):
         return None
-    edges = (marks["entered"], marks["conds"], marks["t3"], step_started, step_done)
-    return {phase: max(0.0, b - a) for phase, a, b in zip(FIRST_AUDIO_PHASES, edges, edges[1:])}
+    t3 = {k: max(0.0, v) for k, v in (t3_timings or {}).items() if k in T3_FIRST_BLOCK_PHASES}
+    out = {"conds": marks["conds"] - marks["entered"],
+           "t3_call": marks["t3"] - marks["conds"] - sum(t3.values()), **t3,
+           "vocode_wait": step_started - marks["t3"], "vocode": step_done - step_started}
+    return {phase: max(0.0, out[phase]) for phase in FIRST_AUDIO_PHASES if phase in out}
 
 
 class S3GenReplica:
@@ -165,8 +173,9 @@ class S3GenReplica:
             async for chunk in t3:
                 chunk: TokenChunk
                 stream.tokens.extend(chunk.tokens)
-                if chunk.tokens:
-                    stream.marks.setdefault("t3", time.monotonic())
+                if chunk.tokens and "t3" not in stream.marks:
+                    stream.marks["t3"] = time.monotonic()
+                    stream.t3_timings = chunk.timings
                 if chunk.finished:
                     if chunk.finish_reason == "error":
                         raise StageError(f"T3 failed on text chunk {job.request_id}.", code="t3_error")
@@ -239,7 +248,8 @@ class S3GenReplica:
                 if audio.size or p.finalize:
                     q.put_nowait(AudioBlock(s.request_id, audio, num_speech_tokens=num_new, finished=p.finalize,
                                             finish_reason=s.finish_reason if p.finalize else None,
-                                            timings=first_audio_timings(s.marks, taken, now) if first_audio else None))
+                                            timings=first_audio_timings(s.marks, taken, now, s.t3_timings)
+                                            if first_audio else None))
             self._record_step(len(plans), num_new_total, sum(int(a.size) for a, _ in results), seconds)
             self._wake.set()   # blocks that arrived during the step
 
@@ -271,7 +281,8 @@ class S3GenReplica:
         cfg = S3GenUserConfig.model_validate(user_config or {})
         self.scheduler.policy = VocodePolicy(max_step_tokens=cfg.max_step_tokens, min_step_tokens=cfg.min_step_tokens,
                                              low_water_s=cfg.low_water_s, max_batch_new_tokens=cfg.max_batch_tokens,
-                                             max_stream_batch_tokens=cfg.max_stream_batch_tokens)
+                                             max_stream_batch_tokens=cfg.max_stream_batch_tokens,
+                                             first_steps_alone=cfg.first_steps_alone)
         log.info("S3Gen stage user_config: %s", cfg.model_dump())
 
     def invalidate_voice(self, voice_id: str) -> None:

@@ -15,7 +15,7 @@ from ray import serve
 
 from serve_app.serving.stages.conds_cache import CondsCache
 from serve_app.serving.config import T3Settings, T3UserConfig, stage_device
-from serve_app.contracts import T3Job, TokenChunk
+from serve_app.contracts import T3_FIRST_BLOCK_PHASES, T3Job, TokenChunk
 from serve_app.serving.metrics import get_metrics
 from serve_app.serving.stages.replica_device import ReplicaDevice
 from serve_app.serving.stages.stage_common import (
@@ -86,19 +86,31 @@ def fit_slots(settings: T3Settings, specs: dict, rd: ReplicaDevice, checkpoint: 
     return fits
 
 
-async def blocks_of(chunks: AsyncIterator[TokenChunk], job: T3Job) -> AsyncIterator[TokenChunk]:
+async def blocks_of(chunks: AsyncIterator[TokenChunk], job: T3Job,
+                    started: float | None = None) -> AsyncIterator[TokenChunk]:
     """Re-blocks a backend's token stream (the engine yields every step's token) into `job`'s block sizes, so a
-    Ray item carries a block, not a token: the first `first_block_tokens`, then at least `block_tokens`."""
+    Ray item carries a block, not a token: the first `first_block_tokens`, then at least `block_tokens`.
+    The first block carries its `timings` (T3_FIRST_BLOCK_PHASES, seconds from `started`, time.monotonic())."""
     pending: list[int] = []
     want = max(1, job.first_block_tokens)
+    first_token_at: float | None = None
+    first_block = True
     async for chunk in chunks:
+        if chunk.tokens and first_token_at is None:
+            first_token_at = time.monotonic()
         pending.extend(chunk.tokens)
+        if not (chunk.finished or len(pending) >= want):
+            continue
+        timings = None
+        if first_block and started is not None and first_token_at is not None:
+            timings = dict(zip(T3_FIRST_BLOCK_PHASES, (first_token_at - started, time.monotonic() - first_token_at)))
+        first_block = False
         if chunk.finished:
-            yield TokenChunk(job.request_id, pending, finished=True, finish_reason=chunk.finish_reason)
+            yield TokenChunk(job.request_id, pending, finished=True, finish_reason=chunk.finish_reason,
+                             timings=timings)
             return
-        if len(pending) >= want:
-            yield TokenChunk(job.request_id, pending)
-            pending, want = [], max(1, job.block_tokens)
+        yield TokenChunk(job.request_id, pending, timings=timings)
+        pending, want = [], max(1, job.block_tokens)
 
 
 class T3Replica:
@@ -118,12 +130,13 @@ class T3Replica:
 
     async def generate(self, job: T3Job) -> AsyncIterator[TokenChunk]:
         conds = await self.conds.get(job.voice_id)
+        started = time.monotonic()
         t0 = time.perf_counter()
         num_tokens = 0
         self._num_running += 1
         self._metrics.t3_queue_depth.set(self._num_running, tags=self._tags)
         try:
-            async for chunk in blocks_of(self.backend.generate(job, conds), job):
+            async for chunk in blocks_of(self.backend.generate(job, conds), job, started):
                 num_tokens += len(chunk.tokens)
                 yield chunk
         finally:

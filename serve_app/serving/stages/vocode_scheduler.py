@@ -17,7 +17,9 @@ A stream is ready when
 Ready streams are taken most urgent first (first steps, then by audio left to play) within `max_batch_new_tokens`
 of new tokens per step in all, and streaming rows within `max_stream_batch_tokens` (a step's time is what every
 waiting listener waits on: a smaller stream budget keeps steps short and leaves the less urgent streams to the
-next step, with more tokens each). At least one stream always runs.
+next step, with more tokens each). With `first_steps_alone`, streams' first steps (time to first audio) run in a
+step of their own whenever any is ready, instead of inside a long step of everyone's. At least one stream always
+runs.
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ class VocodePolicy:
     low_water_s: float = 1.0            # step early when less audio than this is left to play
     max_batch_new_tokens: int = 4096    # new tokens vocoded in one engine step, over all streams
     max_stream_batch_tokens: int | None = None   # of those, streaming rows' (None: max_batch_new_tokens)
+    first_steps_alone: bool = False     # streams' first steps run in a step of their own, ahead of the rest
 
     def __post_init__(self) -> None:
         if self.min_step_tokens < 1 or self.max_step_tokens < self.min_step_tokens:
@@ -64,6 +67,7 @@ class VocodeStream:
     running: bool = False               # in the engine step now
     done: bool = False
     marks: dict[str, float] = field(default_factory=dict)   # time.monotonic() of the first-audio milestones
+    t3_timings: dict[str, float] | None = None               # T3's split of the wait for the first block (s)
 
     def __post_init__(self) -> None:
         self.target = self.first_step_tokens
@@ -92,6 +96,10 @@ class StepPlan:
     def num_new(self) -> int:
         held = 0 if self.finalize else LOOKAHEAD_TOKENS
         return max(0, len(self.tokens) - held - self.stream.num_vocoded)
+
+
+def _first_step(s: VocodeStream) -> bool:
+    return s.streaming and s.num_steps == 0
 
 
 class VocodeScheduler:
@@ -137,6 +145,8 @@ class VocodeScheduler:
         """The streams to vocode in the next engine step, marked running; their token snapshots."""
         ready = sorted((s for s in self.streams.values() if self.is_ready(s, now)),
                        key=lambda s: self._urgency(s, now))
+        if self.policy.first_steps_alone and any(_first_step(s) for s in ready):
+            ready = [s for s in ready if _first_step(s)]   # the rest go in the next step, with more tokens each
         plans: list[StepPlan] = []
         budget = self.policy.max_batch_new_tokens
         stream_budget = self.policy.max_stream_batch_tokens
