@@ -7,6 +7,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results}
+# BUNDLE=NAME: everything the run writes goes into one $OUT/NAME.tar.gz (the device tool brings back at most 8 files;
+# one bench alone writes 8), so several runs in one device call all come back
+if [ -n "${BUNDLE:-}" ]; then
+  FINAL_OUT=$OUT OUT=/tmp/bundle/$BUNDLE
+  trap 'mkdir -p "$FINAL_OUT" && tar czf "$FINAL_OUT/$BUNDLE.tar.gz" -C "$OUT" .' EXIT
+fi
 mkdir -p "$OUT"
 if [ -f .whl/site.tar.xz ]; then
   mkdir -p /tmp/site && tar xJf .whl/site.tar.xz -C /tmp/site
