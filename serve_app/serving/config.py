@@ -138,6 +138,9 @@ class S3GenUserConfig(_Model):
     first_steps_alone: bool = Field(False, description="Streams' first steps (time to first audio) run in a step "
                                     "of their own whenever any is ready, ahead of and apart from the others' "
                                     "steps, which then wait that much longer.")
+    deadline_steps: bool = Field(False, description="A stream with audio in hand is left to the next step when "
+                                 "taking it would make the step (estimated from the last steps) outlast the audio "
+                                 "of a stream already in it; not measured on a GPU yet.")
     max_step_tokens: int = Field(200, ge=1, description="A stream's later steps grow (doubling) up to this many "
                                  "new tokens: fewer, larger steps cost less flow context and batch better.")
     min_step_tokens: int = Field(8, ge=1, description="A stream whose listener runs low steps early, with at "

@@ -147,8 +147,10 @@ def test_s3gen_replica_streams_chunks_batched_and_cancels_t3():
     assert max(len(step) for step in backend.steps) >= 3          # streams of different chunks share steps
     assert t3.jobs[0].first_block_tokens == 13 and t3.jobs[0].block_tokens == 16
     assert t3.cancelled == ["gone"] and len(replica.scheduler) == 0 and not replica._outputs
-    replica.reconfigure({"max_batch_tokens": 200})
-    assert replica.memory_report()["max_batch_tokens"] == 200
+    # every step fed the step-time estimate that deadline_steps (switched on by user_config) reads
+    assert replica.scheduler.seconds_per_flow_token is not None
+    replica.reconfigure({"max_batch_tokens": 200, "deadline_steps": True})
+    assert replica.memory_report()["max_batch_tokens"] == 200 and replica.scheduler.policy.deadline_steps
 
 
 def test_a_second_cancellation_still_frees_the_s3gen_stream_and_its_t3_call():

@@ -177,3 +177,59 @@ def test_first_steps_alone_run_apart_from_later_steps_and_one_shot_jobs():
     assert sorted(p.stream.request_id for p in sched.take_ready(0.2)) == ["job", "old"]
     # no first step waiting: steps are as before
     assert sched.take_ready(0.2) == []
+
+
+def _low_and_roomy(deadline_steps: bool) -> tuple[VocodeScheduler, VocodeStream, list[VocodeStream]]:
+    """One stream 0.3 s from running dry with 16 new tokens, three with 4 s of audio in hand and 100 each."""
+    sched = VocodeScheduler(VocodePolicy(deadline_steps=deadline_steps, row_overhead_tokens=60), SR)
+    low = _stream("low", first_step_tokens=10, step_tokens=20)
+    roomy = [_stream(f"roomy{i}", first_step_tokens=100, step_tokens=100) for i in range(3)]
+    for s in (low, *roomy):
+        sched.add(s)
+    low.tokens.extend(range(13))
+    for s in roomy:
+        s.tokens.extend(range(103))
+    _run(sched, sched.take_ready(0.0), 0.0)              # low: 10 tokens = 0.4 s; roomy: 100 tokens = 4 s
+    low.tokens.extend(range(16))
+    for s in roomy:
+        s.tokens.extend(range(100))
+    return sched, low, roomy
+
+
+def test_deadline_steps_leave_roomy_streams_to_the_next_step():
+    # at 1 ms per flow token: low costs 76 flow tokens, each roomy row 160. low + one roomy row: 0.236 s, within
+    # low's 0.3 s of audio; a second roomy row would make it 0.396 s. The roomy streams have 3.9 s: they can wait
+    plain, _, _ = _low_and_roomy(deadline_steps=False)
+    plain.observe_step(1.0, 1000)
+    assert len(plain.take_ready(0.1)) == 4               # the option off: everyone in one step
+    sched, low, roomy = _low_and_roomy(deadline_steps=True)
+    sched.observe_step(1.0, 1000)
+    assert sched.seconds_per_flow_token == pytest.approx(0.001)
+    plans = sched.take_ready(0.1)
+    assert [p.stream.request_id for p in plans] == ["low", "roomy0"] and sched.step_cost(plans) == 76 + 160
+    _run(sched, plans, 0.35)
+    # next step: the two left over (nobody in it is short of audio)
+    assert sorted(p.stream.request_id for p in sched.take_ready(0.35)) == ["roomy1", "roomy2"]
+
+
+def test_deadline_steps_take_a_stream_that_would_run_dry_before_a_next_step():
+    sched, low, roomy = _low_and_roomy(deadline_steps=True)
+    sched.observe_step(1.0, 1000)
+    # 3.7 s later the roomy streams have 0.3 s left, low is dry (-3.4 s): every one of them is short of a next step
+    assert len(sched.take_ready(3.7)) == 4
+
+
+def test_deadline_steps_need_an_observed_step_and_keep_one_shot_jobs():
+    sched, low, roomy = _low_and_roomy(deadline_steps=True)
+    assert sched.seconds_per_flow_token is None
+    assert len(sched.take_ready(0.1)) == 4               # no estimate yet: the rule does not apply
+    sched, low, roomy = _low_and_roomy(deadline_steps=True)
+    sched.observe_step(1.0, 1000)
+    job = _stream("job", streaming=False)
+    sched.add(job)
+    job.tokens.extend(range(300))
+    job.t3_finished = True
+    assert sorted(p.stream.request_id for p in sched.take_ready(0.1)) == ["job", "low"]
+    sched.observe_step(0.0, 10)                          # nothing to learn from an empty measurement
+    sched.observe_step(2.0, 1000)                        # a moving average, not the last step alone
+    assert sched.seconds_per_flow_token == pytest.approx(0.7 * 0.001 + 0.3 * 0.002)

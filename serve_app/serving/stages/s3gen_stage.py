@@ -214,6 +214,7 @@ class S3GenReplica:
             plans = self.scheduler.take_ready(time.monotonic())
             if not plans:
                 continue
+            cost = self.scheduler.step_cost(plans)   # before the step: a plan's new tokens are counted from the stream
             items = [VocodeItem(p.tokens, p.stream.conds, p.stream.seed, p.finalize,
                                 None if not p.stream.streaming else
                                 (p.stream.state if p.stream.state is not None else self.backend.new_stream_state()),
@@ -250,6 +251,7 @@ class S3GenReplica:
                                             finish_reason=s.finish_reason if p.finalize else None,
                                             timings=first_audio_timings(s.marks, taken, now, s.t3_timings)
                                             if first_audio else None))
+            self.scheduler.observe_step(seconds, cost)
             self._record_step(len(plans), num_new_total, sum(int(a.size) for a, _ in results), seconds)
             self._wake.set()   # blocks that arrived during the step
 
@@ -282,7 +284,8 @@ class S3GenReplica:
         self.scheduler.policy = VocodePolicy(max_step_tokens=cfg.max_step_tokens, min_step_tokens=cfg.min_step_tokens,
                                              low_water_s=cfg.low_water_s, max_batch_new_tokens=cfg.max_batch_tokens,
                                              max_stream_batch_tokens=cfg.max_stream_batch_tokens,
-                                             first_steps_alone=cfg.first_steps_alone)
+                                             first_steps_alone=cfg.first_steps_alone,
+                                             deadline_steps=cfg.deadline_steps)
         log.info("S3Gen stage user_config: %s", cfg.model_dump())
 
     def invalidate_voice(self, voice_id: str) -> None:

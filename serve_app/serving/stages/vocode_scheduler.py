@@ -18,7 +18,10 @@ Ready streams are taken most urgent first (first steps, then by audio left to pl
 of new tokens per step in all, and streaming rows within `max_stream_batch_tokens` (a step's time is what every
 waiting listener waits on: a smaller stream budget keeps steps short and leaves the less urgent streams to the
 next step, with more tokens each). With `first_steps_alone`, streams' first steps (time to first audio) run in a
-step of their own whenever any is ready, instead of inside a long step of everyone's. At least one stream always
+step of their own whenever any is ready, instead of inside a long step of everyone's. With `deadline_steps`, a
+stream that still has audio in hand is left to the next step when taking it would make this step (estimated from
+the last steps' seconds per flow token, `observe_step`) outlast the audio of a stream already in it, unless it
+would run dry itself before a next step could end (one-shot jobs are always taken). At least one stream always
 runs.
 """
 from __future__ import annotations
@@ -38,6 +41,8 @@ class VocodePolicy:
     max_batch_new_tokens: int = 4096    # new tokens vocoded in one engine step, over all streams
     max_stream_batch_tokens: int | None = None   # of those, streaming rows' (None: max_batch_new_tokens)
     first_steps_alone: bool = False     # streams' first steps run in a step of their own, ahead of the rest
+    deadline_steps: bool = False        # leave a roomy stream out when it would make the step outlast another's audio
+    row_overhead_tokens: int = 60       # flow tokens a row runs besides its new ones (voice prompt, context, look-ahead)
 
     def __post_init__(self) -> None:
         if self.min_step_tokens < 1 or self.max_step_tokens < self.min_step_tokens:
@@ -107,6 +112,19 @@ class VocodeScheduler:
         self.policy = policy or VocodePolicy()
         self.sample_rate = sample_rate
         self.streams: dict[str, VocodeStream] = {}
+        self.seconds_per_flow_token: float | None = None   # moving average over steps (observe_step)
+
+    def step_cost(self, plans: list[StepPlan]) -> int:
+        """Flow tokens a step runs (new tokens plus each row's overhead): what its time is estimated from."""
+        return sum(p.num_new + self.policy.row_overhead_tokens for p in plans)
+
+    def observe_step(self, seconds: float, cost: int) -> None:
+        """A finished engine step's time and `step_cost`: the estimate `deadline_steps` uses."""
+        if cost <= 0 or seconds <= 0:
+            return
+        rate = seconds / cost
+        prev = self.seconds_per_flow_token
+        self.seconds_per_flow_token = rate if prev is None else 0.7 * prev + 0.3 * rate
 
     def add(self, stream: VocodeStream) -> None:
         if stream.request_id in self.streams:
@@ -151,13 +169,23 @@ class VocodeScheduler:
         budget = self.policy.max_batch_new_tokens
         stream_budget = self.policy.max_stream_batch_tokens
         stream_budget = budget if stream_budget is None else stream_budget
+        rate = self.seconds_per_flow_token if self.policy.deadline_steps else None
+        cost, deadline = 0, math.inf      # flow tokens taken; the least audio in hand among the streams taken (s)
         for s in ready:
             plan = StepPlan(s, list(s.tokens), finalize=s.t3_finished)
             if plans and (plan.num_new > budget or (s.streaming and plan.num_new > stream_budget)):
                 continue
+            row_cost = plan.num_new + self.policy.row_overhead_tokens
+            left = s.seconds_left(now, self.sample_rate) if s.streaming else math.inf
+            if plans and rate is not None and s.streaming:
+                est = rate * (cost + row_cost)   # this step's time with s in it
+                if est > deadline and left >= 2 * est:
+                    continue   # s has audio for this step and the next: it would only make the others wait
             budget -= plan.num_new
             if s.streaming:
                 stream_budget -= plan.num_new
+            cost += row_cost
+            deadline = min(deadline, left)
             s.running = True
             plans.append(plan)
         return plans
