@@ -125,7 +125,6 @@ class DeploymentSettings(_Model):
 
 class T3UserConfig(_Model):
     max_batch_size: int = Field(8, ge=1, description="Requests decoded together (engine) or gathered per batch.")
-    batch_wait_timeout_s: float = Field(0.01, ge=0)
 
 
 class S3GenUserConfig(_Model):
