@@ -66,8 +66,8 @@ class Stalls:
     first_after_first_audio_s: float | None = None  # first late chunk's arrival - first chunk's arrival
 
 
-def playback_stall_details(chunk_times_s: Sequence[float], chunk_audio_s: Sequence[float],
-                           tolerance_s: float = 0.0) -> Stalls:
+def playback_stalls(chunk_times_s: Sequence[float], chunk_audio_s: Sequence[float],
+                    tolerance_s: float = 0.0) -> Stalls:
     """Stalls of a real-time player starting at the first chunk, and where the first one was.
     chunk_times_s: arrival times, ascending; chunk_audio_s: seconds of audio each chunk carries.
     A chunk later than the player's dry point + tolerance_s is a stall: the player resumes with it at its arrival
@@ -86,14 +86,6 @@ def playback_stall_details(chunk_times_s: Sequence[float], chunk_audio_s: Sequen
         else:
             played_until += a
     return Stalls(num_stalls, waited_s, *(first or (None, None, None)))
-
-
-def playback_stalls(chunk_times_s: Sequence[float], chunk_audio_s: Sequence[float],
-                    tolerance_s: float = 0.0) -> tuple[int, float]:
-    """(number of stalls, seconds waited) of a real-time player starting at the first chunk
-    (see playback_stall_details)."""
-    s = playback_stall_details(chunk_times_s, chunk_audio_s, tolerance_s)
-    return s.count, s.waited_s
 
 
 STALL_INDEX_TOP = 5   # first late chunks at this index or later share one histogram key, "5+"
@@ -156,8 +148,8 @@ def summarize(results: Sequence[RequestResult], *, window_s: float, stall_tolera
     ttfa = [r.ttfa_s for r in ok if r.ttfa_s is not None]
     e2e = [r.e2e_s for r in ok if r.e2e_s is not None]
     streams = [r for r in ok if r.stream and r.chunk_times_s]
-    stalls = [playback_stall_details(r.chunk_times_s, [b / BYTES_PER_SECOND for b in r.chunk_bytes],
-                                     stall_tolerance_s) for r in streams]
+    stalls = [playback_stalls(r.chunk_times_s, [b / BYTES_PER_SECOND for b in r.chunk_bytes], stall_tolerance_s)
+              for r in streams]
     stall_counts, stall_waits = [s.count for s in stalls], [s.waited_s for s in stalls]
     checked = [r for r in ok if r.expected_audio_s]
     ratios = [r.audio_s / r.expected_audio_s for r in checked]

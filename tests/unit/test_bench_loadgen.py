@@ -18,12 +18,17 @@ from bench.system.measure import (
     RequestResult,
     Stalls,
     percentile,
-    playback_stall_details,
     playback_stalls,
     summarize,
 )
 from bench.system.server import parse_override, with_overrides
 from bench.system.texts import TEXTS, capped_audio_s, capped_tokens
+
+
+def stall_counts(*args, **kwargs) -> tuple[int, float]:
+    """(stalls, seconds waited) of playback_stalls."""
+    s = playback_stalls(*args, **kwargs)
+    return s.count, s.waited_s
 
 
 def _stream(times, seconds, *, sent_at=0.0, expected=None, status=200, index=0) -> RequestResult:
@@ -38,18 +43,18 @@ def _stream(times, seconds, *, sent_at=0.0, expected=None, status=200, index=0) 
 
 def test_stream_that_keeps_ahead_of_the_player_is_stall_free():
     # 1 s of audio at t=0.5, then chunks before the player runs out (at 1.5, then 3.5)
-    assert playback_stalls([0.5, 1.4, 3.0], [1.0, 2.0, 1.0]) == (0, 0.0)
+    assert stall_counts([0.5, 1.4, 3.0], [1.0, 2.0, 1.0]) == (0, 0.0)
 
 
 def test_chunk_after_the_audio_received_runs_out_is_a_stall():
     # player starts at 0.5 with 1 s: dry at 1.5; the next chunk comes at 2.0 -> waits 0.5 s
-    n, waited = playback_stalls([0.5, 2.0], [1.0, 1.0])
+    n, waited = stall_counts([0.5, 2.0], [1.0, 1.0])
     assert n == 1 and waited == pytest.approx(0.5)
 
 
 def test_player_resumes_after_a_stall_and_counts_later_ones_from_there():
     # dry at 1.5, chunk at 2.0 (0.5 s wait), plays until 3.0; chunk at 2.9 in time; dry at 3.5, chunk at 4.0
-    n, waited = playback_stalls([0.5, 2.0, 2.9, 4.0], [1.0, 1.0, 0.5, 1.0])
+    n, waited = stall_counts([0.5, 2.0, 2.9, 4.0], [1.0, 1.0, 0.5, 1.0])
     assert n == 2 and waited == pytest.approx(1.0)
 
 
@@ -58,48 +63,48 @@ def test_first_stall_matches_the_cumulative_rule():
     times, audio = [0.2, 0.9, 1.9, 2.7], [0.8, 0.8, 0.8, 0.8]
     first_by_rule = next(i for i in range(1, len(times)) if times[i] - times[0] > sum(audio[:i]))
     assert first_by_rule == 2
-    assert playback_stalls(times[:first_by_rule], audio[:first_by_rule]) == (0, 0.0)
-    assert playback_stalls(times[:first_by_rule + 1], audio[:first_by_rule + 1])[0] == 1
+    assert stall_counts(times[:first_by_rule], audio[:first_by_rule]) == (0, 0.0)
+    assert stall_counts(times[:first_by_rule + 1], audio[:first_by_rule + 1])[0] == 1
 
 
 def test_tolerance_forgives_small_gaps():
-    assert playback_stalls([0.0, 1.05], [1.0, 1.0])[0] == 1
-    assert playback_stalls([0.0, 1.05], [1.0, 1.0], tolerance_s=0.1)[0] == 0
+    assert stall_counts([0.0, 1.05], [1.0, 1.0])[0] == 1
+    assert stall_counts([0.0, 1.05], [1.0, 1.0], tolerance_s=0.1)[0] == 0
 
 
 def test_no_chunks_no_stalls():
-    assert playback_stalls([], []) == (0, 0.0)
-    assert playback_stall_details([], []) == Stalls(0, 0.0, None, None, None)
+    assert stall_counts([], []) == (0, 0.0)
+    assert playback_stalls([], []) == Stalls(0, 0.0, None, None, None)
 
 
 # -- where streams stall (times and durations are binary fractions: exact equality holds) ----------------------
 
 def test_first_stall_is_the_late_chunk_and_played_is_the_audio_before_it():
     # dry at 2.0 after chunks 0 and 1; chunk 2 at 2.5: index 2, played 1 + 1 = 2.0 s, 2.5 s after first audio
-    assert playback_stall_details([0.0, 0.5, 2.5], [1.0, 1.0, 1.0]) == Stalls(1, 0.5, 2, 2.0, 2.5)
+    assert playback_stalls([0.0, 0.5, 2.5], [1.0, 1.0, 1.0]) == Stalls(1, 0.5, 2, 2.0, 2.5)
     # arriving exactly when the player runs dry is not a stall (strict >, as in playback_stalls)
-    assert playback_stall_details([0.0, 0.5, 2.0], [1.0, 1.0, 1.0]) == Stalls()
+    assert playback_stalls([0.0, 0.5, 2.0], [1.0, 1.0, 1.0]) == Stalls()
 
 
 def test_chunk_right_after_the_first_is_index_one():
-    assert playback_stall_details([0.0, 1.5], [1.0, 1.0]) == Stalls(1, 0.5, 1, 1.0, 1.5)
+    assert playback_stalls([0.0, 1.5], [1.0, 1.0]) == Stalls(1, 0.5, 1, 1.0, 1.5)
 
 
 def test_first_stall_details_with_uneven_chunks_and_a_later_stall():
     # first audio at 0.5; dry at 1.5, chunk 1 (0.75) in time -> dry at 2.0; chunk 2 at 2.5 late (first: index 2,
     # played 1.0 + 0.5 = 1.5 s, 2.0 s after first audio, waits 0.5); resumes -> dry at 2.75; chunk 3 at 2.75 just
     # in time -> dry at 4.75; chunk 4 at 5.5 late (waits 0.75). Without the shift at 2.5 chunk 3 would be late.
-    d = playback_stall_details([0.5, 1.25, 2.5, 2.75, 5.5], [1.0, 0.5, 0.25, 2.0, 1.0])
+    d = playback_stalls([0.5, 1.25, 2.5, 2.75, 5.5], [1.0, 0.5, 0.25, 2.0, 1.0])
     assert d == Stalls(count=2, waited_s=1.25, first_index=2, first_at_played_s=1.5, first_after_first_audio_s=2.0)
-    assert playback_stalls([0.5, 1.25, 2.5, 2.75, 5.5], [1.0, 0.5, 0.25, 2.0, 1.0]) == (2, 1.25)
+    assert stall_counts([0.5, 1.25, 2.5, 2.75, 5.5], [1.0, 0.5, 0.25, 2.0, 1.0]) == (2, 1.25)
 
 
 def test_a_gap_within_the_tolerance_shifts_nothing_and_is_not_the_first_stall():
     times, audio = [0.0, 1.0625, 2.1875], [1.0, 1.0, 1.0]
     # tolerance 0.125: chunk 1 (0.0625 late) forgiven, player still dry at 2.0; chunk 2 later than 2.125
-    assert playback_stall_details(times, audio, tolerance_s=0.125) == Stalls(1, 0.1875, 2, 2.0, 2.1875)
+    assert playback_stalls(times, audio, tolerance_s=0.125) == Stalls(1, 0.1875, 2, 2.0, 2.1875)
     # no tolerance: chunk 1 is the first stall (played 1.0 s), resume -> dry at 2.0625, chunk 2 late again
-    assert playback_stall_details(times, audio) == Stalls(2, 0.1875, 1, 1.0, 1.0625)
+    assert playback_stalls(times, audio) == Stalls(2, 0.1875, 1, 1.0, 1.0625)
 
 
 def test_summary_says_where_streams_first_stalled():

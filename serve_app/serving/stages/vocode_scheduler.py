@@ -42,7 +42,7 @@ class VocodePolicy:
     max_stream_batch_tokens: int | None = None   # of those, streaming rows' (None: max_batch_new_tokens)
     first_steps_alone: bool = False     # streams' first steps run in a step of their own, ahead of the rest
     deadline_steps: bool = False        # leave a roomy stream out when it would make the step outlast another's audio
-    row_overhead_tokens: int = 60       # flow tokens a row runs besides its new ones (voice prompt, context, look-ahead)
+    row_overhead_tokens: int = 60       # flow tokens a row runs besides its new ones (prompt, context, look-ahead)
 
     def __post_init__(self) -> None:
         if self.min_step_tokens < 1 or self.max_step_tokens < self.min_step_tokens:
@@ -114,9 +114,12 @@ class VocodeScheduler:
         self.streams: dict[str, VocodeStream] = {}
         self.seconds_per_flow_token: float | None = None   # moving average over steps (observe_step)
 
+    def row_cost(self, plan: StepPlan) -> int:
+        """Flow tokens a row runs: its new tokens and the row's overhead. A step's time is estimated from these."""
+        return plan.num_new + self.policy.row_overhead_tokens
+
     def step_cost(self, plans: list[StepPlan]) -> int:
-        """Flow tokens a step runs (new tokens plus each row's overhead): what its time is estimated from."""
-        return sum(p.num_new + self.policy.row_overhead_tokens for p in plans)
+        return sum(self.row_cost(p) for p in plans)
 
     def observe_step(self, seconds: float, cost: int) -> None:
         """A finished engine step's time and `step_cost`: the estimate `deadline_steps` uses."""
@@ -175,7 +178,7 @@ class VocodeScheduler:
             plan = StepPlan(s, list(s.tokens), finalize=s.t3_finished)
             if plans and (plan.num_new > budget or (s.streaming and plan.num_new > stream_budget)):
                 continue
-            row_cost = plan.num_new + self.policy.row_overhead_tokens
+            row_cost = self.row_cost(plan)
             left = s.seconds_left(now, self.sample_rate) if s.streaming else math.inf
             if plans and rate is not None and s.streaming:
                 est = rate * (cost + row_cost)   # this step's time with s in it
