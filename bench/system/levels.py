@@ -157,16 +157,19 @@ class LevelRunner:
                 "app_stall_free_fraction": (stall_free or 0) / app_streams if app_streams else None}
 
 
-def _mean(before, after, hist: str, labels: dict[str, str] | None = None) -> float | None:
-    """Mean of a histogram over the level (delta of _sum / delta of _count)."""
+def _mean(before, after, total: str, hist: str, labels: dict[str, str] | None = None) -> float | None:
+    """Exact mean of a histogram's observations over the level: the delta of the `total` counter the app keeps
+    beside it (the observed values' exact sum) / the delta of the histogram's `_count`. Not the histogram's `_sum`:
+    Ray rebuilds that from bucket midpoints (serve_app/serving/metrics.py)."""
     n = prom.delta(before, after, hist + "_count", labels)
-    t = prom.delta(before, after, hist + "_sum", labels)
+    t = prom.delta(before, after, total, labels)
     return t / n if n and t is not None else None
 
 
 def first_audio_phases(before, after) -> dict[str, float | None]:
-    """Mean seconds of each part of a stream's time to first audio over the level (the router's histogram)."""
-    return {phase: _mean(before, after, "chatterbox_first_audio_phase_seconds", {"phase": phase})
+    """Mean seconds of each part of a stream's time to first audio over the level (the router's metrics)."""
+    return {phase: _mean(before, after, "chatterbox_first_audio_phase_seconds_total",
+                         "chatterbox_first_audio_phase_seconds", {"phase": phase})
             for phase in (*FIRST_AUDIO_PHASES, "router")}
 
 
@@ -178,13 +181,16 @@ def engine_stats(before, after) -> dict:
     padded = prom.delta(before, after, "chatterbox_s3gen_flow_padded_tokens_total")
     needed = prom.delta(before, after, "chatterbox_s3gen_flow_row_tokens_total")
     return {
-        "t3_batch_mean": _mean(before, after, "chatterbox_t3_batch_size"),
-        "t3_step_mean_s": _mean(before, after, "chatterbox_t3_step_seconds"),
-        "t3_occupancy_mean": _mean(before, after, "chatterbox_t3_batch_occupancy_ratio"),
+        "t3_batch_mean": _mean(before, after, "chatterbox_t3_step_requests_total", "chatterbox_t3_batch_size"),
+        "t3_step_mean_s": _mean(before, after, "chatterbox_t3_busy_seconds_total", "chatterbox_t3_step_seconds"),
+        "t3_occupancy_mean": _mean(before, after, "chatterbox_t3_step_occupancy_total",
+                                   "chatterbox_t3_batch_occupancy_ratio"),
         "t3_steps": prom.delta(before, after, "chatterbox_t3_step_seconds_count"),
-        "s3gen_batch_mean": _mean(before, after, "chatterbox_s3gen_batch_size"),
-        "s3gen_new_tokens_per_step": _mean(before, after, "chatterbox_s3gen_batch_tokens"),
-        "s3gen_step_mean_s": _mean(before, after, "chatterbox_s3gen_batch_seconds"),
+        "s3gen_batch_mean": _mean(before, after, "chatterbox_s3gen_step_streams_total", "chatterbox_s3gen_batch_size"),
+        "s3gen_new_tokens_per_step": _mean(before, after, "chatterbox_s3gen_speech_tokens_total",
+                                           "chatterbox_s3gen_batch_tokens"),
+        "s3gen_step_mean_s": _mean(before, after, "chatterbox_s3gen_busy_seconds_total",
+                                   "chatterbox_s3gen_batch_seconds"),
         "s3gen_steps": prom.delta(before, after, "chatterbox_s3gen_batch_seconds_count"),
         "vocoded_per_produced_token": flow / new if flow is not None and new else None,
         "s3gen_flow_padding_ratio": padded / needed if padded is not None and needed else None,

@@ -3,6 +3,11 @@
 Names follow Prometheus conventions: `chatterbox_<stage>_<what>_<unit>`, base units, counters end in `_total`.
 Ray Serve adds `deployment`, `replica` and `application` tags to each series. Metric objects are created
 lazily on first use, inside the replica process (Ray metrics need a connected worker).
+
+Ray exports a histogram's `_sum` rebuilt from its buckets' midpoints (ray/_private/telemetry/
+open_telemetry_metric_recorder.py), not the observed values: a mean from `_sum / _count` is only as good as the
+buckets. Where a mean matters (the bench reads them), a `*_total` counter beside the histogram keeps the exact sum;
+with the histogram's `_count` it gives the exact mean.
 """
 from __future__ import annotations
 
@@ -35,6 +40,9 @@ class Metrics:
             "vocode_wait: for the vocoder loop, vocode: the first step) and the rest (router: HTTP, text, the "
             "stage calls' hops, encoding).",
             boundaries=LATENCY_BOUNDARIES_S, tag_keys=("phase",))
+        self.first_audio_phase_seconds_total = C(
+            "chatterbox_first_audio_phase_seconds_total", "The exact sum of chatterbox_first_audio_phase_seconds "
+            "(its histogram's _sum is rebuilt from bucket midpoints).", tag_keys=("phase",))
         self.audio_seconds_total = C(
             "chatterbox_audio_seconds_total", "Seconds of audio produced.", tag_keys=("stage",))
         self.requests_total = C(
@@ -58,6 +66,12 @@ class Metrics:
         self.t3_batch_occupancy_ratio = H(
             "chatterbox_t3_batch_occupancy_ratio", "Requests in a T3 engine step / the replica's KV slots.",
             boundaries=[0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0], tag_keys=("backend",))
+        self.t3_step_requests_total = C(
+            "chatterbox_t3_step_requests_total", "Requests in T3 engine steps, summed over the steps (/ the steps: "
+            "the exact mean of chatterbox_t3_batch_size).", tag_keys=("backend",))
+        self.t3_step_occupancy_total = C(
+            "chatterbox_t3_step_occupancy_total", "chatterbox_t3_batch_occupancy_ratio summed over the steps (/ the "
+            "steps: its exact mean).", tag_keys=("backend",))
         self.t3_speech_tokens_total = C(
             "chatterbox_t3_speech_tokens_total", "Speech tokens generated.", tag_keys=("backend",))
         self.t3_queue_depth = G(
@@ -73,6 +87,9 @@ class Metrics:
         self.s3gen_batch_tokens = H(
             "chatterbox_s3gen_batch_tokens", "New speech tokens in one S3Gen engine step.", boundaries=TOKEN_BOUNDARIES,
             tag_keys=("backend",))
+        self.s3gen_step_streams_total = C(
+            "chatterbox_s3gen_step_streams_total", "Streams and one-shot jobs in S3Gen engine steps, summed over the "
+            "steps (/ the steps: the exact mean of chatterbox_s3gen_batch_size).", tag_keys=("backend",))
         self.s3gen_busy_seconds_total = C(
             "chatterbox_s3gen_busy_seconds_total", "Wall time of S3Gen engine steps (the replica's GPU-busy time).",
             tag_keys=("backend",))

@@ -25,6 +25,9 @@ EXPECTED = {
     "chatterbox_request_duration_seconds_bucket",
     "chatterbox_time_to_first_audio_seconds_bucket",
     "chatterbox_first_audio_phase_seconds_bucket",   # the request below streams (the default)
+    "chatterbox_first_audio_phase_seconds_total",    # the exact sums the bench's means read (not the _sum)
+    "chatterbox_t3_step_requests_total",
+    "chatterbox_s3gen_step_streams_total",
     "chatterbox_audio_seconds_total",
     "chatterbox_t3_request_seconds_bucket",
     "chatterbox_t3_speech_tokens_total",

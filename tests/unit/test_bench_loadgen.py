@@ -224,6 +224,21 @@ def test_prometheus_names_compare_without_ray_prefix_or_repeated_total():
     assert prom.total(samples, "chatterbox_streams_total", {"stall_free": "true"}) == 7
 
 
+def test_engine_means_are_exact_sums_over_histogram_counts():
+    from bench.system.levels import engine_stats
+
+    # 4 S3Gen steps of 0.21, 0.22, 0.23, 0.24 s: busy counter 0.9 s; Ray's _sum from bucket midpoints says 1.5
+    scrape = ("ray_chatterbox_s3gen_busy_seconds_total{backend=\"engine\"} %s\n"
+              "ray_chatterbox_s3gen_batch_seconds_count{backend=\"engine\"} %s\n"
+              "ray_chatterbox_s3gen_batch_seconds_sum{backend=\"engine\"} %s\n"
+              "ray_chatterbox_t3_step_requests_total{backend=\"engine\"} %s\n"
+              "ray_chatterbox_t3_batch_size_count{backend=\"engine\"} %s\n")
+    stats = engine_stats(prom.parse(scrape % (0.0, 0, 0.0, 0, 0)), prom.parse(scrape % (0.9, 4, 1.5, 30, 20)))
+    assert stats["s3gen_step_mean_s"] == pytest.approx(0.225) and stats["s3gen_steps"] == 4
+    assert stats["t3_batch_mean"] == pytest.approx(1.5)
+    assert stats["s3gen_batch_mean"] is None        # its counter is missing: no number made up
+
+
 def test_first_existing_candidate_gives_the_delta():
     before = prom.parse(_SCRAPE)
     after = prom.parse(_SCRAPE.replace("} 3.0", "} 5.5"))
@@ -340,11 +355,14 @@ def test_first_audio_phases_are_level_means_and_get_a_table():
     from bench.system.levels import _r, first_audio_phases
     from bench.system.report import markdown
 
-    scrape = ("ray_chatterbox_first_audio_phase_seconds_sum{phase=\"t3_first_token\"} %s\n"
+    # the exact sums are the counters; the histograms' _sum (Ray rebuilds it from bucket midpoints) is not read
+    scrape = ("ray_chatterbox_first_audio_phase_seconds_total{phase=\"t3_first_token\"} %s\n"
               "ray_chatterbox_first_audio_phase_seconds_count{phase=\"t3_first_token\"} %s\n"
-              "ray_chatterbox_first_audio_phase_seconds_sum{phase=\"router\"} %s\n"
+              "ray_chatterbox_first_audio_phase_seconds_sum{phase=\"t3_first_token\"} %s\n"
+              "ray_chatterbox_first_audio_phase_seconds_total{phase=\"router\"} %s\n"
               "ray_chatterbox_first_audio_phase_seconds_count{phase=\"router\"} %s\n")
-    before, after = prom.parse(scrape % (1.0, 10, 0.5, 10)), prom.parse(scrape % (1.6, 14, 0.7, 14))
+    before = prom.parse(scrape % (1.0, 10, 0.75, 0.5, 10))
+    after = prom.parse(scrape % (1.6, 14, 1.05, 0.7, 14))
     phases = first_audio_phases(before, after)
     assert phases["t3_first_token"] == pytest.approx(0.15) and phases["router"] == pytest.approx(0.05)
     assert phases["vocode"] is None          # not exported: no number made up

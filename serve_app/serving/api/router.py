@@ -276,9 +276,10 @@ class SpeechRouter:
         """The S3Gen replica's phases of the first chunk's first audio, and the rest of `ttfa` as `router`."""
         if not timings:
             return
-        for phase, seconds in timings.items():
+        phases = {**timings, "router": max(0.0, ttfa - sum(timings.values()))}
+        for phase, seconds in phases.items():
             self.record("first_audio_phase_seconds", "observe", seconds, phase=phase)
-        self.record("first_audio_phase_seconds", "observe", max(0.0, ttfa - sum(timings.values())), phase="router")
+            self.record("first_audio_phase_seconds_total", "inc", seconds, phase=phase)   # the exact sum
 
     async def _retrying(self, request_id: str, attempt: Callable[[], Awaitable[T]]) -> T:
         """`attempt()`, run again (up to `max_stage_retries` times) when a stage replica died under it. Only work

@@ -260,7 +260,8 @@ class S3GenReplica:
         m.s3gen_batch_seconds.observe(seconds, tags=tags)
         m.s3gen_batch_size.observe(num_streams, tags=tags)
         m.s3gen_batch_tokens.observe(num_new, tags=tags)
-        for counter, value in ((m.s3gen_busy_seconds_total, seconds), (m.s3gen_speech_tokens_total, num_new)):
+        for counter, value in ((m.s3gen_busy_seconds_total, seconds), (m.s3gen_speech_tokens_total, num_new),
+                               (m.s3gen_step_streams_total, num_streams)):
             if value > 0:   # Ray's Counter.inc refuses 0
                 counter.inc(value, tags=tags)
         stats = self.backend.stats() if hasattr(self.backend, "stats") else None

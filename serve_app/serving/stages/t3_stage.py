@@ -48,7 +48,11 @@ def make_t3_backend(checkpoint: Any, settings: T3Settings, rd: ReplicaDevice, qu
             if seconds > 0:
                 m.t3_busy_seconds_total.inc(seconds, tags=tags)
             m.t3_batch_size.observe(batch, tags=tags)
-            m.t3_batch_occupancy_ratio.observe(min(1.0, batch / slots[0]), tags=tags)
+            occupancy = min(1.0, batch / slots[0])
+            m.t3_batch_occupancy_ratio.observe(occupancy, tags=tags)
+            if batch:   # exact sums beside the histograms (Ray's Counter.inc refuses 0)
+                m.t3_step_requests_total.inc(batch, tags=tags)
+                m.t3_step_occupancy_total.inc(occupancy, tags=tags)
 
         # the engine quantizes the Llama backbone itself (and captures CUDA graphs around it)
         backend = EngineT3Backend.from_model(
