@@ -29,8 +29,10 @@ def q(p: float, metric: str, by: str = "", extra: str = "") -> str:
     return f"histogram_quantile({p}, sum by (le{', ' + by if by else ''}) (rate(ray_{metric}_bucket{{{sel}}}[{RATE}])))"
 
 
-def mean(metric: str, by: str) -> str:
-    return (f"sum by ({by}) (rate(ray_{metric}_sum{{{APP}}}[{RATE}])) / "
+def mean(total: str, metric: str, by: str) -> str:
+    """The exact mean of histogram `metric`: its `total` counter (the observed values' sum) over its `_count`.
+    Not `_sum`: Ray rebuilds a histogram's `_sum` from bucket midpoints (serve_app/serving/metrics.py)."""
+    return (f"sum by ({by}) (rate(ray_{total}{{{APP}}}[{RATE}])) / "
             f"sum by ({by}) (rate(ray_{metric}_count{{{APP}}}[{RATE}]))")
 
 
@@ -69,9 +71,12 @@ ROWS: list[tuple[str, list[tuple[str, str, str, list[tuple[str, str]]]]]] = [
             (q(p, "chatterbox_t3_step_seconds", "replica"), f"p{int(p * 100)} {{{{replica}}}}") for p in (0.5, 0.95)
         ]),
         ("Time to first audio by phase (mean)", "s", "Where a stream's first audio waits: in the S3Gen replica the "
-         "voice's conditionals (conds), T3 until its first token block (t3), the vocoder loop (vocode_wait) and the "
-         "first step (vocode); router: the rest (HTTP, text, the stage calls' hops, encoding).", [
-            (mean("chatterbox_first_audio_phase_seconds", "phase"), "{{phase}}"),
+         "voice's conditionals (conds); T3 until its first token block, as T3 saw it (t3_first_token: a slot and "
+         "the prefill; t3_first_block: decoding the rest of the block) and the hops there and back (t3_call); the "
+         "vocoder loop (vocode_wait) and the first step (vocode); router: the rest (HTTP, text, the stage calls' "
+         "hops, encoding).", [
+            (mean("chatterbox_first_audio_phase_seconds_total", "chatterbox_first_audio_phase_seconds", "phase"),
+             "{{phase}}"),
         ]),
     ]),
     ("Throughput and batching", [
@@ -82,11 +87,13 @@ ROWS: list[tuple[str, list[tuple[str, str, str, list[tuple[str, str]]]]]] = [
              "speech tokens / 25 (audio s / s from T3)"),
         ]),
         ("Batch sizes", "short", "Mean requests per T3 batch (or engine step) and jobs per S3Gen batch.", [
-            (mean("chatterbox_t3_batch_size", "replica"), "t3 {{replica}}"),
-            (mean("chatterbox_s3gen_batch_size", "replica"), "s3gen {{replica}}"),
+            (mean("chatterbox_t3_step_requests_total", "chatterbox_t3_batch_size", "replica"), "t3 {{replica}}"),
+            (mean("chatterbox_s3gen_step_streams_total", "chatterbox_s3gen_batch_size", "replica"),
+             "s3gen {{replica}}"),
         ]),
         ("S3Gen tokens per batch", "short", "Mean speech tokens vocoded per S3Gen batch (bounded by max_batch_tokens).", [
-            (mean("chatterbox_s3gen_batch_tokens", "replica"), "{{replica}}"),
+            (mean("chatterbox_s3gen_speech_tokens_total", "chatterbox_s3gen_batch_tokens", "replica"),
+             "{{replica}}"),
         ]),
         ("Voice cache lookups", "ops", "Conditionals cache lookups per second in each stage, hits and misses.", [
             (f"sum by (stage, result) (rate(ray_chatterbox_voice_cache_lookups_total{{{APP}}}[{RATE}]))",
@@ -114,7 +121,8 @@ ROWS: list[tuple[str, list[tuple[str, str, str, list[tuple[str, str]]]]]] = [
         ]),
         ("Batch occupancy", "percentunit", "T3: requests per engine step / KV slots. S3Gen: streams and one-shot "
          "jobs per engine step (mean, right axis in streams).", [
-            (mean("chatterbox_t3_batch_occupancy_ratio", "replica"), "t3 {{replica}}"),
+            (mean("chatterbox_t3_step_occupancy_total", "chatterbox_t3_batch_occupancy_ratio", "replica"),
+             "t3 {{replica}}"),
         ]),
         ("Stall-free streams", "percentunit", "Share of streamed responses whose every audio piece arrived before a "
          "listener starting at the first one needed it (the router's view).", [
