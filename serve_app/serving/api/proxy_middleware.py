@@ -8,7 +8,7 @@ RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH, which serve_app/envs.py: `ray_process
 
 - sends a request whose response had not started again, with the same body (read up front, at most
   `MAX_JSON_BODY_BYTES`), when that is safe: speech, GET and HEAD, up to `MAX_RETRIES` times with backoff. The
-  proxy routes the retry to a live replica or holds it until the new one is up (about 11-15 s on CPU);
+  proxy routes the retry to a live replica or holds it until the new one is up (the replica's restart);
 - answers an OpenAI-shaped `503 router_unavailable` with Retry-After when nothing answered still, or when the
   route is not safe to repeat (voice uploads and deletes) or its body was too large to keep;
 - ends a started SSE stream that broke off with the app's own `error` event and a clean end; any other started

@@ -158,7 +158,7 @@ class VocodeScheduler:
         # a stream at the low-water mark (it is not starved by streams with plenty left)
         if not s.streaming:
             return (1, self.policy.low_water_s)
-        if s.num_steps == 0:
+        if _first_step(s):
             return (0, 0.0)
         return (1, s.seconds_left(now, self.sample_rate))
 
