@@ -33,6 +33,7 @@ from serve_app.engine.t3.prompt import prompt_len  # noqa: E402
 logger = logging.getLogger("bench_t3")
 
 TEXT_TOKENS = list(range(20, 60))  # 40 text tokens, a typical sentence chunk
+FIRST_BLOCK = 18   # the service's first token block: router first_chunk_tokens 15 + the flow's 3 look-ahead
 
 
 def parse_args(argv=None):
@@ -96,8 +97,10 @@ def bench_upstream(t3_cpu, device, n_tokens) -> dict:
 
     run(min(5, n_tokens))  # warm-up
     secs, n = run(n_tokens)
+    first = statistics.median(run(1)[0] for _ in range(5))  # prefill + one sampled token
     del t3
-    return {"tokens": n, "seconds": secs, "ms_per_token": 1e3 * secs / n, "tokens_per_s": n / secs}
+    return {"tokens": n, "seconds": secs, "ms_per_token": 1e3 * secs / n, "tokens_per_s": n / secs,
+            "first_token_ms": 1e3 * first}
 
 
 def mode_config(mode: str):
@@ -141,6 +144,32 @@ def run_concurrency(engine: T3Engine, c: int, n_tokens: int, tag: str) -> dict:
     }
 
 
+def first_token(engine: T3Engine, tag: str, repeats: int = 10, block: int = FIRST_BLOCK) -> dict:
+    """One request arriving at an idle engine: ms until the step that admitted it returns its first token (prompt
+    embeddings, prefill, first decode step, the step's host copy), and until `block` tokens (the service's first
+    block); medians over `repeats`. Also the prompt embeddings alone (synchronized)."""
+    from serve_app.engine.t3.prompt import build_prompt_embeds
+
+    first, whole, embeds = [], [], []
+    for i in range(repeats):
+        req = T3GenerationRequest(f"{tag}-first-{i}", TEXT_TOKENS, make_cond(i), seed=i, max_new_tokens=block,
+                                  ignore_stop=True)
+        sync(engine.device)
+        t0 = time.perf_counter()
+        build_prompt_embeds(engine.t3, req.text_tokens, req.cond, req.exaggeration, engine.device, engine.dtype)
+        sync(engine.device)
+        embeds.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        engine.add_request(req)
+        engine.step()
+        first.append(time.perf_counter() - t0)
+        while engine.has_unfinished():
+            engine.step()
+        whole.append(time.perf_counter() - t0)
+    return {"first_token_ms": 1e3 * statistics.median(first), "first_block_ms": 1e3 * statistics.median(whole),
+            "block_tokens": block, "prompt_embeds_ms": 1e3 * statistics.median(embeds)}
+
+
 def bench_engine(t3_cpu, mode: str, args, max_c: int) -> dict:
     dtype, quant = mode_config(mode)
     cuda = torch.device(args.device).type == "cuda"
@@ -157,6 +186,11 @@ def bench_engine(t3_cpu, mode: str, args, max_c: int) -> dict:
     engine = T3Engine(copy.deepcopy(t3_cpu), cfg)
     init_s = time.perf_counter() - t0
     run_concurrency(engine, 1, 4, f"warm-{mode}")  # warm-up: allocator, first prefill
+    first = {"prefill_graphs": first_token(engine, mode) if engine.prefill_graphs is not None else None}
+    graphs, engine.prefill_graphs = engine.prefill_graphs, None
+    first["eager_prefill"] = first_token(engine, mode)
+    engine.prefill_graphs = graphs
+    logger.info("%s first token: %s", mode, first)
     results = []
     for c in args.concurrency:
         r = run_concurrency(engine, c, args.tokens, mode)
@@ -167,7 +201,7 @@ def bench_engine(t3_cpu, mode: str, args, max_c: int) -> dict:
         "config": {"max_batch_requests": cfg.max_batch_requests, "max_seq_len": cfg.max_seq_len,
                    "graph_batch_sizes": list(cfg.batch_buckets), "graph_seq_lens": list(cfg.seq_buckets),
                    "max_prefill_requests": cfg.max_prefill_requests, "enforce_eager": cfg.enforce_eager},
-        "graphs": engine.use_graphs, "init_seconds": init_s, "kv_cache_gib": engine.cache.num_bytes / 2**30,
+        "graphs": engine.use_graphs, "init_seconds": init_s, "first_token": first, "kv_cache_gib": engine.cache.num_bytes / 2**30,
         "peak_vram_gib": (torch.cuda.max_memory_allocated() - base) / 2**30 if cuda else None,
         "results": results,
     }
@@ -208,6 +242,15 @@ def to_markdown(report: dict) -> str:
             lines.append(f"| {m['mode']} | {m['graphs']} | {r['concurrency']} | {r['ms_per_step_median']:.2f} | "
                          f"{r['ms_per_step_p90']:.2f} | {r['tokens_per_s']:.0f} | {r['decode_tokens_per_s']:.0f} | "
                          f"{speedup} | {vram} |")
+    lines += ["", "## First token (one request arriving at an idle engine, medians)", "",
+              "| mode | prefill | prompt embeds ms | first token ms | first block ms (tokens) |", "|---|---|---|---|---|"]
+    if up and up.get("first_token_ms"):
+        lines.append(f"| upstream fp32 | eager (HF) | | {up['first_token_ms']:.1f} | |")
+    for m in report["engine"]:
+        for kind, ft in (m.get("first_token") or {}).items():
+            if ft:
+                lines.append(f"| {m['mode']} | {kind.replace('_', ' ')} | {ft['prompt_embeds_ms']:.1f} | "
+                             f"{ft['first_token_ms']:.1f} | {ft['first_block_ms']:.1f} ({ft['block_tokens']}) |")
     lines += ["", "## Targets", ""]
     one = [(m["mode"], r["ms_per_step_median"]) for m in report["engine"] for r in m["results"]
            if r["concurrency"] == 1 and m["graphs"]]

@@ -7,7 +7,7 @@ import torch
 
 from serve_app.engine.t3 import T3Conditioning, T3Engine, T3EngineConfig, T3GenerationRequest
 from serve_app.engine.t3 import graph_runner
-from serve_app.engine.t3.graph_runner import DecodeGraphs, pick_bucket
+from serve_app.engine.t3.graph_runner import DecodeGraphs, PrefillGraphs, pick_bucket
 
 
 class _FakeGraph:
@@ -104,3 +104,43 @@ def test_engine_with_fake_graphs_matches_eager(fake_cuda, sampler_fails):
     engine.graphs.capture()
     assert engine.graphs.sampler_in_graph is (not sampler_fails)
     assert engine.generate(_reqs()) == eager
+
+
+@pytest.mark.parametrize("capture_fails", [False, True])
+def test_engine_with_fake_prefill_graphs_matches_eager(fake_cuda, capture_fails):
+    """One-request prefills replay the graph of their length bucket (static rows, last positions, padding) and
+    sample what eager prefill samples; a failed capture leaves prefill eager."""
+    from serve_app.model.presets import build_t3, get_preset
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    t3 = build_t3(get_preset("tiny")).eval()
+    cfg = T3EngineConfig(max_batch_requests=2, max_seq_len=256, dtype="fp32", device="cpu", max_prefill_requests=1)
+    eager = T3Engine(t3, cfg).generate(_reqs())
+
+    engine = T3Engine(t3, cfg)
+    forward = _recording(engine._prefill_forward)
+
+    def prefill_forward(n):
+        if capture_fails and _FakeGraph.current is not None:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        forward(n)
+
+    engine.prefill_graphs = PrefillGraphs(prefill_forward, cfg.prefill_buckets)
+    engine.prefill_graphs.capture()
+    replayed = []
+    run = engine.prefill_graphs.run
+    engine.prefill_graphs.run = lambda n: (replayed.append(n), run(n))
+    assert engine.generate(_reqs()) == eager
+    if capture_fails:
+        assert engine.prefill_graphs.graphs == {} and replayed == []
+    else:
+        assert set(engine.prefill_graphs.graphs) == set(cfg.prefill_buckets)
+        # prompt = 38 positions + text tokens: 17 -> 55 (bucket 64), 10 -> 48 (bucket 64)
+        assert replayed == [64, 64]
+
+
+def test_prefill_buckets_pad_prompts():
+    cfg = T3EngineConfig(max_batch_requests=2, max_seq_len=256, dtype="fp32", device="cpu")
+    assert cfg.prefill_buckets == (64, 96, 128, 160, 192, 224, 256)
+    assert T3EngineConfig(max_batch_requests=2, max_seq_len=256, device="cpu", prefill_graph_lens=()).prefill_buckets == ()

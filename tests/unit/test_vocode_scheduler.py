@@ -233,3 +233,15 @@ def test_deadline_steps_need_an_observed_step_and_keep_one_shot_jobs():
     sched.observe_step(0.0, 10)                          # nothing to learn from an empty measurement
     sched.observe_step(2.0, 1000)                        # a moving average, not the last step alone
     assert sched.seconds_per_flow_token == pytest.approx(0.7 * 0.001 + 0.3 * 0.002)
+
+
+def test_light_load_shortens_the_first_step_only_when_nearly_idle():
+    sched = VocodeScheduler(VocodePolicy(), SR)
+    assert sched.first_step_tokens(15) == 15                  # off by default
+    sched.policy = VocodePolicy(light_first_step_tokens=8, light_load_streams=1)
+    assert sched.first_step_tokens(15) == 8                   # idle replica
+    assert sched.first_step_tokens(5) == 5                    # never longer than asked
+    sched.add(_stream("a"))
+    assert sched.first_step_tokens(15) == 8                   # one other stream: still light
+    sched.add(_stream("b"))
+    assert sched.first_step_tokens(15) == 15                  # two others: the router's size

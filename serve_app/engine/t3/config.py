@@ -31,6 +31,11 @@ def default_graph_seq_lens(max_seq_len: int) -> tuple[int, ...]:
     lens.append(max_seq_len)
     return tuple(lens)
 
+def default_prefill_lens(max_seq_len: int, largest: int = 384, step: int = 32) -> tuple[int, ...]:
+    """Prompt-length buckets of a one-request prefill: 64, 96, ... `largest` (every `step`), within max_seq_len.
+    A T3 prompt is 38 positions plus its text tokens; a 300-character text chunk stays under 384."""
+    return tuple(n for n in range(64, largest + 1, step) if n <= max_seq_len)
+
 
 @dataclass(frozen=True)
 class T3EngineConfig:
@@ -45,6 +50,9 @@ class T3EngineConfig:
     graph_batch_sizes: tuple[int, ...] | None = None  # None: default_graph_batch_sizes(max_batch_requests)
     graph_seq_lens: tuple[int, ...] | None = None  # None: default_graph_seq_lens(max_seq_len)
     max_prefill_requests: int = 16  # admitted (and prefilled together) per step
+    # One-request prefill graphs per prompt-length bucket; None: default_prefill_lens(max_seq_len), (): none.
+    # Every prefill is right-padded to its bucket (graphed or not), so eager and graphed runs stay equal.
+    prefill_graph_lens: tuple[int, ...] | None = None
     device: str = "cuda"
 
     def __post_init__(self):
@@ -75,6 +83,11 @@ class T3EngineConfig:
     @property
     def seq_buckets(self) -> tuple[int, ...]:
         return tuple(sorted(self.graph_seq_lens or default_graph_seq_lens(self.max_seq_len)))
+
+    @property
+    def prefill_buckets(self) -> tuple[int, ...]:
+        lens = default_prefill_lens(self.max_seq_len) if self.prefill_graph_lens is None else self.prefill_graph_lens
+        return tuple(sorted(n for n in lens if n <= self.max_seq_len))
 
     @property
     def max_rows(self) -> int:

@@ -14,7 +14,7 @@ from torch import nn
 
 from .config import (NUM_AUDIO_TOKENS, START_SPEECH_TOKEN, STOP_SPEECH_TOKEN, T3EngineConfig,
                      graphs_unsupported_reason)
-from .graph_runner import DecodeGraphs, pick_bucket
+from .graph_runner import DecodeGraphs, PrefillGraphs, pick_bucket
 from .llama import KVCache, LlamaBackbone
 from .prompt import build_prompt_embeds, prompt_len
 from .request import T3GenerationRequest, T3StepOutput
@@ -78,6 +78,14 @@ class T3Engine:
             self.vocab_hash = make_vocab_hash(self.vocab_size, self.device)  # [V]
             self.prefill_out = torch.zeros(config.max_prefill_requests, dtype=torch.int64, device=self.device)
             self.logits = torch.zeros(config.max_rows, self.vocab_size, dtype=torch.float32, device=self.device)
+            # one-request prefill on static buffers (what the prefill graphs capture)
+            hidden = t3.speech_emb.embedding_dim
+            longest = config.prefill_buckets[-1] if config.prefill_buckets else 1
+            self.prefill_x = torch.zeros(2, longest, hidden, dtype=self.dtype, device=self.device)  # [2, T, C]
+            self.prefill_rows = torch.zeros(2, dtype=torch.int64, device=self.device)  # [2] cache rows
+            self.prefill_last = torch.zeros(2, dtype=torch.int64, device=self.device)  # [2] last prompt position
+            self.prefill_logits = torch.zeros(2, self.vocab_size, dtype=torch.float32, device=self.device)
+            self._two = torch.arange(2, device=self.device)
         logger.info("T3 engine: %s %s, %d slots x %d positions, KV cache %.2f GiB, graphs=%s",
                     self.device, config.dtype, config.max_batch_requests, config.max_seq_len,
                     self.cache.num_bytes / 2**30, self.use_graphs)
@@ -86,10 +94,14 @@ class T3Engine:
         self.requests: dict[str, T3GenerationRequest] = {}
         self._seed_rng = random.Random()
         self.graphs: DecodeGraphs | None = None
+        self.prefill_graphs: PrefillGraphs | None = None
         if self.use_graphs:
             self.graphs = DecodeGraphs(self._decode_forward, self._decode_sample, config.batch_buckets,
                                        config.seq_buckets)
             self.graphs.capture()
+            if config.prefill_buckets:
+                self.prefill_graphs = PrefillGraphs(self._prefill_forward, config.prefill_buckets)
+                self.prefill_graphs.capture(self.graphs.pool)
 
     # ---- public API -------------------------------------------------------------------------------------
 
@@ -196,23 +208,41 @@ class T3Engine:
             embeds.append(e)  # [2, T_i, C]
         k = len(seqs)
         T_max = max(e.size(1) for e in embeds)
-        x = embeds[0].new_zeros(2 * k, T_max, embeds[0].size(-1))  # [2k, T_max, C]
-        for i, e in enumerate(embeds):
-            x[2 * i:2 * i + 2, :e.size(1)] = e
-        slot_list = [s.slot for s in seqs]
+        T_pad = self._prefill_len(T_max)
         slots = self._to_device([s.slot for s in seqs])  # [k]
-        rows = self._to_device([r for s in slot_list for r in (2 * s, 2 * s + 1)])  # [2k]
+        rows = self._to_device([r for s in seqs for r in (2 * s.slot, 2 * s.slot + 1)])  # [2k]
         last = self._to_device([s.prompt_len - 1 for s in seqs for _ in (0, 1)])  # [2k]
-
-        h = self.backbone.prefill(x, rows, self.cache)  # [2k, T_max, C]
-        h_last = h[torch.arange(2 * k, device=dev), last]  # [2k, C]
-        logits = self.t3.speech_head(h_last).float()  # [2k, V]
+        if k == 1 and self.prefill_graphs is not None and self.prefill_graphs.bucket(T_max) == T_pad:
+            self.prefill_x[:, :T_max].copy_(embeds[0])
+            self.prefill_x[:, T_max:T_pad].zero_()  # padding stays finite: its K/V sit masked in the cache
+            self.prefill_rows.copy_(rows)
+            self.prefill_last.copy_(last)
+            self.prefill_graphs.run(T_pad)
+            logits = self.prefill_logits  # [2, V]
+        else:
+            x = embeds[0].new_zeros(2 * k, T_pad, embeds[0].size(-1))  # [2k, T_pad, C]
+            for i, e in enumerate(embeds):
+                x[2 * i:2 * i + 2, :e.size(1)] = e
+            h = self.backbone.prefill(x, rows, self.cache)  # [2k, T_pad, C]
+            h_last = h[torch.arange(2 * k, device=dev), last]  # [2k, C]
+            logits = self.t3.speech_head(h_last).float()  # [2k, V]
         tok = sample_tokens(logits, st.seen[slots], st.sampling_at(slots), self.vocab_hash)  # [k]
         st.seen[slots, tok] = True
         st.last_token[slots] = tok
         self.prefill_out[:k] = tok
         for seq in seqs:
             st.start(seq.slot, seq.prompt_len)
+
+    def _prefill_len(self, length: int) -> int:
+        """Prompts are right-padded to their prefill bucket (the graphs' shapes), or not at all past the last."""
+        buckets = self.config.prefill_buckets
+        return pick_bucket(buckets, length) if buckets and length <= buckets[-1] else length
+
+    def _prefill_forward(self, length: int) -> None:
+        """One request's prefill on the static buffers (prefill_x[:, :length], rows, last) -> prefill_logits."""
+        h = self.backbone.prefill(self.prefill_x[:, :length], self.prefill_rows, self.cache)  # [2, length, C]
+        h_last = h[self._two, self.prefill_last]  # [2, C]
+        self.prefill_logits.copy_(self.t3.speech_head(h_last))  # [2, V] float32
 
     def _to_device(self, values: list[int]) -> torch.Tensor:
         t = torch.tensor(values, dtype=torch.int64)

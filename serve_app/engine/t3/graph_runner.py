@@ -1,4 +1,5 @@
-"""CUDA graphs of the decode step, one per (batch bucket, KV-length bucket), nano-vllm style.
+"""CUDA graphs of the engine: the decode step, one per (batch bucket, KV-length bucket), nano-vllm style; and
+the prefill of one request, one per prompt-length bucket (`PrefillGraphs`).
 
 All graph inputs and outputs live in static buffers owned by the engine (SlotState, KVCache, logits), so a
 replay needs no copies. Graphs are captured largest first into one shared memory pool; rows past the running
@@ -89,3 +90,50 @@ class DecodeGraphs:
         self.graphs[(nb, kv_len)].replay()
         if not self.sampler_in_graph:
             self.sample_fn(nb)
+
+
+class PrefillGraphs:
+    """One CUDA graph per prompt-length bucket for a prefill of ONE request (its two CFG rows), so the first token
+    of a request that arrives alone does not wait on ~500 eager kernel launches (30 layers).
+
+    `forward_fn(length)` runs the prefill on the engine's static buffers (prompt embeddings right-padded to
+    `length`, cache rows, last positions -> logits). Several requests admitted in one step prefill eagerly.
+    When capture fails the engine keeps prefilling eagerly (`graphs` stays empty), with a warning.
+    """
+
+    def __init__(self, forward_fn: Callable[[int], None], lens: tuple[int, ...]):
+        self.forward_fn = forward_fn
+        self.lens = lens
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+
+    @torch.inference_mode()
+    def capture(self, pool=None) -> None:
+        """Capture every bucket, largest first, into `pool` (the decode graphs' pool: never replayed at the same
+        time). Writes the KV cache rows the static buffers name: call while no slot is in use."""
+        t0 = time.perf_counter()
+        try:
+            for n in reversed(self.lens):
+                self.forward_fn(n)  # warm-up at this shape
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool, capture_error_mode="thread_local"):
+                    self.forward_fn(n)
+                if pool is None:
+                    pool = graph.pool()
+                self.graphs[n] = graph
+            torch.cuda.synchronize()
+        except Exception as e:  # capture failures surface as RuntimeError / torch.AcceleratorError
+            logger.warning("capturing the one-request prefill in CUDA graphs failed (%s); prefill runs eagerly", e)
+            torch.cuda.synchronize()
+            self.graphs = {}
+            return
+        logger.info("captured %d prefill graphs (one request, lengths %s) in %.1f s", len(self.graphs), self.lens,
+                    time.perf_counter() - t0)
+
+    def bucket(self, length: int) -> int | None:
+        """The captured bucket for a prompt of `length` positions, or None (eager)."""
+        if not self.graphs or length > self.lens[-1]:
+            return None
+        return pick_bucket(self.lens, length)
+
+    def run(self, length: int) -> None:
+        self.graphs[length].replay()

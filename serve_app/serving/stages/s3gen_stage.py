@@ -136,15 +136,16 @@ class S3GenReplica:
         entered = time.monotonic()
         conds = await self.conds.get(job.voice_id)
         self._ensure_loop()
+        first_step = self.scheduler.first_step_tokens(job.first_step_tokens)
         stream = VocodeStream(job.request_id, conds, job.params.seed, streaming=job.streaming,
-                              first_step_tokens=job.first_step_tokens, step_tokens=job.step_tokens)
+                              first_step_tokens=first_step, step_tokens=job.step_tokens)
         stream.marks.update(entered=entered, conds=time.monotonic())
         self.scheduler.add(stream)
         out: asyncio.Queue = asyncio.Queue()
         self._outputs[job.request_id] = out
         self._set_gauge()
         t3_job = T3Job(job.request_id, job.text, job.voice_id, job.params,
-                       first_block_tokens=job.first_step_tokens + LOOKAHEAD_TOKENS if job.streaming else 1 << 30,
+                       first_block_tokens=first_step + LOOKAHEAD_TOKENS if job.streaming else 1 << 30,
                        block_tokens=job.t3_block_tokens if job.streaming else 1 << 30)
         feeder = asyncio.create_task(self._feed(stream, t3_job))
         try:
@@ -286,7 +287,9 @@ class S3GenReplica:
                                              low_water_s=cfg.low_water_s, max_batch_new_tokens=cfg.max_batch_tokens,
                                              max_stream_batch_tokens=cfg.max_stream_batch_tokens,
                                              first_steps_alone=cfg.first_steps_alone,
-                                             deadline_steps=cfg.deadline_steps)
+                                             deadline_steps=cfg.deadline_steps,
+                                             light_first_step_tokens=cfg.light_first_step_tokens,
+                                             light_load_streams=cfg.light_load_streams)
         log.info("S3Gen stage user_config: %s", cfg.model_dump())
 
     def invalidate_voice(self, voice_id: str) -> None:

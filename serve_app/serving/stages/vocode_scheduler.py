@@ -8,7 +8,8 @@ CUDA graphs per shape).
 A stream is ready when
 - one-shot (not streaming): T3 has finished; the whole chunk is decoded once;
 - streaming, T3 finished: the last step (the rest of the tokens, the held-back audio tail);
-- streaming, first step: `first_step_tokens` usable tokens (time to first audio);
+- streaming, first step: `first_step_tokens` usable tokens (time to first audio; fewer when the replica is nearly
+  idle, `light_first_step_tokens`);
 - streaming, later: `target` usable tokens (which doubles from `step_tokens` up to `max_step_tokens`: fewer,
   larger steps cost less context and batch better), or sooner, with at least `min_step_tokens`, when the
   listener's buffer runs low: less than `low_water_s` of audio left to play at real time since the first block.
@@ -43,6 +44,8 @@ class VocodePolicy:
     first_steps_alone: bool = False     # streams' first steps run in a step of their own, ahead of the rest
     deadline_steps: bool = False        # leave a roomy stream out when it would make the step outlast another's audio
     row_overhead_tokens: int = 60       # flow tokens a row runs besides its new ones (prompt, context, look-ahead)
+    light_first_step_tokens: int | None = None   # a first step this short when the replica is nearly idle
+    light_load_streams: int = 1         # "nearly idle": at most this many other streams open
 
     def __post_init__(self) -> None:
         if self.min_step_tokens < 1 or self.max_step_tokens < self.min_step_tokens:
@@ -139,6 +142,15 @@ class VocodeScheduler:
 
     def __len__(self) -> int:
         return len(self.streams)
+
+    def first_step_tokens(self, requested: int) -> int:
+        """A new stream's first step: `requested`, or the policy's light-load size when at most
+        `light_load_streams` other streams are open (T3 then makes tokens many times faster than they play, so
+        the second block comes long before a short first one has played). Call before `add`."""
+        light = self.policy.light_first_step_tokens
+        if light is None or len(self.streams) > self.policy.light_load_streams:
+            return requested
+        return min(requested, light)
 
     def is_ready(self, s: VocodeStream, now: float) -> bool:
         if s.running or s.done:
