@@ -238,8 +238,12 @@ def test_deadline_steps_need_an_observed_step_and_keep_one_shot_jobs():
 def test_light_load_shortens_the_first_step_only_when_nearly_idle():
     sched = VocodeScheduler(VocodePolicy(), SR)
     assert sched.first_step_tokens(15) == 15                  # off by default
-    sched.policy = VocodePolicy(light_first_step_tokens=8, light_load_streams=1)
+    sched.policy = VocodePolicy(light_first_step_tokens=8)
     assert sched.first_step_tokens(15) == 8                   # idle replica
+    sched.add(_stream("x"))
+    assert sched.first_step_tokens(15) == 15                  # by default only an idle one
+    sched.remove("x")
+    sched.policy = VocodePolicy(light_first_step_tokens=8, light_load_streams=1)
     assert sched.first_step_tokens(5) == 5                    # never longer than asked
     sched.add(_stream("a"))
     assert sched.first_step_tokens(15) == 8                   # one other stream: still light

@@ -45,7 +45,7 @@ class VocodePolicy:
     deadline_steps: bool = False        # leave a roomy stream out when it would make the step outlast another's audio
     row_overhead_tokens: int = 60       # flow tokens a row runs besides its new ones (prompt, context, look-ahead)
     light_first_step_tokens: int | None = None   # a first step this short when the replica is nearly idle
-    light_load_streams: int = 1         # "nearly idle": at most this many other streams open
+    light_load_streams: int = 0         # "nearly idle": at most this many other streams open
 
     def __post_init__(self) -> None:
         if self.min_step_tokens < 1 or self.max_step_tokens < self.min_step_tokens:
