@@ -153,6 +153,28 @@ def test_s3gen_replica_streams_chunks_batched_and_cancels_t3():
     assert replica.memory_report()["max_batch_tokens"] == 200 and replica.scheduler.policy.deadline_steps
 
 
+def test_an_idle_s3gen_replica_asks_t3_for_a_short_first_block():
+    """light_first_step_tokens: the first stream on an idle replica gets the short first step (and T3 a first block
+    of that plus the flow's look-ahead); one that arrives while another is open gets the router's size."""
+    from serve_app.serving.stages.s3gen_stage import S3GenReplica
+
+    settings = S3GenSettings(user_config={"light_first_step_tokens": 4})
+    t3 = BlockT3(total=40, step=4, delay_s=0.01)
+    replica = S3GenReplica(None, FakeVoiceHandle(), settings, backend=FakeS3GenBackend(), t3_handle=t3)
+
+    async def run():
+        first = replica.synthesize(SpeechJob("a", "Hi.", "default", first_step_tokens=10, step_tokens=10))
+        block = await first.__anext__()
+        second = [b async for b in replica.synthesize(SpeechJob("b", "Hi.", "default", first_step_tokens=10,
+                                                                step_tokens=10))]
+        await first.aclose()
+        return block, second
+
+    block, second = asyncio.run(run())
+    assert 4 <= block.num_speech_tokens < 10 and t3.jobs[0].first_block_tokens == 4 + 3
+    assert t3.jobs[1].first_block_tokens == 10 + 3 and second[0].num_speech_tokens >= 10
+
+
 def test_a_second_cancellation_still_frees_the_s3gen_stream_and_its_t3_call():
     from serve_app.serving.stages.s3gen_stage import S3GenReplica
 
