@@ -2,7 +2,9 @@
 
 One step = retire cancelled requests -> admit and prefill waiting ones (their first token) -> one decode step
 for every running request (newly admitted included) -> ONE device->host copy of the sampled tokens -> host
-bookkeeping (stop, length, retire). Nothing inside prefill or decode syncs with the host.
+bookkeeping (stop, length, retire). Nothing inside prefill or decode syncs with the host. Decode replays a CUDA
+graph per (batch, KV-length) bucket; a request admitted alone prefills in a graph per prompt-length bucket,
+several admitted together prefill eagerly (graph_runner.py).
 """
 from __future__ import annotations
 
