@@ -82,24 +82,33 @@ def _reqs():
             T3GenerationRequest("b", list(range(30, 40)), _cond(2), seed=4, max_new_tokens=9)]
 
 
-@pytest.mark.parametrize("sampler_fails", [False, True])
-def test_engine_with_fake_graphs_matches_eager(fake_cuda, sampler_fails):
+def _tiny_t3():
     from serve_app.model.presets import build_t3, get_preset
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    t3 = build_t3(get_preset("tiny")).eval()
+    return build_t3(get_preset("tiny")).eval()
+
+
+def _fails_in_capture(fn, fails: bool):
+    """`fn` recorded into fake graphs; raising, as an uncapturable op would, while capturing when `fails`."""
+    recorded = _recording(fn)
+
+    def wrapped(*args):
+        if fails and _FakeGraph.current is not None:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        recorded(*args)
+    return wrapped
+
+
+@pytest.mark.parametrize("sampler_fails", [False, True])
+def test_engine_with_fake_graphs_matches_eager(fake_cuda, sampler_fails):
+    t3 = _tiny_t3()
     cfg = T3EngineConfig(max_batch_requests=2, max_seq_len=256, dtype="fp32", device="cpu")
     eager = T3Engine(t3, cfg).generate(_reqs())
 
     engine = T3Engine(t3, cfg)
-    recorded_sample = _recording(engine._decode_sample)
-
-    def sample(n):
-        if sampler_fails and _FakeGraph.current is not None:
-            raise RuntimeError("operation not permitted when stream is capturing")
-        recorded_sample(n)
-
+    sample = _fails_in_capture(engine._decode_sample, sampler_fails)
     engine.graphs = DecodeGraphs(_recording(engine._decode_forward), sample, cfg.batch_buckets, cfg.seq_buckets)
     engine.graphs.capture()
     assert engine.graphs.sampler_in_graph is (not sampler_fails)
@@ -110,23 +119,13 @@ def test_engine_with_fake_graphs_matches_eager(fake_cuda, sampler_fails):
 def test_engine_with_fake_prefill_graphs_matches_eager(fake_cuda, capture_fails):
     """One-request prefills replay the graph of their length bucket (static rows, last positions, padding) and
     sample what eager prefill samples; a failed capture leaves prefill eager."""
-    from serve_app.model.presets import build_t3, get_preset
-
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    t3 = build_t3(get_preset("tiny")).eval()
+    t3 = _tiny_t3()
     cfg = T3EngineConfig(max_batch_requests=2, max_seq_len=256, dtype="fp32", device="cpu", max_prefill_requests=1)
     eager = T3Engine(t3, cfg).generate(_reqs())
 
     engine = T3Engine(t3, cfg)
-    forward = _recording(engine._prefill_forward)
-
-    def prefill_forward(n):
-        if capture_fails and _FakeGraph.current is not None:
-            raise RuntimeError("operation not permitted when stream is capturing")
-        forward(n)
-
-    engine.prefill_graphs = PrefillGraphs(prefill_forward, cfg.prefill_buckets)
+    forward = _fails_in_capture(engine._prefill_forward, capture_fails)
+    engine.prefill_graphs = PrefillGraphs(forward, cfg.prefill_buckets)
     engine.prefill_graphs.capture()
     replayed = []
     run = engine.prefill_graphs.run
