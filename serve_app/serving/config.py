@@ -148,6 +148,12 @@ class S3GenUserConfig(_Model):
     light_load_streams: int = Field(0, ge=0, description="See light_first_step_tokens. 0: only a replica with no "
                                     "other stream open (a burst's first arrivals would otherwise all get short "
                                     "first steps just before the load comes).")
+    first_step_cover: float | None = Field(None, gt=0, description="Grow a text chunk's first step beyond the "
+                                           "router's first_chunk_tokens so its audio lasts this many times the "
+                                           "expected wait for the second step's audio (T3's next block at its "
+                                           "observed pace, then two steps at their observed length). None: off; "
+                                           "not measured on a GPU yet.")
+    max_first_step_tokens: int = Field(50, ge=1, description="The most first_step_cover grows a first step to.")
     max_step_tokens: int = Field(200, ge=1, description="A stream's later steps grow (doubling) up to this many "
                                  "new tokens: fewer, larger steps cost less flow context and batch better.")
     min_step_tokens: int = Field(8, ge=1, description="A stream whose listener runs low steps early, with at "

@@ -149,6 +149,8 @@ def test_s3gen_replica_streams_chunks_batched_and_cancels_t3():
     assert t3.cancelled == ["gone"] and len(replica.scheduler) == 0 and not replica._outputs
     # every step fed the step-time estimate that deadline_steps (switched on by user_config) reads
     assert replica.scheduler.seconds_per_flow_token is not None
+    # and T3's blocks fed the pace that first_step_cover reads
+    assert replica.scheduler.t3_seconds_per_token is not None and replica.scheduler.step_seconds is not None
     replica.reconfigure({"max_batch_tokens": 200, "deadline_steps": True})
     assert replica.memory_report()["max_batch_tokens"] == 200 and replica.scheduler.policy.deadline_steps
 

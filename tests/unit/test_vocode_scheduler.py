@@ -249,3 +249,26 @@ def test_light_load_shortens_the_first_step_only_when_nearly_idle():
     assert sched.first_step_tokens(15) == 8                   # one other stream: still light
     sched.add(_stream("b"))
     assert sched.first_step_tokens(15) == 15                  # two others: the router's size
+
+
+def test_first_step_cover_grows_first_steps_when_steps_are_long():
+    sched = VocodeScheduler(VocodePolicy(first_step_cover=1.5, max_first_step_tokens=50), SR)
+    busy = _stream("busy")
+    sched.add(busy)
+    assert sched.first_step_tokens(15) == 15                  # no estimates yet: the router's size
+    sched.observe_block(busy, 18, 0.0)                        # a first block: no pace yet
+    assert sched.t3_seconds_per_token is None
+    sched.observe_block(busy, 16, 0.16)                       # 16 tokens in 0.16 s: 10 ms a token
+    assert sched.t3_seconds_per_token == pytest.approx(0.01)
+    sched.observe_step(0.3, 1000)                             # steps of 0.3 s
+    # wait = 16 x 10 ms + 2 x 0.3 s = 0.76 s; x 1.5 = 1.14 s of audio = 28.5 -> 29 tokens, + 4 held back
+    assert sched.first_step_tokens(15, block_tokens=16) == 33
+    for _ in range(20):
+        sched.observe_step(0.02, 1000)                        # short steps: (0.16 + 0.04) x 1.5 -> 8 + 4 tokens
+    assert sched.first_step_tokens(15) == 15                  # never below the router's size
+    for _ in range(20):
+        sched.observe_step(3.0, 1000)
+    assert sched.first_step_tokens(15) == 50                  # capped
+    sched.remove("busy")
+    sched.policy = VocodePolicy(first_step_cover=1.5, light_first_step_tokens=8)
+    assert sched.first_step_tokens(15) == 8                   # an idle replica still takes the light step

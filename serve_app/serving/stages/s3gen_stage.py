@@ -136,7 +136,7 @@ class S3GenReplica:
         entered = time.monotonic()
         conds = await self.conds.get(job.voice_id)
         self._ensure_loop()
-        first_step = self.scheduler.first_step_tokens(job.first_step_tokens)
+        first_step = self.scheduler.first_step_tokens(job.first_step_tokens, job.t3_block_tokens)
         stream = VocodeStream(job.request_id, conds, job.params.seed, streaming=job.streaming,
                               first_step_tokens=first_step, step_tokens=job.step_tokens)
         stream.marks.update(entered=entered, conds=time.monotonic())
@@ -173,6 +173,7 @@ class S3GenReplica:
         try:
             async for chunk in t3:
                 chunk: TokenChunk
+                self.scheduler.observe_block(stream, len(chunk.tokens), time.monotonic())
                 stream.tokens.extend(chunk.tokens)
                 if chunk.tokens and "t3" not in stream.marks:
                     stream.marks["t3"] = time.monotonic()
@@ -289,7 +290,9 @@ class S3GenReplica:
                                              first_steps_alone=cfg.first_steps_alone,
                                              deadline_steps=cfg.deadline_steps,
                                              light_first_step_tokens=cfg.light_first_step_tokens,
-                                             light_load_streams=cfg.light_load_streams)
+                                             light_load_streams=cfg.light_load_streams,
+                                             first_step_cover=cfg.first_step_cover,
+                                             max_first_step_tokens=cfg.max_first_step_tokens)
         log.info("S3Gen stage user_config: %s", cfg.model_dump())
 
     def invalidate_voice(self, voice_id: str) -> None:

@@ -9,7 +9,7 @@ A stream is ready when
 - one-shot (not streaming): T3 has finished; the whole chunk is decoded once;
 - streaming, T3 finished: the last step (the rest of the tokens, the held-back audio tail);
 - streaming, first step: `first_step_tokens` usable tokens (time to first audio; fewer when the replica is nearly
-  idle, `light_first_step_tokens`);
+  idle, `light_first_step_tokens`; more when its steps are long, `first_step_cover`: see `first_step_tokens`);
 - streaming, later: `target` usable tokens (which doubles from `step_tokens` up to `max_step_tokens`: fewer,
   larger steps cost less context and batch better), or sooner, with at least `min_step_tokens`, when the
   listener's buffer runs low: less than `low_water_s` of audio left to play at real time since the first block.
@@ -31,6 +31,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from serve_app.contracts import SPEECH_TOKEN_RATE
+
 LOOKAHEAD_TOKENS = 3    # the flow's pre-look-ahead (flow.pre_lookahead_len): held back until T3 finishes
 
 
@@ -46,6 +48,9 @@ class VocodePolicy:
     row_overhead_tokens: int = 60       # flow tokens a row runs besides its new ones (prompt, context, look-ahead)
     light_first_step_tokens: int | None = None   # a first step this short when the replica is nearly idle
     light_load_streams: int = 0         # "nearly idle": at most this many other streams open
+    first_step_cover: float | None = None   # grow first steps to cover this many times the wait for the second
+    max_first_step_tokens: int = 50     # ... up to this many tokens
+    hold_tokens: int = 4                # audio a step holds back for the join (the engine's 8 overlap frames)
 
     def __post_init__(self) -> None:
         if self.min_step_tokens < 1 or self.max_step_tokens < self.min_step_tokens:
@@ -71,6 +76,7 @@ class VocodeStream:
     num_steps: int = 0
     num_samples: int = 0                # audio handed out
     first_audio_at: float | None = None
+    last_block_at: float | None = None  # time.monotonic() of T3's latest block (observe_block)
     target: int = 0                     # usable tokens that trigger the next (non-urgent) step
     running: bool = False               # in the engine step now
     done: bool = False
@@ -106,6 +112,10 @@ class StepPlan:
         return max(0, len(self.tokens) - held - self.stream.num_vocoded)
 
 
+def _ema(prev: float | None, value: float) -> float:
+    return value if prev is None else 0.7 * prev + 0.3 * value
+
+
 def _first_step(s: VocodeStream) -> bool:
     return s.streaming and s.num_steps == 0
 
@@ -116,6 +126,8 @@ class VocodeScheduler:
         self.sample_rate = sample_rate
         self.streams: dict[str, VocodeStream] = {}
         self.seconds_per_flow_token: float | None = None   # moving average over steps (observe_step)
+        self.step_seconds: float | None = None             # moving average of a step's time (observe_step)
+        self.t3_seconds_per_token: float | None = None     # moving average of T3's pace per stream (observe_block)
 
     def row_cost(self, plan: StepPlan) -> int:
         """Flow tokens a row runs: its new tokens and the row's overhead. A step's time is estimated from these."""
@@ -128,9 +140,16 @@ class VocodeScheduler:
         """A finished engine step's time and `step_cost`: the estimate `deadline_steps` uses."""
         if cost <= 0 or seconds <= 0:
             return
-        rate = seconds / cost
-        prev = self.seconds_per_flow_token
-        self.seconds_per_flow_token = rate if prev is None else 0.7 * prev + 0.3 * rate
+        self.seconds_per_flow_token = _ema(self.seconds_per_flow_token, seconds / cost)
+        self.step_seconds = _ema(self.step_seconds, seconds)
+
+    def observe_block(self, s: VocodeStream, num_tokens: int, now: float) -> None:
+        """T3 sent `s` a block of `num_tokens`: its pace since the stream's previous block feeds the estimate of
+        how long a later block takes (the first block's wait includes T3's queue and prefill: not a pace)."""
+        if num_tokens > 0 and s.last_block_at is not None:
+            self.t3_seconds_per_token = _ema(self.t3_seconds_per_token, (now - s.last_block_at) / num_tokens)
+        if num_tokens > 0:
+            s.last_block_at = now
 
     def add(self, stream: VocodeStream) -> None:
         if stream.request_id in self.streams:
@@ -143,14 +162,24 @@ class VocodeScheduler:
     def __len__(self) -> int:
         return len(self.streams)
 
-    def first_step_tokens(self, requested: int) -> int:
-        """A new stream's first step: `requested`, or the policy's light-load size when at most
-        `light_load_streams` other streams are open (T3 then makes tokens many times faster than they play, so
-        the second block comes long before a short first one has played). Call before `add`."""
-        light = self.policy.light_first_step_tokens
-        if light is None or len(self.streams) > self.policy.light_load_streams:
+    def first_step_tokens(self, requested: int, block_tokens: int = 16) -> int:
+        """A new stream's first step (call before `add`):
+        - the policy's light-load size when at most `light_load_streams` other streams are open (T3 then makes
+          tokens many times faster than they play, so the second block comes long before a short first one has
+          played);
+        - with `first_step_cover`, enough tokens that the first step's audio (less what it holds back for the
+          join) lasts `first_step_cover` times the expected wait for the second step's audio: T3's next block of
+          `block_tokens` at its observed pace, then up to two steps (the one running, and the stream's own), at
+          their observed length; never fewer than `requested`, at most `max_first_step_tokens`;
+        - else `requested`."""
+        p = self.policy
+        if p.light_first_step_tokens is not None and len(self.streams) <= p.light_load_streams:
+            return min(requested, p.light_first_step_tokens)
+        if p.first_step_cover is None or self.step_seconds is None or self.t3_seconds_per_token is None:
             return requested
-        return min(requested, light)
+        wait_s = self.t3_seconds_per_token * block_tokens + 2 * self.step_seconds
+        need = math.ceil(p.first_step_cover * wait_s * SPEECH_TOKEN_RATE) + p.hold_tokens
+        return max(requested, min(need, p.max_first_step_tokens))
 
     def is_ready(self, s: VocodeStream, now: float) -> bool:
         if s.running or s.done:
