@@ -48,7 +48,7 @@ class FakeT3Backend:
     def num_unfinished(self):
         return 0
 
-    async def generate(self, job, conds):
+    async def generate(self, job, conds, started=None):
         assert conds[0] == "prepared"
         yield TokenChunk(job.request_id, [1, 2, 3])
         yield TokenChunk(job.request_id, [4], finished=True, finish_reason="length")
@@ -343,6 +343,39 @@ def test_engine_t3_backend_streams_and_cancels():
         assert [t for c in chunks for t in c.tokens] == [1, 1, 2, 2, 3, 3] and all(c.tokens for c in chunks)
         assert chunks[-1].finished and chunks[-1].finish_reason == "length"
     assert backend.num_unfinished() == 0
+
+
+def test_engine_t3_backend_hands_the_event_loop_whole_blocks(monkeypatch):
+    """The step thread fills each request's blocks (first_block_tokens, then block_tokens) and wakes the event loop
+    only with full ones (and the last); the first block carries T3's first-token and first-block times."""
+    import time
+
+    from serve_app.contracts import T3_FIRST_BLOCK_PHASES
+    from serve_app.serving.stages import t3_backend
+    from serve_app.serving.stages.t3_backend import EngineT3Backend
+
+    handoffs = []
+    put_all = t3_backend._put_all
+    monkeypatch.setattr(t3_backend, "_put_all", lambda items: (handoffs.append(len(items)), put_all(items)))
+    engine = FakeEngine(steps_per_request=6)     # 12 tokens, two a step
+    backend = EngineT3Backend(engine, FakeTokenizer())
+    conds = backend.prepare_conds(_conds())
+
+    async def run():
+        job = T3Job("r", "Hi.", "default", first_block_tokens=3, block_tokens=4)
+        return [c async for c in backend.generate(job, conds, time.monotonic())]
+
+    try:
+        chunks = asyncio.run(run())
+    finally:
+        backend.close()
+    assert [t for c in chunks for t in c.tokens] == [1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6]
+    assert chunks[-1].finished and chunks[-1].finish_reason == "length"
+    assert handoffs == [1, 1, 1]                 # blocks of 4, 4 and the last 4; not one per step (6)
+    assert all(len(c.tokens) >= 3 for c in chunks)
+    first = chunks[0].timings
+    assert set(first) == set(T3_FIRST_BLOCK_PHASES) and all(v >= 0 for v in first.values())
+    assert all(c.timings is None for c in chunks[1:])
 
 
 def test_cpu_replicas_default_to_dynamic_int8_and_ignore_bnb(caplog):

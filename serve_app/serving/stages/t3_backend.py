@@ -5,8 +5,9 @@ Two implementations of one contract (`T3Backend`):
 - `UpstreamT3Backend`: upstream `T3.inference`, which is batch-1 by design, one request after another on a
   single worker thread. The whole token sequence arrives as one `TokenChunk` when it is done.
 - `EngineT3Backend`: our continuous-batching `T3Engine`; a background thread runs `engine.step()` while
-  anything is unfinished and feeds per-request asyncio queues, so tokens stream as they are sampled.
-  Closing a request's generator cancels it in the engine and frees its slot.
+  anything is unfinished, gathers each request's tokens into the job's blocks (`first_block_tokens`, then
+  `block_tokens`) and hands a request's asyncio queue a block only when it is full: the event loop wakes per
+  block, not per token and step. Closing a request's generator cancels it in the engine and frees its slot.
 
 Neither imports Ray: the stage shim (`t3_stage.py`) owns batching knobs, metrics and handles.
 """
@@ -22,7 +23,7 @@ from typing import Any, AsyncIterator, Callable, Protocol
 
 import torch
 
-from serve_app.contracts import T3Job, TokenChunk, VoiceConds
+from serve_app.contracts import T3_FIRST_BLOCK_PHASES, T3Job, TokenChunk, VoiceConds
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +36,9 @@ class T3Backend(Protocol):
     def prepare_conds(self, conds: VoiceConds) -> Any:
         """VoiceConds (numpy) -> what `generate` takes, on this replica's device (cached by the stage)."""
 
-    def generate(self, job: T3Job, conds: Any) -> AsyncIterator[TokenChunk]:
-        """Speech tokens for one text chunk; the last chunk has finished=True and a finish_reason."""
+    def generate(self, job: T3Job, conds: Any, started: float | None = None) -> AsyncIterator[TokenChunk]:
+        """Speech tokens for one text chunk; the last chunk has finished=True and a finish_reason. A backend that
+        blocks the tokens itself puts the first block's `timings` (`first_block_timings`) on it."""
 
     def num_unfinished(self) -> int: ...
 
@@ -65,6 +67,11 @@ def _to_device_conds(vc: VoiceConds, device: str, dtype: torch.dtype) -> _Device
         cond_prompt_speech_tokens=torch.from_numpy(vc.t3_cond_prompt_speech_tokens).to(device=device).long(),
         emotion_adv=float(vc.t3_emotion_adv),
     )
+
+
+def first_block_timings(started: float, first_token_at: float, now: float) -> dict[str, float]:
+    """T3_FIRST_BLOCK_PHASES in seconds: from `started` to the first token, then to the first block's end."""
+    return dict(zip(T3_FIRST_BLOCK_PHASES, (first_token_at - started, now - first_token_at)))
 
 
 def _put_all(items: list[tuple[asyncio.Queue, Any]]) -> None:
@@ -120,7 +127,8 @@ class UpstreamT3Backend:
         stopped = bool(raw) and raw[-1] == hp.stop_speech_token
         return [t for t in raw if t < NUM_AUDIO_TOKENS], ("stop" if stopped else "length")
 
-    async def generate(self, job: T3Job, conds: _DeviceConds) -> AsyncIterator[TokenChunk]:
+    async def generate(self, job: T3Job, conds: _DeviceConds, started: float | None = None
+                       ) -> AsyncIterator[TokenChunk]:
         cancelled = threading.Event()
         self._num_unfinished += 1
         try:
@@ -139,6 +147,35 @@ _ENGINE_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: 
 
 
 CPU_MAX_BATCH_SIZE = 4   # KV slots of a CPU replica unless the stage's `engine` settings say otherwise
+
+
+@dataclass
+class _Stream:
+    """One request of the engine backend: its event loop and queue, and its block being filled (step thread)."""
+
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    want: int                     # tokens that complete the block being filled
+    block_tokens: int             # the size of every block after the first
+    started: float | None         # time.monotonic() the stage started the request (first-block timings)
+    tokens: list[int]
+    first_token_at: float | None = None
+    first_block: bool = True
+
+    def take(self, out: Any, now: float) -> TokenChunk | None:
+        """Adds a step's output; -> the block, when it is full or the request finished."""
+        if out.new_tokens and self.first_token_at is None:
+            self.first_token_at = now
+        self.tokens.extend(out.new_tokens)
+        if not (out.finished or len(self.tokens) >= self.want):
+            return None
+        timings = None
+        if self.first_block and self.started is not None and self.first_token_at is not None:
+            timings = first_block_timings(self.started, self.first_token_at, now)
+        chunk = TokenChunk(out.request_id, self.tokens, finished=out.finished, finish_reason=out.finish_reason,
+                           timings=timings)
+        self.tokens, self.want, self.first_block = [], self.block_tokens, False
+        return chunk
 
 
 class EngineT3Backend:
@@ -162,7 +199,7 @@ class EngineT3Backend:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._pending: list[tuple[str, Any]] = []           # ("add", request) | ("cancel", request_id)
-        self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._streams: dict[str, _Stream] = {}
         self._stopped = False
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, name="t3-engine-step", daemon=True)
@@ -194,23 +231,24 @@ class EngineT3Backend:
                               emotion_adv=dc.emotion_adv)
 
     def num_unfinished(self) -> int:
-        return len(self._queues)
+        return len(self._streams)
 
     # -- step thread ---------------------------------------------------------------------------------------
 
     def _deliver(self, request_id: str, item: Any) -> None:
-        entry = self._queues.get(request_id)
-        if entry is not None:
-            loop, q = entry
-            loop.call_soon_threadsafe(q.put_nowait, item)
+        st = self._streams.get(request_id)
+        if st is not None:
+            st.loop.call_soon_threadsafe(st.queue.put_nowait, item)
 
     def _deliver_step(self, outputs: list) -> None:
-        """A whole step's outputs in one hop to the event loop (not one callback per request and step)."""
+        """A step's full blocks in one hop to the event loop (none when no block filled this step)."""
+        now = time.monotonic()
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Any]]] = {}
         for out in outputs:
-            entry = self._queues.get(out.request_id)
-            if entry is not None:
-                by_loop.setdefault(entry[0], []).append((entry[1], out))
+            st = self._streams.get(out.request_id)
+            chunk = st.take(out, now) if st is not None else None
+            if chunk is not None:
+                by_loop.setdefault(st.loop, []).append((st.queue, chunk))
         for loop, items in by_loop.items():
             loop.call_soon_threadsafe(_put_all, items)
 
@@ -241,7 +279,7 @@ class EngineT3Backend:
                 outputs = self.engine.step()
             except Exception as e:
                 log.exception("T3 engine step failed; failing every running request")
-                for rid in list(self._queues):
+                for rid in list(self._streams):
                     self._deliver(rid, e)
                     try:
                         self.engine.cancel(rid)
@@ -254,7 +292,7 @@ class EngineT3Backend:
 
     # -- event loop side -----------------------------------------------------------------------------------
 
-    async def generate(self, job: T3Job, conds: Any) -> AsyncIterator[TokenChunk]:
+    async def generate(self, job: T3Job, conds: Any, started: float | None = None) -> AsyncIterator[TokenChunk]:
         from serve_app.engine.t3.request import T3GenerationRequest
 
         p = job.params
@@ -266,32 +304,35 @@ class EngineT3Backend:
             seed=p.seed, max_new_tokens=p.max_new_tokens,
         )
         req.validate()
-        if job.request_id in self._queues:
+        if job.request_id in self._streams:
             raise ValueError(f"request id {job.request_id!r} is already running; use a unique id per text chunk")
         q: asyncio.Queue = asyncio.Queue()
-        self._queues[job.request_id] = (asyncio.get_running_loop(), q)
+        self._streams[job.request_id] = _Stream(asyncio.get_running_loop(), q, max(1, job.first_block_tokens),
+                                                max(1, job.block_tokens), started, [])
         finished = False
         with self._lock:
             self._pending.append(("add", req))
         self._wake.set()
         try:
             while not finished:
-                outs = [await q.get()]
-                while not q.empty():          # steps that arrived while the consumer was busy: one chunk
-                    outs.append(q.get_nowait())
+                items = [await q.get()]
+                while not q.empty():          # blocks that arrived while the consumer was busy: one chunk
+                    items.append(q.get_nowait())
                 tokens: list[int] = []
-                reason = None
-                for out in outs:
-                    if isinstance(out, BaseException):
-                        raise out
-                    tokens.extend(out.new_tokens)
-                    if out.finished:
-                        finished, reason = True, out.finish_reason
+                reason = timings = None
+                for item in items:
+                    if isinstance(item, BaseException):
+                        raise item
+                    tokens.extend(item.tokens)
+                    timings = timings or item.timings
+                    if item.finished:
+                        finished, reason = True, item.finish_reason
                         break
                 if tokens or finished:
-                    yield TokenChunk(job.request_id, tokens, finished=finished, finish_reason=reason)
+                    yield TokenChunk(job.request_id, tokens, finished=finished, finish_reason=reason,
+                                     timings=timings)
         finally:
-            self._queues.pop(job.request_id, None)
+            self._streams.pop(job.request_id, None)
             if not finished:
                 with self._lock:
                     self._pending.append(("cancel", job.request_id))
