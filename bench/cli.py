@@ -24,6 +24,8 @@ SCRIPTS: dict[str, tuple[str, str]] = {
     "t3": ("bench.bench_t3", "T3 engine: ms per decode step and speech tokens/s at 1-128 requests, vs upstream."),
     "s3gen": ("bench.bench_s3gen", "S3Gen engine: seconds of audio per second per batch and first-chunk time, "
                                    "vs upstream."),
+    "t3-host": ("bench.bench_t3_host", "T3 stage host work around a stand-in engine: steps/s, hand-offs to the event "
+                                       "loop, CPU per token (no GPU)."),
     "quant": ("bench.bench_quant", "VRAM per component and strategy against the estimator; pre-quantized load time."),
     "profile-first-chunk": ("bench.profile_first_chunk", "Profile of S3Gen's first streamed chunk (a diagnostic)."),
 }
