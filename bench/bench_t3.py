@@ -147,18 +147,23 @@ def run_concurrency(engine: T3Engine, c: int, n_tokens: int, tag: str) -> dict:
 def first_token(engine: T3Engine, tag: str, repeats: int = 10, block: int = FIRST_BLOCK) -> dict:
     """One request arriving at an idle engine: ms until the step that admitted it returns its first token (prompt
     embeddings, prefill, first decode step, the step's host copy), and until `block` tokens (the service's first
-    block); medians over `repeats`. Also the prompt embeddings alone (synchronized)."""
-    from serve_app.engine.t3.prompt import build_prompt_embeds
+    block); medians over `repeats`, all in one voice (as served: the engine caches a voice's conditioning
+    embeddings). Also the prompt embeddings alone (synchronized), from scratch and with the voice's cached."""
+    from serve_app.engine.t3.prompt import build_prompt_embeds, cond_embeds
 
-    first, whole, embeds = [], [], []
+    cond = make_cond(0)
+    first, whole, embeds, embeds_cached = [], [], [], []
     for i in range(repeats):
-        req = T3GenerationRequest(f"{tag}-first-{i}", TEXT_TOKENS, make_cond(i), seed=i, max_new_tokens=block,
+        req = T3GenerationRequest(f"{tag}-first-{i}", TEXT_TOKENS, cond, seed=i, max_new_tokens=block,
                                   ignore_stop=True)
-        sync(engine.device)
-        t0 = time.perf_counter()
-        build_prompt_embeds(engine.t3, req.text_tokens, req.cond, req.exaggeration, engine.device, engine.dtype)
-        sync(engine.device)
-        embeds.append(time.perf_counter() - t0)
+        for out, cached in ((embeds, None), (embeds_cached, cond_embeds(engine.t3, cond, req.exaggeration,
+                                                                          engine.device, engine.dtype))):
+            sync(engine.device)
+            t0 = time.perf_counter()
+            build_prompt_embeds(engine.t3, req.text_tokens, cond, req.exaggeration, engine.device, engine.dtype,
+                                cond_emb=cached)
+            sync(engine.device)
+            out.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         engine.add_request(req)
         engine.step()
@@ -167,7 +172,8 @@ def first_token(engine: T3Engine, tag: str, repeats: int = 10, block: int = FIRS
             engine.step()
         whole.append(time.perf_counter() - t0)
     return {"first_token_ms": 1e3 * statistics.median(first), "first_block_ms": 1e3 * statistics.median(whole),
-            "block_tokens": block, "prompt_embeds_ms": 1e3 * statistics.median(embeds)}
+            "block_tokens": block, "prompt_embeds_ms": 1e3 * statistics.median(embeds),
+            "prompt_embeds_cached_ms": 1e3 * statistics.median(embeds_cached)}
 
 
 def bench_engine(t3_cpu, mode: str, args, max_c: int) -> dict:
@@ -243,13 +249,16 @@ def to_markdown(report: dict) -> str:
                          f"{r['ms_per_step_p90']:.2f} | {r['tokens_per_s']:.0f} | {r['decode_tokens_per_s']:.0f} | "
                          f"{speedup} | {vram} |")
     lines += ["", "## First token (one request arriving at an idle engine, medians)", "",
-              "| mode | prefill | prompt embeds ms | first token ms | first block ms (tokens) |", "|---|---|---|---|---|"]
+              "| mode | prefill | prompt embeds ms (voice cached) | first token ms | first block ms (tokens) |",
+              "|---|---|---|---|---|"]
     if up and up.get("first_token_ms"):
         lines.append(f"| upstream fp32 | eager (HF) | | {up['first_token_ms']:.1f} | |")
     for m in report["engine"]:
         for kind, ft in (m.get("first_token") or {}).items():
             if ft:
-                lines.append(f"| {m['mode']} | {kind.replace('_', ' ')} | {ft['prompt_embeds_ms']:.1f} | "
+                cached = ft.get("prompt_embeds_cached_ms")
+                cached = f" ({cached:.1f})" if cached is not None else ""
+                lines.append(f"| {m['mode']} | {kind.replace('_', ' ')} | {ft['prompt_embeds_ms']:.1f}{cached} | "
                              f"{ft['first_token_ms']:.1f} | {ft['first_block_ms']:.1f} ({ft['block_tokens']}) |")
     lines += ["", "## Targets", ""]
     one = [(m["mode"], r["ms_per_step_median"]) for m in report["engine"] for r in m["results"]

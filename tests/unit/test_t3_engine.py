@@ -227,3 +227,27 @@ def test_full_architecture_matches_upstream_few_steps():
     while eng.has_unfinished():
         eng.step()
     assert seq.token_ids == up
+
+
+def test_a_voices_conditioning_embeddings_are_computed_once_per_exaggeration(t3, monkeypatch):
+    """The engine caches the voice's conditioning (perceiver and all) on its T3Conditioning; what it samples is
+    what a fresh conditioning object gives."""
+    from serve_app.engine.t3 import engine as engine_mod
+
+    calls = []
+    real = engine_mod.cond_embeds
+    monkeypatch.setattr(engine_mod, "cond_embeds", lambda *a: (calls.append(a[2]), real(*a))[1])
+    cond = _cond(3)
+
+    def req(rid, c, exaggeration=0.5):
+        return T3GenerationRequest(rid, list(range(3, 20)), c, temperature=0.0, max_new_tokens=6,
+                                   exaggeration=exaggeration)
+
+    eng = _engine(t3)
+    cached = eng.generate([req("a", cond)])["a"]
+    again = eng.generate([req("b", cond)])["b"]
+    other = eng.generate([req("c", cond, exaggeration=0.9)])["c"]
+    assert calls == [0.5, 0.9]                                     # one per exaggeration, not per request
+    fresh = _engine(t3).generate([req("d", _cond(3)), req("e", _cond(3), 0.9)])
+    assert cached == again == fresh["d"] and other == fresh["e"]
+    assert len(cond.embeds) == 2

@@ -18,7 +18,7 @@ from .config import (NUM_AUDIO_TOKENS, START_SPEECH_TOKEN, STOP_SPEECH_TOKEN, T3
                      graphs_unsupported_reason)
 from .graph_runner import DecodeGraphs, PrefillGraphs, pick_bucket
 from .llama import KVCache, LlamaBackbone
-from .prompt import build_prompt_embeds, prompt_len
+from .prompt import build_prompt_embeds, cond_embeds, prompt_len
 from .request import T3GenerationRequest, T3StepOutput
 from .sampling import make_vocab_hash, sample_tokens
 from .scheduler import Scheduler
@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _SEED_MASK = (1 << 63) - 1
+_MAX_COND_EMBEDS = 16   # exaggerations cached per voice
 
 
 def _quantize_backbone(t3: nn.Module, config: T3EngineConfig, device: torch.device) -> list[str]:
@@ -95,6 +96,7 @@ class T3Engine:
         self.scheduler = Scheduler(config.max_batch_requests, config.max_prefill_requests)
         self.requests: dict[str, T3GenerationRequest] = {}
         self._seed_rng = random.Random()
+        self._embeds_key = object()   # this engine's entries in a T3Conditioning's cache (alive while they are)
         self.graphs: DecodeGraphs | None = None
         self.prefill_graphs: PrefillGraphs | None = None
         if self.use_graphs:
@@ -203,7 +205,8 @@ class T3Engine:
             seed = self._seed_rng.getrandbits(63) if req.seed is None else int(req.seed) & _SEED_MASK
             st.admit(seq.slot, cfg_weight=req.cfg_weight, temperature=req.temperature, top_p=req.top_p,
                      min_p=req.min_p, repetition_penalty=req.repetition_penalty, seed=seed)
-            e = build_prompt_embeds(self.t3, req.text_tokens, req.cond, req.exaggeration, dev, self.dtype)
+            e = build_prompt_embeds(self.t3, req.text_tokens, req.cond, req.exaggeration, dev, self.dtype,
+                                    cond_emb=self._cond_embeds(req.cond, req.exaggeration))
             if e.size(1) != seq.prompt_len:
                 raise RuntimeError(f"prompt length {e.size(1)} != expected {seq.prompt_len}; T3 conditioning "
                                    "layout differs from upstream's (speaker + 32 perceiver + emotion)")
@@ -234,6 +237,16 @@ class T3Engine:
         self.prefill_out[:k] = tok
         for seq in seqs:
             st.start(seq.slot, seq.prompt_len)
+
+    def _cond_embeds(self, cond, exaggeration: float) -> torch.Tensor:
+        """The voice's conditioning embeddings [1, Lc, C], cached on its T3Conditioning per exaggeration."""
+        key = (self._embeds_key, float(exaggeration))
+        emb = cond.embeds.get(key)
+        if emb is None:
+            if len(cond.embeds) >= _MAX_COND_EMBEDS:
+                cond.embeds.clear()
+            emb = cond.embeds[key] = cond_embeds(self.t3, cond, exaggeration, self.device, self.dtype)
+        return emb
 
     def _prefill_len(self, length: int) -> int:
         """Prompts are right-padded to their prefill bucket (the graphs' shapes), or not at all past the last."""

@@ -1,8 +1,8 @@
 """What callers hand the engine and what each step hands back."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 
@@ -18,6 +18,9 @@ class T3Conditioning:
     # Kept for callers that mirror upstream's Conditionals; the engine uses T3GenerationRequest.exaggeration,
     # exactly as ChatterboxTTS.generate rebuilds T3Cond with its `exaggeration` argument.
     emotion_adv: float = 0.5
+    # The engine's cache of this voice's conditioning embeddings, per (engine, exaggeration): they depend on
+    # nothing else, and a voice's object lives as long as the caller keeps it (the stage's per-voice cache).
+    embeds: dict[Any, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
 
 
 @dataclass
