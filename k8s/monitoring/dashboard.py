@@ -95,6 +95,11 @@ ROWS: list[tuple[str, list[tuple[str, str, str, list[tuple[str, str]]]]]] = [
             (mean("chatterbox_s3gen_speech_tokens_total", "chatterbox_s3gen_batch_tokens", "replica"),
              "{{replica}}"),
         ]),
+        ("S3Gen first steps by size", "ops", "Streams' first vocoder steps per second, by the rule that sized "
+         "them: asked (the router's first_chunk_tokens), light (an idle replica's shorter first step), grown "
+         "(first_step_cover: longer first steps while the replica's steps are long).", [
+            (f"sum by (size) (rate(ray_chatterbox_s3gen_first_steps_total{{{APP}}}[{RATE}]))", "{{size}}"),
+        ]),
         ("Voice cache lookups", "ops", "Conditionals cache lookups per second in each stage, hits and misses.", [
             (f"sum by (stage, result) (rate(ray_chatterbox_voice_cache_lookups_total{{{APP}}}[{RATE}]))",
              "{{stage}} {{result}}"),

@@ -109,6 +109,10 @@ class Metrics:
         self.s3gen_graph_captures_total = C(
             "chatterbox_s3gen_graph_captures_total", "CUDA graphs captured by S3Gen while serving (each holds up "
             "a step; warm-up captures are not counted).", tag_keys=("backend",))
+        self.s3gen_first_steps_total = C(
+            "chatterbox_s3gen_first_steps_total", "Streams' first vocoder steps by the rule that sized them: asked "
+            "(the router's first_chunk_tokens), light (an idle replica's light_first_step_tokens), grown "
+            "(first_step_cover under long steps).", tag_keys=("backend", "size"))
         self.s3gen_queue_depth = G(
             "chatterbox_s3gen_queue_depth", "Text chunks (streams) open in this replica.",
             tag_keys=("backend",))

@@ -28,6 +28,7 @@ EXPECTED = {
     "chatterbox_first_audio_phase_seconds_total",    # the exact sums the bench's means read (not the _sum)
     "chatterbox_t3_step_requests_total",
     "chatterbox_s3gen_step_streams_total",
+    "chatterbox_s3gen_first_steps_total",
     "chatterbox_audio_seconds_total",
     "chatterbox_t3_request_seconds_bucket",
     "chatterbox_t3_speech_tokens_total",

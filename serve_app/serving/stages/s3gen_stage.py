@@ -137,6 +137,10 @@ class S3GenReplica:
         conds = await self.conds.get(job.voice_id)
         self._ensure_loop()
         first_step = self.scheduler.first_step_tokens(job.first_step_tokens, job.t3_block_tokens)
+        if job.streaming:
+            size = "asked" if first_step == job.first_step_tokens else (
+                "light" if first_step < job.first_step_tokens else "grown")
+            self._metrics.s3gen_first_steps_total.inc(1, tags={**self._tags, "size": size})
         stream = VocodeStream(job.request_id, conds, job.params.seed, streaming=job.streaming,
                               first_step_tokens=first_step, step_tokens=job.step_tokens)
         stream.marks.update(entered=entered, conds=time.monotonic())
