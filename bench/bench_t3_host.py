@@ -4,8 +4,8 @@
     python -m bench.bench_t3_host --step-ms 10 --streams 64
 
 `EngineT3Backend` runs a stand-in engine whose step sleeps `--step-ms` with the GIL released (a step's graph
-replay and its one device sync) and gives every running request one token; each request is consumed on the event
-loop through `blocks_of`, as `T3Replica.generate` does. Two ways in the same run: tokens handed to the event loop
+replay and its one device sync) and gives every running request one token; each request's blocks are consumed on
+the event loop, as `T3Replica.generate` does. Two ways in the same run: tokens handed to the event loop
 in the stage's blocks (18, then 16: the service's first block and later ones) and in blocks of one token (every
 step wakes every request's consumer: what the backend did before it filled blocks itself). Per way: steps per
 second against the ideal 1000 / step-ms, the step loop's period beyond the device step (ms), the hand-offs to the
@@ -29,7 +29,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from serve_app.contracts import T3Job  # noqa: E402
 from serve_app.serving.stages import t3_backend  # noqa: E402
 from serve_app.serving.stages.t3_backend import EngineT3Backend  # noqa: E402
-from serve_app.serving.stages.t3_stage import blocks_of  # noqa: E402
 
 WAYS = {"blocks": (18, 16), "per-step": (1, 1)}
 
@@ -96,7 +95,7 @@ def run_way(streams: int, step_ms: float, tokens: int, way: str) -> dict:
     async def one(i: int) -> int:
         job = T3Job(f"{way}-{i}", "Hi.", "default", first_block_tokens=first, block_tokens=later)
         n = 0
-        async for chunk in blocks_of(backend.generate(job, conds, time.monotonic()), job, time.monotonic()):
+        async for chunk in backend.generate(job, conds, time.monotonic()):
             n += len(chunk.tokens)
         return n
 

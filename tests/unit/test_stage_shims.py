@@ -393,22 +393,13 @@ def test_t3_blocks_carry_the_first_blocks_timings_once():
     # first token after 0.03 s (queue + prefill), 4 more steps of 0.01 s fill the first block of 5 tokens: the
     # first block says so; later blocks carry no timings
     from serve_app.contracts import T3_FIRST_BLOCK_PHASES
-    from serve_app.serving.stages.t3_stage import blocks_of
+    from serve_app.serving.stages.t3_backend import TokenBlocks
 
-    async def tokens(job):
-        await asyncio.sleep(0.03)
-        for i in range(12):
-            yield TokenChunk(job.request_id, [i])
-            await asyncio.sleep(0.01)
-        yield TokenChunk(job.request_id, [], finished=True, finish_reason="length")
-
-    async def run():
-        import time
-
-        job = T3Job("r", "Hi.", "default", first_block_tokens=5, block_tokens=4)
-        return [c async for c in blocks_of(tokens(job), job, time.monotonic())]
-
-    blocks = asyncio.run(run())
+    job = T3Job("r", "Hi.", "default", first_block_tokens=5, block_tokens=4)
+    filling = TokenBlocks.of(job, started=0.0)
+    blocks = [filling.add([i], False, None, 0.03 + 0.01 * i) for i in range(12)]
+    blocks.append(filling.add([], True, "length", 0.03 + 0.01 * 12))
+    blocks = [b for b in blocks if b is not None]
     assert [len(b.tokens) for b in blocks] == [5, 4, 3] and blocks[-1].finished
     first = blocks[0].timings
     assert set(first) == set(T3_FIRST_BLOCK_PHASES)

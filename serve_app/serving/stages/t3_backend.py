@@ -3,7 +3,7 @@
 Two implementations of one contract (`T3Backend`):
 
 - `UpstreamT3Backend`: upstream `T3.inference`, which is batch-1 by design, one request after another on a
-  single worker thread. The whole token sequence arrives as one `TokenChunk` when it is done.
+  single worker thread. The whole token sequence arrives as one block when it is done.
 - `EngineT3Backend`: our continuous-batching `T3Engine`; a background thread runs `engine.step()` while
   anything is unfinished, gathers each request's tokens into the job's blocks (`first_block_tokens`, then
   `block_tokens`) and hands a request's asyncio queue a block only when it is full: the event loop wakes per
@@ -18,7 +18,7 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Protocol
 
 import torch
@@ -37,8 +37,8 @@ class T3Backend(Protocol):
         """VoiceConds (numpy) -> what `generate` takes, on this replica's device (cached by the stage)."""
 
     def generate(self, job: T3Job, conds: Any, started: float | None = None) -> AsyncIterator[TokenChunk]:
-        """Speech tokens for one text chunk; the last chunk has finished=True and a finish_reason. A backend that
-        blocks the tokens itself puts the first block's `timings` (`first_block_timings`) on it."""
+        """Speech tokens for one text chunk in the job's blocks (`TokenBlocks`), the first with its `timings` from
+        `started`; the last chunk has finished=True and a finish_reason."""
 
     def num_unfinished(self) -> int: ...
 
@@ -134,7 +134,7 @@ class UpstreamT3Backend:
         try:
             loop = asyncio.get_running_loop()
             tokens, reason = await loop.run_in_executor(self._executor, self._run, job, conds, cancelled)
-            yield TokenChunk(job.request_id, tokens, finished=True, finish_reason=reason)
+            yield TokenBlocks.of(job, started).add(tokens, True, reason, time.monotonic())
         finally:
             cancelled.set()   # a request still queued behind others is skipped
             self._num_unfinished -= 1
@@ -150,32 +150,45 @@ CPU_MAX_BATCH_SIZE = 4   # KV slots of a CPU replica unless the stage's `engine`
 
 
 @dataclass
-class _Stream:
-    """One request of the engine backend: its event loop and queue, and its block being filled (step thread)."""
+class TokenBlocks:
+    """A request's tokens gathered into its job's blocks: the first `want` tokens, then at least `block_tokens`
+    each, so a block (a Ray item, a wake-up of the event loop) carries many tokens, not one. The first block
+    carries T3_FIRST_BLOCK_PHASES from `started` (time.monotonic(); None: no timings)."""
 
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue
+    request_id: str
     want: int                     # tokens that complete the block being filled
     block_tokens: int             # the size of every block after the first
-    started: float | None         # time.monotonic() the stage started the request (first-block timings)
-    tokens: list[int]
+    started: float | None
+    tokens: list[int] = field(default_factory=list)
     first_token_at: float | None = None
     first_block: bool = True
 
-    def take(self, out: Any, now: float) -> TokenChunk | None:
-        """Adds a step's output; -> the block, when it is full or the request finished."""
-        if out.new_tokens and self.first_token_at is None:
+    @classmethod
+    def of(cls, job: T3Job, started: float | None) -> TokenBlocks:
+        return cls(job.request_id, max(1, job.first_block_tokens), max(1, job.block_tokens), started)
+
+    def add(self, tokens: list[int], finished: bool, reason: str | None, now: float) -> TokenChunk | None:
+        """Adds new tokens; -> the block, when it is full or the request finished."""
+        if tokens and self.first_token_at is None:
             self.first_token_at = now
-        self.tokens.extend(out.new_tokens)
-        if not (out.finished or len(self.tokens) >= self.want):
+        self.tokens.extend(tokens)
+        if not (finished or len(self.tokens) >= self.want):
             return None
         timings = None
         if self.first_block and self.started is not None and self.first_token_at is not None:
             timings = first_block_timings(self.started, self.first_token_at, now)
-        chunk = TokenChunk(out.request_id, self.tokens, finished=out.finished, finish_reason=out.finish_reason,
-                           timings=timings)
+        chunk = TokenChunk(self.request_id, self.tokens, finished=finished, finish_reason=reason, timings=timings)
         self.tokens, self.want, self.first_block = [], self.block_tokens, False
         return chunk
+
+
+@dataclass
+class _Stream:
+    """One request of the engine backend: its event loop and queue, and its blocks (filled by the step thread)."""
+
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    blocks: TokenBlocks
 
 
 class EngineT3Backend:
@@ -246,7 +259,7 @@ class EngineT3Backend:
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Any]]] = {}
         for out in outputs:
             st = self._streams.get(out.request_id)
-            chunk = st.take(out, now) if st is not None else None
+            chunk = st.blocks.add(out.new_tokens, out.finished, out.finish_reason, now) if st is not None else None
             if chunk is not None:
                 by_loop.setdefault(st.loop, []).append((st.queue, chunk))
         for loop, items in by_loop.items():
@@ -307,8 +320,7 @@ class EngineT3Backend:
         if job.request_id in self._streams:
             raise ValueError(f"request id {job.request_id!r} is already running; use a unique id per text chunk")
         q: asyncio.Queue = asyncio.Queue()
-        self._streams[job.request_id] = _Stream(asyncio.get_running_loop(), q, max(1, job.first_block_tokens),
-                                                max(1, job.block_tokens), started, [])
+        self._streams[job.request_id] = _Stream(asyncio.get_running_loop(), q, TokenBlocks.of(job, started))
         finished = False
         with self._lock:
             self._pending.append(("add", req))

@@ -2,8 +2,8 @@
 
 `T3Replica` is the plain class (construct it directly in tests, with a fake voice handle and backend);
 `T3Stage` is the Ray Serve deployment built from it. Handle method: `generate(job: T3Job)` streaming
-`TokenChunk`s in blocks (`blocks_of`; call with `handle.options(stream=True)`); cancelling the caller's
-generator cancels the request in the backend.
+`TokenChunk`s in the job's blocks (the backend's `TokenBlocks`; call with `handle.options(stream=True)`);
+cancelling the caller's generator cancels the request in the backend.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from serve_app.serving.stages.replica_device import ReplicaDevice
 from serve_app.serving.stages.stage_common import (
     configure_replica_logging, describe, log_stage_ready, quantize_upstream, resolve_quant, spec_for,
 )
-from serve_app.serving.stages.t3_backend import EngineT3Backend, T3Backend, UpstreamT3Backend, first_block_timings
+from serve_app.serving.stages.t3_backend import EngineT3Backend, T3Backend, UpstreamT3Backend
 
 log = logging.getLogger(__name__)
 
@@ -90,39 +90,6 @@ def fit_slots(settings: T3Settings, specs: dict, rd: ReplicaDevice, checkpoint: 
     return fits
 
 
-async def blocks_of(chunks: AsyncIterator[TokenChunk], job: T3Job,
-                    started: float | None = None) -> AsyncIterator[TokenChunk]:
-    """Re-blocks a backend's token stream into `job`'s block sizes, so a Ray item carries a block, not a token:
-    the first `first_block_tokens`, then at least `block_tokens`. The first block carries its `timings`
-    (T3_FIRST_BLOCK_PHASES, seconds from `started`, time.monotonic()): the backend's own when it blocked the
-    tokens itself (the engine backend, which knows when its first token was sampled), else measured here."""
-    pending: list[int] = []
-    want = max(1, job.first_block_tokens)
-    first_token_at: float | None = None
-    given: dict[str, float] | None = None
-    first_block = True
-    async for chunk in chunks:
-        if chunk.tokens and first_token_at is None:
-            first_token_at = time.monotonic()
-        given = given or chunk.timings
-        pending.extend(chunk.tokens)
-        if not (chunk.finished or len(pending) >= want):
-            continue
-        timings = None
-        if first_block:
-            if given is not None:
-                timings = given
-            elif started is not None and first_token_at is not None:
-                timings = first_block_timings(started, first_token_at, time.monotonic())
-        first_block = False
-        if chunk.finished:
-            yield TokenChunk(job.request_id, pending, finished=True, finish_reason=chunk.finish_reason,
-                             timings=timings)
-            return
-        yield TokenChunk(job.request_id, pending, timings=timings)
-        pending, want = [], max(1, job.block_tokens)
-
-
 class T3Replica:
     def __init__(self, checkpoint: Any, voice_handle: Any, settings: T3Settings, quantization: str | None = None,
                  backend: T3Backend | None = None) -> None:
@@ -146,7 +113,7 @@ class T3Replica:
         self._num_running += 1
         self._metrics.t3_queue_depth.set(self._num_running, tags=self._tags)
         try:
-            async for chunk in blocks_of(self.backend.generate(job, conds, started), job, started):
+            async for chunk in self.backend.generate(job, conds, started):
                 num_tokens += len(chunk.tokens)
                 yield chunk
         finally:
