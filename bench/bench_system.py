@@ -32,6 +32,7 @@ import platform
 import signal
 import subprocess
 import sys
+import tempfile
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -148,13 +149,28 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 # -- run facts ----------------------------------------------------------------------------------------------
 
-def _git(*args: str) -> str | None:
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _git(*args: str, env: dict | None = None, cwd: Path = REPO) -> str | None:
     try:
-        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10,
-                             cwd=Path(__file__).resolve().parents[1])
+        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=60, env=env, cwd=cwd)
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() if out.returncode == 0 else None
+
+
+def working_tree_id(root: Path = REPO) -> str | None:
+    """Git's tree id of the checkout as it is, uncommitted changes and untracked files included (ignored ones and
+    the carried `.whl/` not): `git rev-parse COMMIT^{tree}` of the commit whose files ran, whatever HEAD the
+    checkout's git metadata says (a device machine's copy of the tree can carry stale metadata). Find the commit:
+    `git log --all --format='%h %T' | grep TREE`. Built in a throwaway index; the repo's own index is untouched."""
+    with tempfile.TemporaryDirectory() as d:
+        env = {**os.environ, "GIT_INDEX_FILE": str(Path(d) / "index")}
+        (Path(d) / "exclude").write_text("/.whl/\n")
+        if _git("-c", f"core.excludesFile={Path(d) / 'exclude'}", "add", "-A", ".", env=env, cwd=root) is None:
+            return None
+        return _git("write-tree", env=env, cwd=root)
 
 
 def versions() -> dict:
@@ -245,6 +261,7 @@ def main(argv=None) -> int:
         "versions": versions(),
         "git_commit": _git("rev-parse", "HEAD"),
         "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "git_tree": working_tree_id(),
         "argv": sys.argv[1:] if argv is None else list(argv),
         "config_file": a.config,
         "overrides": overrides,

@@ -36,11 +36,12 @@ def markdown(result: dict) -> str:
     up = result.get("upstream") or {}
     up_rate = up.get("audio_s_per_s")
     app = result.get("app") or {}
+    tree = f", files = tree {result['git_tree'][:12]}" if result.get("git_tree") else ""
     lines = [
         "# System benchmark (`bench/bench_system.py`)",
         "",
         f"{result.get('started_at', '')}; device: {device}; git {str(result.get('git_commit') or '?')[:12]}"
-        f"{' (dirty)' if result.get('git_dirty') else ''}; torch {v.get('torch')}, ray {v.get('ray')}, "
+        f"{' (dirty)' if result.get('git_dirty') else ''}{tree}; torch {v.get('torch')}, ray {v.get('ray')}, "
         f"chatterbox-tts {v.get('chatterbox-tts')}.",
         "",
         f"App: `{result.get('config_file')}` with overrides `{result.get('overrides')}`; checkpoint "
