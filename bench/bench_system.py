@@ -117,6 +117,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "(default 540; smoke 900)")
     p.add_argument("--retry-after-max-s", type=float, default=1.0, help="a closed-loop client waits the 429's "
                    "Retry-After, at most this long")
+    p.add_argument("--profile-steps", type=int, default=0, help="T3 and S3Gen each record one torch.profiler "
+                   "window of this many engine steps into --out/profile (serving/stages/step_profiler.py; 0: off)")
+    p.add_argument("--profile-min-batch", default="32,8", help="T3,S3Gen: the window opens at the first step with "
+                   "at least this many rows (requests, streams)")
     p.add_argument("--stall-tolerance-s", type=float, default=0.0)
     p.add_argument("--length-tolerance-s", type=float, default=1.0)
     p.add_argument("--length-min-ratio", type=float, default=0.7)
@@ -218,8 +222,20 @@ def effective_config(a) -> tuple[dict, dict]:
         ongoing = (args.get("router") or {}).get("max_ongoing_requests", 64)
         if ongoing <= a.max_active:   # the app requires max_active_speech_requests < the router's max_ongoing
             overrides["router.max_ongoing_requests"] = a.max_active + 32
+    if a.profile_steps:
+        overrides.update(profile_overrides(a.profile_steps, a.profile_min_batch, Path(a.out) / "profile"))
     overrides.update(parse_override(o) for o in a.overrides)
     return with_overrides(raw, overrides, Path(a.config)), overrides
+
+
+def profile_overrides(steps: int, min_batch: str, folder: Path) -> dict:
+    """The stage replicas' environment for one profiler window each (serve_app.envs: CHATTERBOX_PROFILE_*)."""
+    env = "ray_actor_options.runtime_env.env_vars.CHATTERBOX_PROFILE_"
+    out: dict = {}
+    for stage, rows in zip(("t3", "s3gen"), min_batch.split(",")):
+        out |= {f"{stage}.{env}DIR": str(folder.resolve()), f"{stage}.{env}STEPS": str(steps),
+                f"{stage}.{env}MIN_BATCH": rows.strip()}
+    return out
 
 
 def upstream_checkpoint(a, ckpt_args: dict) -> str | None:

@@ -35,6 +35,12 @@ class Envs(BaseSettings):
     api_keys: str | None = Field(None, description="Comma-separated Bearer API keys; unset means no auth.")
     voices_dir: Path | None = Field(None, description="Where enrolled voices are stored (default: cache_dir/voices).")
     log_level: str = Field("INFO", description="Python log level.")
+    profile_dir: Path | None = Field(None, description="Diagnostics: a stage replica with this set records one "
+                                     "torch.profiler window over its engine steps into this folder "
+                                     "(serving/stages/step_profiler.py). Unset: off.")
+    profile_steps: int = Field(50, ge=1, description="Steps in that window.")
+    profile_min_batch: int = Field(1, ge=1, description="The window opens at the first step with at least this "
+                                   "many rows (T3: requests, S3Gen: streams).")
     metrics_port: int = Field(8080, description="Port of Ray's Prometheus metrics endpoint when `serve` starts Ray "
                               "(outside Ray's worker port range 10002-19999).")
 

@@ -27,6 +27,7 @@ from serve_app.serving.stages.replica_device import ReplicaDevice
 from serve_app.serving.errors import StageError
 from serve_app.serving.stages.s3gen_backend import EngineS3GenBackend, S3GenBackend, UpstreamS3GenBackend, VocodeItem
 from serve_app.serving.stages.stage_client import StageClient
+from serve_app.serving.stages.step_profiler import StepProfiler
 from serve_app.serving.stages.vocode_scheduler import LOOKAHEAD_TOKENS, VocodePolicy, VocodeScheduler, VocodeStream
 from serve_app.serving.stages.stage_common import (
     configure_replica_logging, describe, log_stage_ready, quantize_upstream, resolve_quant, spec_for,
@@ -118,6 +119,7 @@ class S3GenReplica:
         self.conds = CondsCache.from_voice_stage(voice_handle, self.backend.prepare_conds,
                                                  settings.max_cached_voices, "s3gen")
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="s3gen")
+        self._profiler = StepProfiler.from_env("s3gen")
         self._metrics = get_metrics()
         self._tags = {"backend": self.backend.name}
         self.scheduler = VocodeScheduler(VocodePolicy(), SAMPLE_RATE)
@@ -228,7 +230,7 @@ class S3GenReplica:
                      for p in plans]
             taken = time.monotonic()
             try:
-                results = await loop.run_in_executor(self._executor, self.backend.vocode_batch, items)
+                results = await loop.run_in_executor(self._executor, self._step, items)
             except Exception as exc:  # noqa: BLE001 - the step's streams fail, the replica goes on
                 log.exception("S3Gen step of %d streams failed", len(plans))
                 for p in plans:
@@ -260,6 +262,12 @@ class S3GenReplica:
             self.scheduler.observe_step(seconds, cost)
             self._record_step(len(plans), num_new_total, sum(int(a.size) for a, _ in results), seconds)
             self._wake.set()   # blocks that arrived during the step
+
+    def _step(self, items: list[VocodeItem]) -> list:
+        """One engine step, in the executor's thread (where the profiler, when on, records)."""
+        results = self.backend.vocode_batch(items)
+        self._profiler.step_done(len(items))
+        return results
 
     def _record_step(self, num_streams: int, num_new: int, num_samples: int, seconds: float) -> None:
         m, tags = self._metrics, self._tags

@@ -24,6 +24,7 @@ from typing import Any, AsyncIterator, Callable, Protocol
 import torch
 
 from serve_app.contracts import T3_FIRST_BLOCK_PHASES, T3Job, TokenChunk, VoiceConds
+from serve_app.serving.stages.step_profiler import StepProfiler
 
 log = logging.getLogger(__name__)
 
@@ -215,6 +216,7 @@ class EngineT3Backend:
         self._streams: dict[str, _Stream] = {}
         self._stopped = False
         self._error: BaseException | None = None
+        self._profiler = StepProfiler.from_env("t3")
         self._thread = threading.Thread(target=self._loop, name="t3-engine-step", daemon=True)
         self._thread.start()
 
@@ -302,6 +304,7 @@ class EngineT3Backend:
             if self._on_step is not None:
                 self._on_step(time.perf_counter() - t0, len(outputs))
             self._deliver_step(outputs)
+            self._profiler.step_done(len(outputs))
 
     # -- event loop side -----------------------------------------------------------------------------------
 

@@ -1,5 +1,5 @@
-"""The system bench names the files that ran by git's tree id of the checkout, not by HEAD (a device machine's copy
-carries stale git metadata)."""
+"""The system bench's setup: it names the files that ran by git's tree id of the checkout, not by HEAD (a device
+machine's copy carries stale git metadata), and its profiler flag reaches the stage replicas."""
 from __future__ import annotations
 
 import subprocess
@@ -48,3 +48,22 @@ def test_the_files_name_their_commit_even_when_head_is_stale(repo: Path):
 def test_the_report_names_the_tree():
     line = markdown({"git_commit": "a" * 40, "git_dirty": True, "git_tree": "b" * 40}).splitlines()[2]
     assert "git aaaaaaaaaaaa (dirty), files = tree bbbbbbbbbbbb;" in line
+
+
+def test_profile_steps_reach_both_stage_replicas_environments(tmp_path: Path):
+    """`--profile-steps` becomes CHATTERBOX_PROFILE_* in the T3 and S3Gen replicas' environments, as the app builds
+    them from the bench's copy of the deploy file."""
+    from bench.bench_system import effective_config, parse_args
+    from serve_app.serving.config import load_deploy_file
+
+    a = parse_args(["--config", "deploy/gpu-1x.yaml", "--out", str(tmp_path), "--profile-steps", "40",
+                    "--profile-min-batch", "24,6"])
+    raw, _ = effective_config(a)
+    (tmp_path / "deploy.yaml").write_text(__import__("yaml").safe_dump(raw))
+    config = load_deploy_file(tmp_path / "deploy.yaml").config
+    t3_env = config.t3.ray_actor_options.runtime_env.env_vars
+    s3_env = config.s3gen.ray_actor_options.runtime_env.env_vars
+    assert t3_env["CHATTERBOX_PROFILE_DIR"] == s3_env["CHATTERBOX_PROFILE_DIR"] == str((tmp_path / "profile").resolve())
+    assert (t3_env["CHATTERBOX_PROFILE_STEPS"], t3_env["CHATTERBOX_PROFILE_MIN_BATCH"]) == ("40", "24")
+    assert (s3_env["CHATTERBOX_PROFILE_STEPS"], s3_env["CHATTERBOX_PROFILE_MIN_BATCH"]) == ("40", "6")
+    assert not config.voice.ray_actor_options.runtime_env
