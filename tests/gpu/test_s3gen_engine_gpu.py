@@ -84,6 +84,33 @@ def test_flow_graphs_match_eager(fp32_audio):
     assert graphed.hift.graphs.captures >= 2    # HiFT's trunk is graphed too (its own shapes, same LRU size)
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_stepped_flow_graphs_match_whole_loop_graphs(dtype):
+    """flow_graph_unit="step" (the prologue and one euler step, replayed n times) gives the audio of the whole-loop
+    graphs, and captures a shape in less time (printed: the replica-start saving this option is for)."""
+    import time
+
+    from serve_app.engine.s3gen.graphs import SteppedFlowGraphs
+
+    s3 = fresh_s3gen("full")
+    engines = {unit: S3GenEngine(s3, S3GenEngineConfig(device="cuda", dtype=dtype, graph_capture_after=1,
+                                                       flow_graph_unit=unit)) for unit in ("loop", "step")}
+    assert isinstance(engines["step"].flow.graphs, SteppedFlowGraphs)
+    took = {}
+    for unit, eng in engines.items():
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        eng.vocode(_inputs())                     # captures batch 3 -> 4 at this length
+        torch.cuda.synchronize()
+        took[unit] = time.perf_counter() - t0
+    for _ in range(2):                            # replays, new rows in the same shapes
+        audio = {unit: eng.vocode(_inputs()) for unit, eng in engines.items()}
+        for a, b in zip(audio["step"], audio["loop"]):
+            np.testing.assert_allclose(a, b, atol=1e-5 if dtype == "fp32" else 1e-3)
+    assert engines["step"].flow.graphs.captures == engines["loop"].flow.graphs.captures
+    print(f"first call with capture ({dtype}): whole loop {took['loop']:.2f} s, stepped {took['step']:.2f} s")
+
+
 def test_fast_estimator_in_bf16_is_as_close_to_fp32_as_upstream():
     """bf16 rounding differs between any two kernel orders; the fast path must not be less accurate than
     upstream's forward in bf16, both measured against upstream in fp32."""

@@ -57,6 +57,10 @@ class S3GenEngineConfig:
                                          # one-shot decodes always use all of it. Costs fidelity: see the test
     cfg_rate: float | None = None        # None: upstream inference_cfg_rate (0.7)
     enforce_eager: bool = False          # True: no CUDA graphs for the flow's euler loop (CUDA only anyway)
+    flow_graph_unit: str = "loop"        # "loop": one flow graph per shape holds all n euler steps; "step": one of
+                                         # the prologue and one of a single step, replayed n times (~1/n of the
+                                         # kernels to capture: a replica's start; n - 1 more launches a call).
+                                         # Not yet measured on a GPU (graphs.SteppedFlowGraphs)
     graph_batch_sizes: tuple[int, ...] = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)  # flow / HiFT batches are
                                          # padded up to these (pad rows are computed); larger ones run eagerly
     graph_max_tokens: int = 16_384       # flow graphs only for padded rows x tokens up to this (eager above:
@@ -86,6 +90,8 @@ class S3GenEngineConfig:
             raise ValueError(f"n_cfm_timesteps={self.n_cfm_timesteps} must be >= 1 (upstream uses 10)")
         if self.max_batch_tokens < 64:
             raise ValueError(f"max_batch_tokens={self.max_batch_tokens} is too small; use >= 64 (e.g. 32768)")
+        if self.flow_graph_unit not in ("loop", "step"):
+            raise ValueError(f"flow_graph_unit={self.flow_graph_unit!r}: use 'loop' or 'step'")
         if self.hift_length_bucket < 1:
             raise ValueError(f"hift_length_bucket={self.hift_length_bucket} must be >= 1 (e.g. 16)")
         if self.batch_overhead_tokens < 0:

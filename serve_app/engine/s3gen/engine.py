@@ -25,9 +25,9 @@ from .batching import padded_rows, plan_batches
 from .config import (
     DTYPES, MEL_FRAMES_PER_TOKEN, PRE_LOOKAHEAD_TOKENS, SAMPLES_PER_MEL_FRAME, S3GenEngineConfig, VocodeInput,
 )
-from .flow import FlowRow, FlowRunner, use_sync_free_masks
+from .flow import FlowRow, FlowRunner, cosine_t_span, use_sync_free_masks
 from .estimator import FastEstimator, supports
-from .graphs import ShapeGraphs
+from .graphs import ShapeGraphs, SteppedFlowGraphs
 from .noise import NoiseBank
 from .stats import S3GenEngineStats
 from .streaming import (
@@ -84,7 +84,12 @@ class S3GenEngine:
         method = getattr(config.quant, "method", "none")
         capturable = method != "dynamic_int8" and not (method == "int8" and config.quant.int8_threshold > 0)
         self.use_graphs = self.device.type == "cuda" and not config.enforce_eager and capturable
-        if self.use_graphs:
+        if self.use_graphs and config.flow_graph_unit == "step":
+            self.flow.graphs = SteppedFlowGraphs(self.flow.core, self.flow.prologue, self.flow.euler_step,
+                                                 cosine_t_span, config.graph_batch_sizes, config.max_graphs,
+                                                 config.graph_capture_after, name="flow",
+                                                 max_size=config.graph_max_tokens)
+        elif self.use_graphs:
             self.flow.graphs = ShapeGraphs(self.flow.core, config.graph_batch_sizes, config.max_graphs,
                                            config.graph_capture_after, name="flow", max_size=config.graph_max_tokens)
         if self.device.type == "cuda" and not config.enforce_eager:

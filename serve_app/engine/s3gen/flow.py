@@ -185,30 +185,40 @@ class FlowRunner:
                                  self.noise.window(r.seed, start, start + num_frames - P2)], dim=1))
         return torch.stack(zs)
 
-    def solve(self, z, mu, mask, spks, cond, n_steps: int) -> torch.Tensor:
-        # z, mu, cond: [B, 80, T]; mask: [B, 1, T]; spks: [B, 80] -> x [B, 80, T] float32
-        B = z.shape[0]
+    def solve_inputs(self, z, mu, mask, spks, cond) -> tuple[torch.Tensor, ...]:
+        # z, mu, cond: [B, 80, T]; mask: [B, 1, T]; spks: [B, 80]
+        # -> x [B, 80, T] float32 (a copy of z: the Euler steps update it in place), and the estimator's
+        #    CFG inputs: rows [:B] conditional, rows [B:] unconditional (mu, spks, cond zeroed), as upstream:
+        #    mask_in [2B, 1, T], mu_in [2B, 80, T], spks_in [2B, 80], cond_in [2B, 80, T] in the estimator dtype
         dt_ = self.estimator_dtype
-        # CFG: rows [:B] conditional, rows [B:] unconditional (mu, spks, cond zeroed), as upstream
-        mask_in = torch.cat([mask, mask]).to(dt_)                                          # [2B, 1, T]
-        mu_in = torch.cat([mu, torch.zeros_like(mu)]).to(dt_)                              # [2B, 80, T]
-        spks_in = torch.cat([spks, torch.zeros_like(spks)]).to(dt_)                        # [2B, 80]
-        cond_in = torch.cat([cond, torch.zeros_like(cond)]).to(dt_)                        # [2B, 80, T]
-        t_span = cosine_t_span(n_steps, z.device)
-        x = z.float()
-        for k in range(n_steps):
-            t, r = t_span[k], t_span[k + 1]
-            x_in = torch.cat([x, x]).to(dt_)                                               # [2B, 80, T]
-            t_in = t.expand(2 * B).to(dt_)                                                 # [2B]
-            dxdt = self.estimator_fn(x_in, mask_in, mu_in, t_in, spks_in, cond_in).float()
-            d_cond, d_uncond = dxdt[:B], dxdt[B:]
-            x = x + (r - t) * ((1.0 + self.cfg_rate) * d_cond - self.cfg_rate * d_uncond)
-        return x
+        mask_in = torch.cat([mask, mask]).to(dt_)
+        mu_in = torch.cat([mu, torch.zeros_like(mu)]).to(dt_)
+        spks_in = torch.cat([spks, torch.zeros_like(spks)]).to(dt_)
+        cond_in = torch.cat([cond, torch.zeros_like(cond)]).to(dt_)
+        return z.to(torch.float32, copy=True), mask_in, mu_in, spks_in, cond_in
+
+    def euler_step(self, x, mask_in, mu_in, spks_in, cond_in, t, r) -> None:
+        # one Euler step from time t to r, in place on x [B, 80, T] float32; t, r: [] float32 device tensors
+        B = x.shape[0]
+        dt_ = self.estimator_dtype
+        x_in = torch.cat([x, x]).to(dt_)                                                   # [2B, 80, T]
+        t_in = t.expand(2 * B).to(dt_)                                                     # [2B]
+        dxdt = self.estimator_fn(x_in, mask_in, mu_in, t_in, spks_in, cond_in).float()
+        d_cond, d_uncond = dxdt[:B], dxdt[B:]
+        x.add_((r - t) * ((1.0 + self.cfg_rate) * d_cond - self.cfg_rate * d_uncond))
+
+    def prologue(self, token, token_len, valid, cond, embedding, z) -> tuple[torch.Tensor, ...]:
+        # `prepare`'s tensors -> `solve_inputs`' (x, mask_in, mu_in, spks_in, cond_in): all but the Euler steps
+        mu, mask, cond_t, spks = self.encode(token, token_len, valid, cond, embedding)
+        return self.solve_inputs(z, mu, mask, spks, cond_t)
 
     def core(self, token, token_len, valid, cond, embedding, z, n_steps: int) -> torch.Tensor:
         # `prepare`'s tensors -> x [B, 80, Tm] float32 (prompt frames included); device work only
-        mu, mask, cond_t, spks = self.encode(token, token_len, valid, cond, embedding)
-        return self.solve(z, mu, mask, spks, cond_t, n_steps)
+        x, *cfg_inputs = self.prologue(token, token_len, valid, cond, embedding, z)
+        t_span = cosine_t_span(n_steps, z.device)
+        for k in range(n_steps):
+            self.euler_step(x, *cfg_inputs, t_span[k], t_span[k + 1])
+        return x
 
     @torch.inference_mode()
     def __call__(self, rows: list[FlowRow], padded_tokens: int, n_steps: int) -> list[torch.Tensor]:

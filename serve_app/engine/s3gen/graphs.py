@@ -2,7 +2,8 @@
 
 The S3Gen engine graphs two things: the whole flow (encoder + 10-step CFM euler loop, `FlowRunner.core`) and
 HiFT's convolution trunk (`HiftRunner.trunk`). At small batches both are launch-bound (the euler loop alone is
-~1,000-2,000 kernels a step); a graph replays them in one launch.
+~1,000-2,000 kernels a step); a graph replays them in one launch. `SteppedFlowGraphs` graphs the flow as two
+pieces per shape instead (the prologue, and one euler step replayed n times): faster to capture.
 
 Shapes: the batch is padded up to a bucket; pad rows are copies of real rows (at capture) or stale rows of
 earlier calls, computed and dropped (rows never mix). Other dimensions must already be bucketed by the caller.
@@ -111,14 +112,65 @@ class ShapeGraphs:
         return out
 
     def _capture(self, inputs: dict[str, torch.Tensor], static: dict) -> _Graph:
+        self._warm(lambda: self.fn(**inputs, **static), inputs)
+        graph, out = self._record(lambda: self.fn(**inputs, **static))
+        return _Graph(graph, inputs, out if isinstance(out, tuple) else (out,))
+
+    @staticmethod
+    def _warm(fn: Callable[[], Any], inputs: dict[str, torch.Tensor]) -> None:
+        """Run once outside any graph, on a side stream: kernel selection, allocator, lazy buffers."""
         device = next(iter(inputs.values())).device
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
-            self.fn(**inputs, **static)   # warm-up outside the graph: kernel selection, allocator, lazy buffers
+            fn()
         torch.cuda.current_stream(device).wait_stream(stream)
+
+    def _record(self, fn: Callable[[], Any]) -> tuple[Any, Any]:
+        """Capture `fn` into a CUDA graph of the shared pool. -> (graph, fn's output: the graph's static output)"""
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            out = self.fn(**inputs, **static)
+            out = fn()
         self.pool = graph.pool()
-        return _Graph(graph, inputs, out if isinstance(out, tuple) else (out,))
+        return graph, out
+
+
+class _SteppedReplay:
+    """Replays a flow call from two graphs: the prologue (encoder, CFG inputs, x = z), then one Euler step n times,
+    its time buffers set to each step's t and r between replays (two 4-byte device copies a step)."""
+
+    def __init__(self, prologue: Any, step: Any, t_span: torch.Tensor, t: torch.Tensor, r: torch.Tensor):
+        self.prologue, self.step, self.t_span, self.t, self.r = prologue, step, t_span, t, r
+
+    def replay(self) -> None:
+        self.prologue.replay()
+        for k in range(self.t_span.shape[0] - 1):
+            self.t.copy_(self.t_span[k])
+            self.r.copy_(self.t_span[k + 1])
+            self.step.replay()
+
+
+class SteppedFlowGraphs(ShapeGraphs):
+    """ShapeGraphs of the flow (`FlowRunner.core`: prologue, then n Euler steps) that capture, per shape, one graph
+    of the prologue and one of a single Euler step, replayed n times, instead of one graph of all of it: about
+    1/n of the kernels captured and instantiated per shape (the whole loop is ~9k kernel nodes), so a replica's
+    grid of graphs is captured that much sooner, for n - 1 more graph launches per call. Same arithmetic as
+    `core`, in the same order. Calls that run eagerly run `core` itself."""
+
+    def __init__(self, core: Callable[..., torch.Tensor], prologue: Callable[..., tuple],
+                 step: Callable[..., None], t_span: Callable[[int, torch.device], torch.Tensor],
+                 batch_buckets: tuple[int, ...], max_graphs: int, capture_after: int = 2, name: str = "flow",
+                 max_size: int | None = None):
+        super().__init__(core, batch_buckets, max_graphs, capture_after, name, max_size)
+        self.prologue_fn = prologue     # FlowRunner.prologue: core's tensors -> (x, mask_in, mu_in, spks_in, cond_in)
+        self.step_fn = step             # FlowRunner.euler_step: (x, cfg inputs..., t, r) -> None, x in place
+        self.t_span_fn = t_span         # (n_steps, device) -> [n_steps + 1] float32: core's Euler times
+
+    def _capture(self, inputs: dict[str, torch.Tensor], static: dict) -> _Graph:
+        device = next(iter(inputs.values())).device
+        t_span = self.t_span_fn(static["n_steps"], device)
+        t, r = t_span[0].clone(), t_span[1].clone()        # the step graph's time buffers, [] float32
+        self._warm(lambda: self.step_fn(*self.prologue_fn(**inputs), t, r), inputs)
+        prologue, state = self._record(lambda: self.prologue_fn(**inputs))   # state: static (x, cfg inputs)
+        step, _ = self._record(lambda: self.step_fn(*state, t, r))
+        return _Graph(_SteppedReplay(prologue, step, t_span, t, r), inputs, (state[0],))
