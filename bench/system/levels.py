@@ -186,17 +186,23 @@ def engine_stats(before, after) -> dict:
         "t3_occupancy_mean": _mean(before, after, "chatterbox_t3_step_occupancy_total",
                                    "chatterbox_t3_batch_occupancy_ratio"),
         "t3_steps": prom.delta(before, after, "chatterbox_t3_step_seconds_count"),
+        "t3_kv_read_ratio": _ratio(prom.delta(before, after, "chatterbox_t3_kv_positions_read_total"),
+                                   prom.delta(before, after, "chatterbox_t3_kv_positions_used_total")),
         "s3gen_batch_mean": _mean(before, after, "chatterbox_s3gen_step_streams_total", "chatterbox_s3gen_batch_size"),
         "s3gen_new_tokens_per_step": _mean(before, after, "chatterbox_s3gen_speech_tokens_total",
                                            "chatterbox_s3gen_batch_tokens"),
         "s3gen_step_mean_s": _mean(before, after, "chatterbox_s3gen_busy_seconds_total",
                                    "chatterbox_s3gen_batch_seconds"),
         "s3gen_steps": prom.delta(before, after, "chatterbox_s3gen_batch_seconds_count"),
-        "vocoded_per_produced_token": flow / new if flow is not None and new else None,
-        "s3gen_flow_padding_ratio": padded / needed if padded is not None and needed else None,
+        "vocoded_per_produced_token": _ratio(flow, new),
+        "s3gen_flow_padding_ratio": _ratio(padded, needed),
         "s3gen_graph_captures": prom.delta(before, after, "chatterbox_s3gen_graph_captures_total"),
         "first_audio_phase_mean_s": first_audio_phases(before, after),
     }
+
+
+def _ratio(a, b):
+    return a / b if a is not None and b else None
 
 
 def _r(x):

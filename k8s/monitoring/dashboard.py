@@ -124,6 +124,12 @@ ROWS: list[tuple[str, list[tuple[str, str, str, list[tuple[str, str]]]]]] = [
              f"sum(rate(ray_chatterbox_s3gen_flow_row_tokens_total{{{APP}}}[{RATE}]))", "padded / needed"),
             (f"60 * sum(rate(ray_chatterbox_s3gen_graph_captures_total{{{APP}}}[{RATE}]))", "captures / min"),
         ]),
+        ("T3 KV read per KV held", "short", "KV cache positions T3's decode attention read (cache rows x the "
+         "step's KV-length bucket: the batch's longest request, rounded up) per position its requests held: "
+         "the attention traffic spent on padding (1.0: none).", [
+            (f"sum(rate(ray_chatterbox_t3_kv_positions_read_total{{{APP}}}[{RATE}])) / "
+             f"sum(rate(ray_chatterbox_t3_kv_positions_used_total{{{APP}}}[{RATE}]))", "read / held"),
+        ]),
         ("Batch occupancy", "percentunit", "T3: requests per engine step / KV slots. S3Gen: streams and one-shot "
          "jobs per engine step (mean, right axis in streams).", [
             (mean("chatterbox_t3_step_occupancy_total", "chatterbox_t3_batch_occupancy_ratio", "replica"),

@@ -27,6 +27,8 @@ EXPECTED = {
     "chatterbox_first_audio_phase_seconds_bucket",   # the request below streams (the default)
     "chatterbox_first_audio_phase_seconds_total",    # the exact sums the bench's means read (not the _sum)
     "chatterbox_t3_step_requests_total",
+    "chatterbox_t3_kv_positions_read_total",    # the engine backend's attention traffic (KV read per held)
+    "chatterbox_t3_kv_positions_used_total",
     "chatterbox_s3gen_step_streams_total",
     "chatterbox_s3gen_first_steps_total",
     "chatterbox_audio_seconds_total",

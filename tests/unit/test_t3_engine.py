@@ -251,3 +251,24 @@ def test_a_voices_conditioning_embeddings_are_computed_once_per_exaggeration(t3,
     fresh = _engine(t3).generate([req("d", _cond(3)), req("e", _cond(3), 0.9)])
     assert cached == again == fresh["d"] and other == fresh["e"]
     assert len(cond.embeds) == 2
+
+
+def test_stats_count_the_kv_attention_reads_and_what_requests_held(t3):
+    """Each decode step reads cache rows x its KV bucket (what `_decode` ran with); a request holds two rows of its
+    own length, one position longer each step."""
+    eng = _engine(t3, slots=4)
+    ran = []
+    decode = eng._decode
+    eng._decode = lambda nb, kv_len: (ran.append((nb, kv_len)), decode(nb, kv_len))[1]
+    eng.add_request(T3GenerationRequest("a", list(range(5, 30)), _cond(1), temperature=0.0, max_new_tokens=12))
+    used = []
+    while eng.has_unfinished():
+        eng.step()
+        used.append(eng.stats.kv_positions_used)
+    st = eng.stats
+    assert st.num_decode_steps == len(ran) >= 10
+    assert st.kv_positions_read == sum(2 * nb * kv for nb, kv in ran)
+    assert all(kv == 256 for _, kv in ran)                 # a short request stays in the smallest bucket
+    steps = [b - a for a, b in zip(used, used[1:]) if b > a]
+    assert all(b - a == 2 for a, b in zip(steps, steps[1:]))   # two rows, one position longer each step
+    assert 1 < st.kv_read_ratio < 256 / 25                   # read the 256 bucket; held >= the 25-token text

@@ -59,6 +59,19 @@ def test_pick_bucket():
         pick_bucket((1, 2), 3)
 
 
+def test_kv_buckets_keep_a_batch_near_its_longest_request():
+    """Decode reads every position of the batch's KV bucket for every row: the default buckets round a batch's
+    longest request up by at most 128 positions to 1024 (256 beyond), not to the next power of two."""
+    from serve_app.engine.t3.config import default_graph_seq_lens
+
+    buckets = default_graph_seq_lens(1536)
+    assert buckets[0] == 256 and buckets[-1] == 1536 and list(buckets) == sorted(set(buckets))
+    assert pick_bucket(buckets, 520) == 640 and pick_bucket(buckets, 1030) == 1280
+    assert all(pick_bucket(buckets, n) - n < (128 if n <= 1024 else 256) for n in range(257, 1537))
+    assert default_graph_seq_lens(192) == (192,) and default_graph_seq_lens(300) == (256, 300)
+    assert T3EngineConfig(max_seq_len=1536).seq_buckets == buckets
+
+
 def test_capture_order_and_shared_pool(fake_cuda):
     seen = []
     g = DecodeGraphs(_recording(lambda n, L: seen.append((n, L))), _recording(lambda n: None), (1, 2, 4), (256, 512))

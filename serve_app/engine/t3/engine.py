@@ -24,6 +24,7 @@ from .sampling import make_vocab_hash, sample_tokens
 from .scheduler import Scheduler
 from .sequence import Sequence
 from .slot_state import SlotState
+from .stats import T3EngineStats
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +98,7 @@ class T3Engine:
         self.requests: dict[str, T3GenerationRequest] = {}
         self._seed_rng = random.Random()
         self._embeds_key = object()   # this engine's entries in a T3Conditioning's cache (alive while they are)
+        self.stats = T3EngineStats()
         self.graphs: DecodeGraphs | None = None
         self.prefill_graphs: PrefillGraphs | None = None
         if self.use_graphs:
@@ -150,8 +152,12 @@ class T3Engine:
         num_slots = 0
         if running:
             num_slots = pick_bucket(self.config.batch_buckets, self.scheduler.num_decode_slots())
-            kv_len = pick_bucket(self.config.seq_buckets,
-                                 max(s.prompt_len + max(s.num_generated, 1) for s in running))
+            lengths = [s.prompt_len + max(s.num_generated, 1) for s in running]
+            kv_len = pick_bucket(self.config.seq_buckets, max(lengths))
+            st = self.stats
+            st.num_decode_steps += 1
+            st.kv_positions_read += 2 * num_slots * kv_len
+            st.kv_positions_used += 2 * sum(lengths)
             if self.graphs is not None:
                 self.graphs.run(num_slots, kv_len)
             else:

@@ -41,9 +41,18 @@ def make_t3_backend(checkpoint: Any, settings: T3Settings, rd: ReplicaDevice, qu
         num_slots = fit_slots(settings, specs, rd, checkpoint)
 
         slots = [num_slots]   # the engine's own count once it exists
+        engine: list = []     # the engine once it exists: its KV-read totals become counter increments
+        kv_seen = {"kv_positions_read": 0, "kv_positions_used": 0}
 
         def on_step(seconds: float, batch: int) -> None:
             tags = {"backend": "engine"}
+            if engine:
+                for counter, key in ((m.t3_kv_positions_read_total, "kv_positions_read"),
+                                     (m.t3_kv_positions_used_total, "kv_positions_used")):
+                    value = getattr(engine[0].stats, key)
+                    if value > kv_seen[key]:
+                        counter.inc(value - kv_seen[key], tags=tags)
+                        kv_seen[key] = value
             m.t3_step_seconds.observe(seconds, tags=tags)
             if seconds > 0:
                 m.t3_busy_seconds_total.inc(seconds, tags=tags)
@@ -60,6 +69,7 @@ def make_t3_backend(checkpoint: Any, settings: T3Settings, rd: ReplicaDevice, qu
             max_batch_size=num_slots, quant=spec_for(specs, "t3"), extra=settings.engine,
             on_step=on_step)
         slots[0] = backend.engine.config.max_batch_requests
+        engine.append(backend.engine)
         return backend
     quantize_upstream({k: v for k, v in specs.items() if k in T3_COMPONENTS}, t3=t3)
     return UpstreamT3Backend(t3, tokenizer, multilingual=checkpoint.multilingual, dtype=rd.torch_dtype)
