@@ -135,6 +135,9 @@ def test_stepped_flow_graphs_replay_the_flow_exactly():
             np.testing.assert_array_equal(s, w)
             np.testing.assert_allclose(s, a, atol=1e-4)
     assert f.graphs.captures == whole.flow.graphs.captures == 2 and len(f.graphs.recorded) == 4
+    # a real capture's static tensors live in the shared pool: the replay holds every one the step graph reads
+    # (x and the four CFG inputs), or the next capture could take their memory
+    assert all(len(g.graph.state) == 5 for g in f.graphs.graphs.values())
 
 
 def test_stepped_replay_sets_each_steps_times():

@@ -139,8 +139,12 @@ class _SteppedReplay:
     """Replays a flow call from two graphs: the prologue (encoder, CFG inputs, x = z), then one Euler step n times,
     its time buffers set to each step's t and r between replays (two 4-byte device copies a step)."""
 
-    def __init__(self, prologue: Any, step: Any, t_span: torch.Tensor, t: torch.Tensor, r: torch.Tensor):
+    def __init__(self, prologue: Any, step: Any, t_span: torch.Tensor, t: torch.Tensor, r: torch.Tensor,
+                 state: tuple[torch.Tensor, ...] = ()):
         self.prologue, self.step, self.t_span, self.t, self.r = prologue, step, t_span, t, r
+        # the prologue's static outputs, which the step graph reads: held for the graphs' life, or the shared
+        # pool would hand their memory to the next capture
+        self.state = state
 
     def replay(self) -> None:
         self.prologue.replay()
@@ -173,4 +177,4 @@ class SteppedFlowGraphs(ShapeGraphs):
         self._warm(lambda: self.step_fn(*self.prologue_fn(**inputs), t, r), inputs)
         prologue, state = self._record(lambda: self.prologue_fn(**inputs))   # state: static (x, cfg inputs)
         step, _ = self._record(lambda: self.step_fn(*state, t, r))
-        return _Graph(_SteppedReplay(prologue, step, t_span, t, r), inputs, (state[0],))
+        return _Graph(_SteppedReplay(prologue, step, t_span, t, r, state), inputs, (state[0],))
