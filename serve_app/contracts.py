@@ -55,6 +55,7 @@ class T3Job:
     params: SynthesisParams = field(default_factory=SynthesisParams)
     first_block_tokens: int = 1   # tokens in the first TokenChunk (fewer only when the request ends first)
     block_tokens: int = 1         # then at least this many per TokenChunk
+    priority: int = 0             # T3 admits waiting jobs lower first, in arrival order within one (SpeechJob)
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,8 @@ class SpeechJob:
     first_step_tokens: int = 25   # streaming: tokens of the first vocoder step (time to first audio)
     step_tokens: int = 50         # streaming: the second step's tokens; later steps grow (VocodePolicy)
     t3_block_tokens: int = 16     # T3 sends its tokens to the vocoder in blocks of at least this many
+    priority: int = 0             # T3's admission order: 0 a request's first text chunk (its time to first
+                                  # audio waits on it), 1 later ones (the chunk before them still plays)
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,9 @@ class RouterSettings(BaseModel):
     first_chunk_tokens: int = Field(25, ge=1, description="Tokens before a text chunk's first streamed vocode.")
     stream_chunk_tokens: int = Field(50, ge=1, description="Tokens between later streamed vocode calls.")
     lookahead_chunks: int = Field(1, ge=0, description="Text chunks T3 may run ahead of the vocoder.")
+    first_chunks_first: bool = Field(True, description="T3 admits a request's first text chunk before other "
+                                     "requests' later ones (which wait in its queue while the chunk before them "
+                                     "plays): time to first audio under load and after a replica restart.")
     crossfade_ms: float = Field(20.0, ge=0, le=500, description="Crossfade between consecutive text chunks.")
 
     # post-processing and auth

@@ -599,3 +599,14 @@ async def test_time_to_first_audio_is_broken_down_by_phase():
     # a whole file has no first-audio phases
     await speech(stack, input=TEXT, response_format="wav", stream=False)
     assert len(stack.metrics.values("first_audio_phase_seconds")) == 7
+
+
+async def test_later_text_chunks_queue_behind_first_ones_in_t3():
+    """first_chunks_first: a request's first text chunk has T3 priority 0, its later (look-ahead) ones 1; off,
+    every chunk is 0 (arrival order)."""
+    for on in (True, False):
+        stack = Stack(max_chunk_chars=40, first_chunks_first=on)
+        await speech(stack, input=TEXT, response_format="pcm")
+        prio = {job.request_id: job.priority for job in stack.t3.jobs}
+        assert len(prio) >= 2
+        assert all(p == (1 if on and not rid.endswith("-0") else 0) for rid, p in prio.items()), prio

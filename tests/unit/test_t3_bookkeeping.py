@@ -105,3 +105,18 @@ def test_scheduler_cancel_waiting_and_running():
     assert all(s.finish_reason == "cancelled" for s in out)
     assert not sch.has_unfinished() and sch.allocator.num_free == 1
     assert sch.get("run") is None
+
+
+def test_scheduler_admits_lower_priority_first_fifo_within():
+    """A request's first text chunk (priority 0) goes before others' later chunks (1) waiting for a slot."""
+    sch = Scheduler(num_slots=1, max_prefill_requests=1)
+    for rid, prio in (("late-a", 1), ("first-a", 0), ("late-b", 1), ("first-b", 0)):
+        sch.add(Sequence(rid, prompt_len=40, max_new_tokens=10, stop_token=STOP, priority=prio))
+    assert [s.request_id for s in sch.waiting] == ["first-a", "first-b", "late-a", "late-b"]
+    order = []
+    while sch.waiting:
+        (seq,) = sch.admit()
+        order.append(seq.request_id)
+        seq.finish("length")
+        sch.retire(seq)
+    assert order == ["first-a", "first-b", "late-a", "late-b"]

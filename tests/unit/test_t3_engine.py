@@ -272,3 +272,17 @@ def test_stats_count_the_kv_attention_reads_and_what_requests_held(t3):
     steps = [b - a for a, b in zip(used, used[1:]) if b > a]
     assert all(b - a == 2 for a, b in zip(steps, steps[1:]))   # two rows, one position longer each step
     assert 1 < st.kv_read_ratio < 256 / 25                   # read the 256 bucket; held >= the 25-token text
+
+
+def test_a_first_chunk_is_admitted_before_waiting_later_ones(t3):
+    """With every slot taken, a priority-0 request that arrives last is prefilled first when a slot frees."""
+    eng = _engine(t3, slots=1)
+    eng.add_request(T3GenerationRequest("running", list(range(5, 20)), _cond(1), max_new_tokens=3))
+    eng.step()                                            # takes the one slot
+    admitted = [s.request_id for s in eng.scheduler.running.values()]
+    eng.add_request(T3GenerationRequest("later-chunk", list(range(5, 20)), _cond(2), max_new_tokens=3, priority=1))
+    eng.add_request(T3GenerationRequest("first-chunk", list(range(5, 20)), _cond(3), max_new_tokens=3))
+    while eng.has_unfinished():
+        eng.step()
+        admitted += [s.request_id for s in eng.scheduler.running.values() if s.request_id not in admitted]
+    assert admitted == ["running", "first-chunk", "later-chunk"]

@@ -125,7 +125,8 @@ class T3Engine:
         if max_new < req.max_new_tokens:
             logger.warning("request %r: max_new_tokens %d capped to %d by max_seq_len=%d",
                            req.request_id, req.max_new_tokens, max_new, self.config.max_seq_len)
-        self.scheduler.add(Sequence(req.request_id, T, max_new, -1 if req.ignore_stop else STOP_SPEECH_TOKEN))
+        self.scheduler.add(Sequence(req.request_id, T, max_new, -1 if req.ignore_stop else STOP_SPEECH_TOKEN,
+                                    priority=req.priority))
         self.requests[req.request_id] = req
 
     def cancel(self, request_id: str) -> None:

@@ -37,6 +37,7 @@ class T3GenerationRequest:
     seed: int | None = None  # None: the engine draws one
     max_new_tokens: int = 1000  # counts every sampled token, the stop token included (as upstream)
     ignore_stop: bool = False  # benchmarks: keep decoding past the stop token until max_new_tokens
+    priority: int = 0  # admission: lower first, arrival order within a priority (vLLM's priority scheduling)
 
     def validate(self) -> None:
         """Raise ValueError naming the bad field; never assert on user input."""

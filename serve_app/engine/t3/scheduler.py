@@ -19,7 +19,11 @@ class Scheduler:
         if seq.request_id in self._by_id:
             raise ValueError(f"request_id {seq.request_id!r} is already in flight; use a unique id per request")
         self._by_id[seq.request_id] = seq
-        self.waiting.append(seq)
+        # behind every waiting sequence of its priority or a lower one: FIFO within a priority
+        i = len(self.waiting)
+        while i > 0 and self.waiting[i - 1].priority > seq.priority:
+            i -= 1
+        self.waiting.insert(i, seq)
 
     def get(self, request_id: str) -> Sequence | None:
         return self._by_id.get(request_id)
@@ -50,7 +54,7 @@ class Scheduler:
         return bool(self.waiting) and self.allocator.can_allocate()
 
     def admit(self) -> list[Sequence]:
-        """Move up to max_prefill_requests waiting sequences into free slots (FIFO)."""
+        """Move up to max_prefill_requests waiting sequences into free slots (by priority, then FIFO)."""
         admitted = []
         while self.can_admit() and len(admitted) < self.max_prefill_requests:
             seq = self.waiting.popleft()

@@ -18,8 +18,9 @@ class Sequence:
     position prompt_len + n - 1 with learned speech position n.
     """
 
-    def __init__(self, request_id: str, prompt_len: int, max_new_tokens: int, stop_token: int):
+    def __init__(self, request_id: str, prompt_len: int, max_new_tokens: int, stop_token: int, priority: int = 0):
         self.request_id = request_id
+        self.priority = priority          # admission order: lower first
         self.prompt_len = prompt_len
         self.max_new_tokens = max_new_tokens
         self.stop_token = stop_token

@@ -90,6 +90,7 @@ class SpeechRouter:
             first_chunk_tokens=self.settings.first_chunk_tokens,
             stream_chunk_tokens=self.settings.stream_chunk_tokens,
             lookahead_chunks=self.settings.lookahead_chunks,
+            first_chunks_first=self.settings.first_chunks_first,
             crossfade_samples=self.settings.crossfade_samples,
             max_seconds_per_char=self.settings.max_seconds_per_char,
         ))

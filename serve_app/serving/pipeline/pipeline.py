@@ -59,6 +59,7 @@ class PipelineConfig:
     crossfade_samples: int = 480
     max_seconds_per_char: float = 0.0   # 0: every chunk may use params.max_new_tokens
     t3_block_tokens: int = 16
+    first_chunks_first: bool = True     # a request's first text chunk before others' later ones in T3's queue
     stall_tolerance_s: float = 0.05     # lateness that does not count as a stall (one network hop)
     busy_retries: int = 20              # a later chunk turned away by a full stage queue is asked for again ...
     busy_backoff_s: float = 0.05        # ... after this, doubling up to 1 s a wait (~16 s in all)
@@ -83,7 +84,8 @@ class SpeechPipeline:
         return SpeechJob(request_id=f"{request_id}-{index}", text=text, voice_id=voice_id,
                          params=dataclasses.replace(params, max_new_tokens=cap), streaming=streaming,
                          first_step_tokens=c.first_chunk_tokens, step_tokens=c.stream_chunk_tokens,
-                         t3_block_tokens=c.t3_block_tokens)
+                         t3_block_tokens=c.t3_block_tokens,
+                         priority=1 if c.first_chunks_first and index > 0 else 0)
 
     async def run(self, request_id: str, chunks: list[str], voice_id: str, params: SynthesisParams, *,
                   streaming: bool, stats: PipelineStats | None = None) -> AsyncIterator[np.ndarray]:

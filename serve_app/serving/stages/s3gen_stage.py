@@ -152,7 +152,7 @@ class S3GenReplica:
         self._set_gauge()
         t3_job = T3Job(job.request_id, job.text, job.voice_id, job.params,
                        first_block_tokens=first_step + LOOKAHEAD_TOKENS if job.streaming else 1 << 30,
-                       block_tokens=job.t3_block_tokens if job.streaming else 1 << 30)
+                       block_tokens=job.t3_block_tokens if job.streaming else 1 << 30, priority=job.priority)
         feeder = asyncio.create_task(self._feed(stream, t3_job))
         try:
             while True:

@@ -317,7 +317,7 @@ class EngineT3Backend:
             text_tokens=text_to_token_ids(self.tokenizer, job.text, p.language, self.multilingual),
             cond=conds, temperature=p.temperature, top_p=p.top_p, min_p=p.min_p,
             repetition_penalty=p.repetition_penalty, cfg_weight=p.cfg_weight, exaggeration=p.exaggeration,
-            seed=p.seed, max_new_tokens=p.max_new_tokens,
+            seed=p.seed, max_new_tokens=p.max_new_tokens, priority=job.priority,
         )
         req.validate()
         if job.request_id in self._streams:
