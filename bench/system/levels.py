@@ -196,6 +196,9 @@ def engine_stats(before, after) -> dict:
         "s3gen_steps": prom.delta(before, after, "chatterbox_s3gen_batch_seconds_count"),
         "vocoded_per_produced_token": _ratio(flow, new),
         "s3gen_flow_padding_ratio": _ratio(padded, needed),
+        # what the flow ran per new token: the rows' prompt, context, new and look-ahead tokens, then with padding
+        "s3gen_row_tokens_per_new_token": _ratio(needed, new),
+        "s3gen_padded_tokens_per_new_token": _ratio(padded, new),
         "s3gen_graph_captures": prom.delta(before, after, "chatterbox_s3gen_graph_captures_total"),
         "first_audio_phase_mean_s": first_audio_phases(before, after),
     }

@@ -372,3 +372,19 @@ def test_first_audio_phases_are_level_means_and_get_a_table():
     md = markdown({"levels": [level, {**level, "stream": False}]})
     rows = [line for line in md.splitlines() if line.startswith("| 8 |") and "150" in line]
     assert len(rows) == 1 and rows[0].endswith("| 50 |") and "| - |" in rows[0]
+
+
+def test_engine_ratios_from_the_counters():
+    """KV read per held (T3), and what the flow ran per new token (S3Gen), from the counters' deltas."""
+    from bench.system.levels import engine_stats
+
+    scrape = ("ray_chatterbox_t3_kv_positions_read_total{backend=\"engine\"} %s\n"
+              "ray_chatterbox_t3_kv_positions_used_total{backend=\"engine\"} %s\n"
+              "ray_chatterbox_s3gen_speech_tokens_total{backend=\"engine\"} %s\n"
+              "ray_chatterbox_s3gen_flow_row_tokens_total{backend=\"engine\"} %s\n"
+              "ray_chatterbox_s3gen_flow_padded_tokens_total{backend=\"engine\"} %s\n")
+    stats = engine_stats(prom.parse(scrape % (100, 50, 10, 40, 50)), prom.parse(scrape % (4100, 1050, 110, 340, 400)))
+    assert stats["t3_kv_read_ratio"] == pytest.approx(4.0)
+    assert stats["s3gen_row_tokens_per_new_token"] == pytest.approx(3.0)
+    assert stats["s3gen_padded_tokens_per_new_token"] == pytest.approx(3.5)
+    assert stats["s3gen_flow_padding_ratio"] == pytest.approx(350 / 300)
