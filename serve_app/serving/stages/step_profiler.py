@@ -11,7 +11,9 @@ holds at least `CHATTERBOX_PROFILE_MIN_BATCH` rows (T3: requests; S3Gen: streams
   time (how much of a step the GPU spent in this process's kernels), the top kernels by time;
 - `{stage}-{pid}.ops.txt`: `key_averages()` as a table.
 
-The calls come from the thread that runs the steps (the profiler records that thread's ops).
+The calls come from the thread that runs the steps (the profiler records that thread's ops). A diagnostic, not for
+production: it slows the recorded steps, and a CUDA graph captured while serving inside the window (a shape the
+start-up grid missed) is captured under the profiler, which CUDA may refuse (that step then fails).
 """
 from __future__ import annotations
 
