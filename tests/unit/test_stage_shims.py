@@ -406,3 +406,22 @@ def test_t3_blocks_carry_the_first_blocks_timings_once():
     assert 0.03 <= first["t3_first_token"] < 0.03 + 0.03
     assert 0.04 <= first["t3_first_block"] < 0.04 + 0.04
     assert all(b.timings is None for b in blocks[1:])
+
+
+def test_engine_totals_become_counter_increments():
+    """Both stages export their engines' running totals through EngineTotals: each export adds what grew."""
+    from serve_app.serving.stages.stage_common import EngineTotals
+
+    class Counter:
+        def __init__(self):
+            self.incs = []
+
+        def inc(self, value, tags):
+            assert value > 0 and tags == {"backend": "engine"}   # Ray's Counter refuses 0
+            self.incs.append(value)
+
+    a, b = Counter(), Counter()
+    totals = EngineTotals({"backend": "engine"})
+    for read, used in ((10, 4), (10, 4), (25, None), (40, 9)):
+        totals.export([(a, "read", read), (b, "used", used)])
+    assert a.incs == [10, 15, 15] and b.incs == [4, 5]

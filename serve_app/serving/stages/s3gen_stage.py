@@ -30,7 +30,7 @@ from serve_app.serving.stages.stage_client import StageClient
 from serve_app.serving.stages.step_profiler import StepProfiler
 from serve_app.serving.stages.vocode_scheduler import LOOKAHEAD_TOKENS, VocodePolicy, VocodeScheduler, VocodeStream
 from serve_app.serving.stages.stage_common import (
-    configure_replica_logging, describe, log_stage_ready, quantize_upstream, resolve_quant, spec_for,
+    EngineTotals, configure_replica_logging, describe, log_stage_ready, quantize_upstream, resolve_quant, spec_for,
 )
 
 log = logging.getLogger(__name__)
@@ -126,7 +126,7 @@ class S3GenReplica:
         self._outputs: dict[str, asyncio.Queue] = {}     # request_id -> AudioBlock | BaseException
         self._wake: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
-        self._stats_seen: dict[str, int] = {}           # the engine's totals already exported
+        self._totals = EngineTotals(self._tags)       # the engine's running totals -> counters
         self.reconfigure(settings.user_config.model_dump())
         log_stage_ready("S3Gen", time.perf_counter() - t0, self.backend.name, self.rd, checkpoint)
 
@@ -279,15 +279,11 @@ class S3GenReplica:
             if value > 0:   # Ray's Counter.inc refuses 0
                 counter.inc(value, tags=tags)
         stats = self.backend.stats() if hasattr(self.backend, "stats") else None
-        if stats is not None:   # the engine's running totals -> counter increments since the last step
-            for counter, key in ((m.s3gen_flow_tokens_total, "num_flow_tokens"),
-                                 (m.s3gen_flow_row_tokens_total, "num_flow_row_tokens"),
-                                 (m.s3gen_flow_padded_tokens_total, "num_flow_padded_tokens"),
-                                 (m.s3gen_graph_captures_total, "num_graph_captures")):
-                value = stats.get(key)
-                if value is not None and value > self._stats_seen.get(key, 0):
-                    counter.inc(value - self._stats_seen.get(key, 0), tags=tags)
-                    self._stats_seen[key] = value
+        if stats is not None:
+            self._totals.export([(counter, key, stats.get(key)) for counter, key in (
+                (m.s3gen_flow_tokens_total, "num_flow_tokens"), (m.s3gen_flow_row_tokens_total, "num_flow_row_tokens"),
+                (m.s3gen_flow_padded_tokens_total, "num_flow_padded_tokens"),
+                (m.s3gen_graph_captures_total, "num_graph_captures"))])
         if num_samples:
             m.audio_seconds_total.inc(num_samples / SAMPLE_RATE, tags={"stage": "s3gen"})
 

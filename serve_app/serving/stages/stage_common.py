@@ -10,6 +10,23 @@ log = logging.getLogger(__name__)
 CPU_DEFAULT_QUANTIZATION = "dynamic"   # torch dynamic int8, the fast CPU path (quant/strategies.py)
 
 
+class EngineTotals:
+    """An engine's running totals exported as Ray counters: each `export` adds to a counter what its total grew by
+    since the last call (Ray's Counter can only be incremented, and refuses 0)."""
+
+    def __init__(self, tags: dict[str, str]):
+        self.tags = tags
+        self._seen: dict[str, float] = {}
+
+    def export(self, totals: list[tuple[Any, str, float | None]]) -> None:
+        # totals: (counter, key, the engine's running total or None)
+        for counter, key, value in totals:
+            last = self._seen.get(key, 0)
+            if value is not None and value > last:
+                counter.inc(value - last, tags=self.tags)
+                self._seen[key] = value
+
+
 def resolve_quant(strategy: str | None, device: str, stage: str) -> dict[str, Any]:
     """{component: QuantSpec} for a replica on `device`. On CPU: unset or 'auto' means torch dynamic int8, and
     a strategy that needs bitsandbytes is ignored with a warning (a GPU config fell back to CPU)."""

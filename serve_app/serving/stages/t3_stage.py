@@ -19,7 +19,7 @@ from serve_app.contracts import T3Job, TokenChunk
 from serve_app.serving.metrics import get_metrics
 from serve_app.serving.stages.replica_device import ReplicaDevice
 from serve_app.serving.stages.stage_common import (
-    configure_replica_logging, describe, log_stage_ready, quantize_upstream, resolve_quant, spec_for,
+    EngineTotals, configure_replica_logging, describe, log_stage_ready, quantize_upstream, resolve_quant, spec_for,
 )
 from serve_app.serving.stages.t3_backend import EngineT3Backend, T3Backend, UpstreamT3Backend
 
@@ -42,17 +42,14 @@ def make_t3_backend(checkpoint: Any, settings: T3Settings, rd: ReplicaDevice, qu
 
         slots = [num_slots]   # the engine's own count once it exists
         engine: list = []     # the engine once it exists: its KV-read totals become counter increments
-        kv_seen = {"kv_positions_read": 0, "kv_positions_used": 0}
+        tags = {"backend": "engine"}
+        totals = EngineTotals(tags)
 
         def on_step(seconds: float, batch: int) -> None:
-            tags = {"backend": "engine"}
             if engine:
-                for counter, key in ((m.t3_kv_positions_read_total, "kv_positions_read"),
-                                     (m.t3_kv_positions_used_total, "kv_positions_used")):
-                    value = getattr(engine[0].stats, key)
-                    if value > kv_seen[key]:
-                        counter.inc(value - kv_seen[key], tags=tags)
-                        kv_seen[key] = value
+                st = engine[0].stats
+                totals.export([(m.t3_kv_positions_read_total, "kv_positions_read", st.kv_positions_read),
+                               (m.t3_kv_positions_used_total, "kv_positions_used", st.kv_positions_used)])
             m.t3_step_seconds.observe(seconds, tags=tags)
             if seconds > 0:
                 m.t3_busy_seconds_total.inc(seconds, tags=tags)
