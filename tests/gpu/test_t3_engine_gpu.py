@@ -50,9 +50,9 @@ def _run_staggered(engine, reqs):
     return got
 
 
-def _engine(t3_cpu, enforce_eager, dtype="bf16", quant=None, slots=8):
+def _engine(t3_cpu, enforce_eager, dtype="bf16", quant=None, slots=8, decode_attention="masked"):
     cfg = T3EngineConfig(max_batch_requests=slots, max_seq_len=384, dtype=dtype, quant=quant,
-                         enforce_eager=enforce_eager, device="cuda")
+                         enforce_eager=enforce_eager, device="cuda", decode_attention=decode_attention)
     return T3Engine(copy.deepcopy(t3_cpu), cfg)
 
 
@@ -133,3 +133,50 @@ def test_decode_step_has_no_host_sync(tiny_cpu):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_padded_keys_attention_matches_masked_sdpa_and_reads_only_each_rows_keys(dtype):
+    from serve_app.engine.t3.llama import padded_keys_attention
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    rows, H, S, D, R, L = 12, 4, 256, 64, 10, 192  # R decode rows of a 12-row cache, bucket L
+    k_cache = torch.randn(rows, H, S, D, device="cuda", dtype=dtype, generator=g)
+    v_cache = torch.randn(rows, H, S, D, device="cuda", dtype=dtype, generator=g)
+    q = torch.randn(R, H, 1, D, device="cuda", dtype=dtype, generator=g)
+    pos = torch.tensor([0, 1, 63, 64, 65, 100, 127, 128, 150, 191], device="cuda")  # [R]
+    mask = torch.zeros(R, 1, 1, L, device="cuda", dtype=dtype)
+    mask.masked_fill_(~(torch.arange(L, device="cuda")[None, :] <= pos[:, None])[:, None, None, :], float("-inf"))
+    ref = torch.nn.functional.scaled_dot_product_attention(  # math, in fp32
+        q.float(), k_cache[:R, :, :L].float(), v_cache[:R, :, :L].float(), attn_mask=mask.float())
+    ref = ref.transpose(1, 2).reshape(R, 1, H * D)
+    starts = torch.arange(R + 1, dtype=torch.int32, device="cuda")
+    seqlen = (pos + 1).to(torch.int32)
+
+    def run():
+        return padded_keys_attention(q, k_cache, v_cache, seqlen, starts, starts * H * S, L).float()
+
+    got = run()
+    tol = 2e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got, ref, atol=tol, rtol=tol)
+    # keys past a row's length (and other rows' keys) are never read: garbage there changes nothing
+    for r in range(R):
+        k_cache[r, :, int(pos[r]) + 1:] = float("nan")
+        v_cache[r, :, int(pos[r]) + 1:] = float("nan")
+    k_cache[R:] = float("nan")
+    v_cache[R:] = float("nan")
+    assert torch.equal(run(), got)
+
+
+def test_padded_keys_engine_graph_equals_eager_and_masked_greedy(tiny_cpu):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    eager = _run_staggered(_engine(tiny_cpu, True, dtype="fp32", decode_attention="padded_keys"), _reqs())
+    engine = _engine(tiny_cpu, False, dtype="fp32", decode_attention="padded_keys")
+    assert set(k[1] for k in engine.graphs.graphs) == {384}  # one KV bucket: rows read their own lengths
+    graphed = _run_staggered(engine, _reqs())
+    assert graphed == eager
+    masked_engine = _engine(tiny_cpu, False, dtype="fp32")
+    masked = _run_staggered(masked_engine, _reqs())
+    assert graphed["greedy"] == masked["greedy"]  # fp32 greedy: the same tokens through either kernel
+    assert engine.stats.kv_positions_used == masked_engine.stats.kv_positions_used
+    assert engine.stats.kv_positions_read < masked_engine.stats.kv_positions_read

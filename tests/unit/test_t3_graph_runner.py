@@ -72,6 +72,19 @@ def test_kv_buckets_keep_a_batch_near_its_longest_request():
     assert T3EngineConfig(max_seq_len=1536).seq_buckets == buckets
 
 
+def test_padded_keys_attention_needs_one_kv_bucket_and_cuda():
+    cfg = T3EngineConfig(max_seq_len=1536, decode_attention="padded_keys", device="cpu")
+    assert cfg.seq_buckets == (1536,)  # rows read their own lengths: more buckets would only add graphs
+    assert T3EngineConfig(max_seq_len=1536, decode_attention="padded_keys", graph_seq_lens=(512, 1536)).seq_buckets \
+        == (512, 1536)
+    with pytest.raises(ValueError, match="decode_attention"):
+        T3EngineConfig(decode_attention="flash")
+    from serve_app.model.presets import build_t3, get_preset
+
+    with pytest.raises(ValueError, match="CUDA only"):
+        T3Engine(build_t3(get_preset("tiny")), cfg)
+
+
 def test_capture_order_and_shared_pool(fake_cuda):
     seen = []
     g = DecodeGraphs(_recording(lambda n, L: seen.append((n, L))), _recording(lambda n: None), (1, 2, 4), (256, 512))

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from typing import Any
 
 DTYPES = ("fp32", "fp16", "bf16")
+DECODE_ATTENTION = ("masked", "padded_keys")
 
 # Upstream T3 vocabulary (chatterbox T3Config): speech tokens 0..6560 are audio codes.
 START_SPEECH_TOKEN = 6561
@@ -56,8 +57,13 @@ class T3EngineConfig:
     # Every prefill is right-padded to its bucket (graphed or not), so eager and graphed runs stay equal.
     prefill_graph_lens: tuple[int, ...] | None = None
     device: str = "cuda"
+    # Decode attention: "masked" (SDPA over the batch's KV bucket with an additive mask: every row reads the
+    # bucket's positions) or "padded_keys" (CUDA only: each row reads its own length; one KV bucket suffices).
+    decode_attention: str = "masked"
 
     def __post_init__(self):
+        if self.decode_attention not in DECODE_ATTENTION:
+            raise ValueError(f"decode_attention={self.decode_attention!r}: use one of {DECODE_ATTENTION}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype={self.dtype!r} is not supported; use one of {DTYPES}")
         if self.max_batch_requests < 1:
@@ -84,7 +90,11 @@ class T3EngineConfig:
 
     @property
     def seq_buckets(self) -> tuple[int, ...]:
-        return tuple(sorted(self.graph_seq_lens or default_graph_seq_lens(self.max_seq_len)))
+        if self.graph_seq_lens:
+            return tuple(sorted(self.graph_seq_lens))
+        if self.decode_attention == "padded_keys":  # rows read their own lengths: buckets would only add graphs
+            return (self.max_seq_len,)
+        return default_graph_seq_lens(self.max_seq_len)
 
     @property
     def prefill_buckets(self) -> tuple[int, ...]:

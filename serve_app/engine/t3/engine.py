@@ -59,6 +59,9 @@ class T3Engine:
         self.device = torch.device(config.device)
         self.dtype = TORCH_DTYPES[config.dtype]
         self.use_graphs = self.device.type == "cuda" and not config.enforce_eager
+        if config.decode_attention == "padded_keys" and self.device.type != "cuda":
+            raise ValueError("decode_attention='padded_keys' runs on CUDA only (the memory-efficient attention "
+                             "kernel's variable-length mode); use 'masked'")
         reason = graphs_unsupported_reason(config.quant)
         if reason and self.use_graphs:
             raise ValueError(reason)
@@ -74,7 +77,7 @@ class T3Engine:
         self.max_speech_positions = t3.speech_pos_emb.emb.num_embeddings
 
         with torch.inference_mode():
-            self.backbone = LlamaBackbone(t3.tfmr, config.max_seq_len)
+            self.backbone = LlamaBackbone(t3.tfmr, config.max_seq_len, config.decode_attention)
             b = self.backbone
             self.cache = KVCache(b.num_layers, config.max_rows, b.num_heads, config.max_seq_len, b.head_dim,
                                  self.dtype, self.device)
@@ -157,7 +160,9 @@ class T3Engine:
             kv_len = pick_bucket(self.config.seq_buckets, max(lengths))
             st = self.stats
             st.num_decode_steps += 1
-            st.kv_positions_read += 2 * num_slots * kv_len
+            # padded slots (inactive) read one position each under padded_keys
+            st.kv_positions_read += 2 * (sum(lengths) + num_slots - len(running)
+                                         if self.config.decode_attention == "padded_keys" else num_slots * kv_len)
             st.kv_positions_used += 2 * sum(lengths)
             if self.graphs is not None:
                 self.graphs.run(num_slots, kv_len)

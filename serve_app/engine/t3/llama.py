@@ -18,6 +18,30 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 DECODE_SDPA_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
+def padded_keys_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seqlen_k: torch.Tensor,
+                          seqstart_q: torch.Tensor, seqstart_k: torch.Tensor, max_len: int) -> torch.Tensor:
+    """Decode attention that reads only each row's own keys (CUDA only): row r attends over cache positions
+    [0, seqlen_k[r]). The memory-efficient (cutlass) kernel's variable-length mode with per-sequence key lengths,
+    xformers' "padded keys" layout: with a mask, SDPA reads every position of the batch's longest row for every row.
+
+    q: [R, H, 1, D]; k_cache, v_cache: [rows, H, S, D] (rows >= R); seqlen_k: [R] int32; seqstart_q: [R + 1] int32
+    = 0..R; seqstart_k: [R + 1] int32 = r * H * S -> [R, 1, H * D]
+    """
+    R, H, _, D = q.shape
+    rows, _, S, _ = k_cache.shape
+    # The cache seen as one packed [1, M, H, D] key sequence with a key stride of D: "position" m = r*H*S + j of
+    # head h sits at m*D + h*S*D = r*H*S*D + h*S*D + j*D, exactly row r, head h, position j of the cache; row r's
+    # keys start at seqstart_k[r] = r*H*S. M is the largest extent that stays inside the cache's storage.
+    M = (rows - 1) * H * S + S
+    stride = (M * D, D, S * D, 1)
+    k = k_cache.as_strided((1, M, H, D), stride, k_cache.storage_offset())
+    v = v_cache.as_strided((1, M, H, D), stride, v_cache.storage_offset())
+    qv = q.transpose(1, 2).reshape(1, R, H, D)  # [1, R, H, D]: one query per row, rows packed
+    out = torch.ops.aten._efficient_attention_forward(
+        qv, k, v, None, seqstart_q, seqstart_k, 1, max_len, 0.0, 0, False, seqlen_k=seqlen_k)[0]  # [1, R, H, D]
+    return out.view(R, 1, H * D)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # x: [..., C] -> [..., C]. Normalizes and scales in fp32, rounds once. In fp32 this is HF LlamaRMSNorm
     # bit for bit; in bf16/fp16 HF rounds before the weight multiply (a rounding apart, one fused kernel here).
@@ -80,8 +104,11 @@ class KVCache(nn.Module):
 class LlamaBackbone(nn.Module):
     """Prefill (rows of whole prompts, written into chosen cache rows) and decode (one token for rows [0, R))."""
 
-    def __init__(self, tfmr: nn.Module, max_seq_len: int):
+    def __init__(self, tfmr: nn.Module, max_seq_len: int, decode_attention: str = "masked"):
         super().__init__()
+        if decode_attention not in ("masked", "padded_keys"):
+            raise ValueError(f"decode_attention={decode_attention!r}: use 'masked' or 'padded_keys'")
+        self.decode_attention = decode_attention
         cfg = tfmr.config
         self.layers = tfmr.layers
         self.norm = tfmr.norm
@@ -155,21 +182,38 @@ class LlamaBackbone(nn.Module):
 
     def decode(self, x: torch.Tensor, pos: torch.Tensor, kv_len: int, cache: KVCache) -> torch.Tensor:
         # x: [R, C] one token per cache row 0..R-1, pos: [R] int64 its RoPE position -> hidden [R, C] after final norm
-        # Attends over cache positions [0, kv_len) with key j visible iff j <= pos[r]. No host sync.
+        # Attends over cache positions [0, kv_len) with key j visible iff j <= pos[r]. No host sync. "masked": SDPA
+        # with an additive mask reads all kv_len positions of every row; "padded_keys" (CUDA) reads pos[r] + 1.
         R, C = x.shape
         cos = self.cos[pos].to(x.dtype)[:, None, None]  # [R, 1, 1, D]
         sin = self.sin[pos].to(x.dtype)[:, None, None]
+        if self.decode_attention == "padded_keys":
+            seqlen_k = (pos + 1).to(torch.int32)  # [R]: row r sees keys 0..pos[r]
+            starts = torch.arange(R + 1, dtype=torch.int32, device=x.device)  # [R + 1]
+            key_starts = starts * (self.num_heads * cache.k.size(3))  # row r's keys start at r * H * S
+
+            def attend(q, k_cache, v_cache):  # [R, H, 1, D] -> [R, 1, H * D]
+                return padded_keys_attention(q, k_cache, v_cache, seqlen_k, starts, key_starts, kv_len)
+
+            h = self._decode_layers(x[:, None, :], pos, cache, cos, sin, attend)
+            return rms_norm(h[:, 0], self.norm.weight, self.norm.variance_epsilon)
+
         visible = torch.arange(kv_len, device=x.device)[None, :] <= pos[:, None]  # [R, L]
         # additive mask built once per step (a bool mask would be converted by SDPA in every layer)
         mask = torch.zeros(R, 1, 1, kv_len, dtype=x.dtype, device=x.device)
         mask.masked_fill_(~visible[:, None, None, :], float("-inf"))  # [R, 1, 1, L]
-        h = x[:, None, :]  # [R, 1, C]
+
+        def attend(q, k_cache, v_cache):  # [R, H, 1, D] over the first kv_len positions -> [R, 1, H * D]
+            o = F.scaled_dot_product_attention(q, k_cache[:R, :, :kv_len], v_cache[:R, :, :kv_len], attn_mask=mask)
+            return o.transpose(1, 2).reshape(R, 1, -1)  # o: [R, H, 1, D]
+
         with sdpa_kernel(DECODE_SDPA_BACKENDS):
-            h = self._decode_layers(h, pos, kv_len, cache, cos, sin, mask)
+            h = self._decode_layers(x[:, None, :], pos, cache, cos, sin, attend)
         return rms_norm(h[:, 0], self.norm.weight, self.norm.variance_epsilon)
 
-    def _decode_layers(self, h, pos, kv_len, cache, cos, sin, mask):
-        # h: [R, 1, C], pos: [R], cos/sin: [R, 1, 1, D], mask: [R, 1, 1, L] -> h: [R, 1, C]
+    def _decode_layers(self, h, pos, cache, cos, sin, attend):
+        # h: [R, 1, C], pos: [R], cos/sin: [R, 1, 1, D], attend(q [R, H, 1, D], k_cache, v_cache) -> [R, 1, H * D]
+        # -> h: [R, 1, C]
         R = h.size(0)
         row_idx = torch.arange(R, device=h.device)  # [R]
         for i, layer in enumerate(self.layers):
@@ -179,8 +223,7 @@ class LlamaBackbone(nn.Module):
             k_cache, v_cache = cache.k[i], cache.v[i]  # [rows, H, S, D]
             k_cache[row_idx, :, pos] = k[:, :, 0]  # write [R, H, D] at each row's own position
             v_cache[row_idx, :, pos] = v[:, :, 0]
-            o = F.scaled_dot_product_attention(q, k_cache[:R, :, :kv_len], v_cache[:R, :, :kv_len], attn_mask=mask)
-            h = h + attn.o_proj(o.transpose(1, 2).reshape(R, 1, -1))  # o: [R, H, 1, D]
+            h = h + attn.o_proj(attend(q, k_cache, v_cache))
             m_in = rms_norm(h, layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon)
             h = h + self._mlp(i, layer, m_in)
         return h
