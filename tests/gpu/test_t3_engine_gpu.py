@@ -119,9 +119,10 @@ def test_int8_outlier_threshold_refuses_graphs(tiny_cpu):
         _engine(tiny_cpu, False, quant=QuantSpec(method="int8", dtype="bf16", int8_threshold=6.0))
 
 
-def test_decode_step_has_no_host_sync(tiny_cpu):
+@pytest.mark.parametrize("decode_attention", ["masked", "padded_keys"])
+def test_decode_step_has_no_host_sync(tiny_cpu, decode_attention):
     """The eager decode step (what the graphs capture) must not synchronize with the host."""
-    engine = _engine(tiny_cpu, True)
+    engine = _engine(tiny_cpu, True, decode_attention=decode_attention)
     for r in _reqs():
         engine.add_request(r)
     engine.step()  # prefill + first decode

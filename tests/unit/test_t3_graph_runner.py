@@ -69,16 +69,21 @@ def test_kv_buckets_keep_a_batch_near_its_longest_request():
     assert pick_bucket(buckets, 520) == 640 and pick_bucket(buckets, 1030) == 1280
     assert all(pick_bucket(buckets, n) - n < (128 if n <= 1024 else 256) for n in range(257, 1537))
     assert default_graph_seq_lens(192) == (192,) and default_graph_seq_lens(300) == (256, 300)
-    assert T3EngineConfig(max_seq_len=1536).seq_buckets == buckets
+    assert T3EngineConfig(max_seq_len=1536, decode_attention="masked").seq_buckets == buckets
 
 
 def test_padded_keys_attention_needs_one_kv_bucket_and_cuda():
+    from serve_app.engine.t3.config import default_graph_seq_lens
+
     cfg = T3EngineConfig(max_seq_len=1536, decode_attention="padded_keys", device="cpu")
     assert cfg.seq_buckets == (1536,)  # rows read their own lengths: more buckets would only add graphs
     assert T3EngineConfig(max_seq_len=1536, decode_attention="padded_keys", graph_seq_lens=(512, 1536)).seq_buckets \
         == (512, 1536)
     with pytest.raises(ValueError, match="decode_attention"):
         T3EngineConfig(decode_attention="flash")
+    assert T3EngineConfig(device="cuda").attention == "padded_keys"
+    assert T3EngineConfig(device="cpu").attention == "masked"
+    assert T3EngineConfig(device="cpu").seq_buckets == default_graph_seq_lens(1536)
     from serve_app.model.presets import build_t3, get_preset
 
     with pytest.raises(ValueError, match="CUDA only"):

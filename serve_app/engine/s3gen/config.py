@@ -57,10 +57,11 @@ class S3GenEngineConfig:
                                          # one-shot decodes always use all of it. Costs fidelity: see the test
     cfg_rate: float | None = None        # None: upstream inference_cfg_rate (0.7)
     enforce_eager: bool = False          # True: no CUDA graphs for the flow's euler loop (CUDA only anyway)
-    flow_graph_unit: str = "loop"        # "loop": one flow graph per shape holds all n euler steps; "step": one of
+    flow_graph_unit: str = "step"        # "loop": one flow graph per shape holds all n euler steps; "step": one of
                                          # the prologue and one of a single step, replayed n times (~1/n of the
-                                         # kernels to capture: a replica's start; n - 1 more launches a call).
-                                         # Not yet measured on a GPU (graphs.SteppedFlowGraphs)
+                                         # kernels to capture). Served on an H200 (gpu-1x), "step" had the app
+                                         # ready in 87-97 s against 150 s, at the same audio s/s (graphs.SteppedFlowGraphs;
+                                         # bench/results/bench_system_step_v1.md)
     graph_batch_sizes: tuple[int, ...] = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)  # flow / HiFT batches are
                                          # padded up to these (pad rows are computed); larger ones run eagerly
     graph_max_tokens: int = 16_384       # flow graphs only for padded rows x tokens up to this (eager above:

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from typing import Any
 
 DTYPES = ("fp32", "fp16", "bf16")
-DECODE_ATTENTION = ("masked", "padded_keys")
+DECODE_ATTENTION = ("auto", "masked", "padded_keys")
 
 # Upstream T3 vocabulary (chatterbox T3Config): speech tokens 0..6560 are audio codes.
 START_SPEECH_TOKEN = 6561
@@ -58,8 +58,11 @@ class T3EngineConfig:
     prefill_graph_lens: tuple[int, ...] | None = None
     device: str = "cuda"
     # Decode attention: "masked" (SDPA over the batch's KV bucket with an additive mask: every row reads the
-    # bucket's positions) or "padded_keys" (CUDA only: each row reads its own length; one KV bucket suffices).
-    decode_attention: str = "masked"
+    # bucket's positions) or "padded_keys" (CUDA only: each row reads its own length; one KV bucket suffices);
+    # "auto": padded_keys on CUDA. On an H200 padded_keys halved one layer's attention (2.0-2.2x, the same
+    # output bits; bench/results/bench_t3_attention.md) and served 101 against 74 audio s/s at 64 streams
+    # (bench/results/bench_system_padded_keys.md against bench_system_step_v1.md, one device call).
+    decode_attention: str = "auto"
 
     def __post_init__(self):
         if self.decode_attention not in DECODE_ATTENTION:
@@ -92,9 +95,16 @@ class T3EngineConfig:
     def seq_buckets(self) -> tuple[int, ...]:
         if self.graph_seq_lens:
             return tuple(sorted(self.graph_seq_lens))
-        if self.decode_attention == "padded_keys":  # rows read their own lengths: buckets would only add graphs
+        if self.attention == "padded_keys":  # rows read their own lengths: buckets would only add graphs
             return (self.max_seq_len,)
         return default_graph_seq_lens(self.max_seq_len)
+
+    @property
+    def attention(self) -> str:
+        """decode_attention with "auto" resolved for this device."""
+        if self.decode_attention == "auto":
+            return "padded_keys" if str(self.device).startswith("cuda") else "masked"
+        return self.decode_attention
 
     @property
     def prefill_buckets(self) -> tuple[int, ...]:

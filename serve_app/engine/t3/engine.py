@@ -59,7 +59,7 @@ class T3Engine:
         self.device = torch.device(config.device)
         self.dtype = TORCH_DTYPES[config.dtype]
         self.use_graphs = self.device.type == "cuda" and not config.enforce_eager
-        if config.decode_attention == "padded_keys" and self.device.type != "cuda":
+        if config.attention == "padded_keys" and self.device.type != "cuda":
             raise ValueError("decode_attention='padded_keys' runs on CUDA only (the memory-efficient attention "
                              "kernel's variable-length mode); use 'masked'")
         reason = graphs_unsupported_reason(config.quant)
@@ -77,7 +77,7 @@ class T3Engine:
         self.max_speech_positions = t3.speech_pos_emb.emb.num_embeddings
 
         with torch.inference_mode():
-            self.backbone = LlamaBackbone(t3.tfmr, config.max_seq_len, config.decode_attention)
+            self.backbone = LlamaBackbone(t3.tfmr, config.max_seq_len, config.attention)
             b = self.backbone
             self.cache = KVCache(b.num_layers, config.max_rows, b.num_heads, config.max_seq_len, b.head_dim,
                                  self.dtype, self.device)
@@ -162,7 +162,7 @@ class T3Engine:
             st.num_decode_steps += 1
             # padded slots (inactive) read one position each under padded_keys
             st.kv_positions_read += 2 * (sum(lengths) + num_slots - len(running)
-                                         if self.config.decode_attention == "padded_keys" else num_slots * kv_len)
+                                         if self.config.attention == "padded_keys" else num_slots * kv_len)
             st.kv_positions_used += 2 * sum(lengths)
             if self.graphs is not None:
                 self.graphs.run(num_slots, kv_len)
