@@ -27,6 +27,8 @@ def test_the_window_opens_at_the_first_full_batch_and_records_that_many_steps(tm
         _work()
         prof.step_done(batch)
     assert not prof.recording
+    assert prof.writer.name == "t3-profile-writer"   # files are written off the step thread
+    prof.writer.join(timeout=60)
     (summary,) = tmp_path.glob("t3-*.summary.json")
     s = json.loads(summary.read_text())
     assert s["steps"] == 3 and s["batches"] == [5, 6, 7] and s["batch_mean"] == 6 and s["wall_s"] > 0
@@ -74,6 +76,7 @@ def test_the_t3_engine_backend_profiles_its_steps(tmp_path: Path, monkeypatch):
     finally:
         backend.close()
         get_envs.cache_clear()
+    backend._profiler.writer.join(timeout=60)
     (summary,) = tmp_path.glob("t3-*.summary.json")
     assert json.loads(summary.read_text())["steps"] == 2
 
@@ -101,5 +104,6 @@ def test_the_s3gen_replica_profiles_its_steps(tmp_path: Path, monkeypatch):
     finally:
         get_envs.cache_clear()
     assert blocks[-1].finished and len(blocks) >= 4       # enough steps: one opens the window, two fill it
+    replica._profiler.writer.join(timeout=60)
     (summary,) = tmp_path.glob("s3gen-*.summary.json")
     assert json.loads(summary.read_text())["steps"] == 2

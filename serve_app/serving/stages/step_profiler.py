@@ -11,8 +11,10 @@ holds at least `CHATTERBOX_PROFILE_MIN_BATCH` rows (T3: requests; S3Gen: streams
   time (how much of a step the GPU spent in this process's kernels), the top kernels by time;
 - `{stage}-{pid}.ops.txt`: `key_averages()` as a table.
 
-The calls come from the thread that runs the steps (the profiler records that thread's ops). A diagnostic, not for
-production: it slows the recorded steps, and a CUDA graph captured while serving inside the window (a shape the
+The calls come from the thread that runs the steps (the profiler records that thread's ops); the files are written
+by a thread of their own. A diagnostic, not for production: it slows the recorded steps, and writing them holds the
+GIL for seconds (S3Gen: ~500k events in 40 steps; written inline, it stopped the replica for ~20 s on an H200, and
+the bench level it landed in made no audio: bench/results/profile_served_step/); and a CUDA graph captured while serving inside the window (a shape the
 start-up grid missed) is captured under the profiler, which CUDA may refuse (that step then fails).
 """
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +44,7 @@ class StepProfiler:
     _done: bool = False
     _started_at: float = 0.0
     _batches: list[int] = field(default_factory=list)
+    writer: threading.Thread | None = None   # writes the files once the window closes
 
     @classmethod
     def from_env(cls, stage: str) -> StepProfiler:
@@ -79,6 +83,11 @@ class StepProfiler:
             torch.cuda.synchronize()
         wall = time.perf_counter() - self._started_at
         prof.__exit__(None, None, None)
+        self.writer = threading.Thread(target=self._write_logged, args=(prof, wall), daemon=True,
+                                       name=f"{self.stage}-profile-writer")
+        self.writer.start()
+
+    def _write_logged(self, prof: torch.profiler.profile, wall: float) -> None:
         try:
             self._write(prof, wall)
         except Exception:  # noqa: BLE001 - a diagnostic must not take the replica down
