@@ -194,6 +194,8 @@ def engine_stats(before, after) -> dict:
         "s3gen_step_mean_s": _mean(before, after, "chatterbox_s3gen_busy_seconds_total",
                                    "chatterbox_s3gen_batch_seconds"),
         "s3gen_steps": prom.delta(before, after, "chatterbox_s3gen_batch_seconds_count"),
+        "s3gen_flow_calls_per_step": _ratio(prom.delta(before, after, "chatterbox_s3gen_flow_calls_total"),
+                                            prom.delta(before, after, "chatterbox_s3gen_batch_seconds_count")),
         "vocoded_per_produced_token": _ratio(flow, new),
         "s3gen_flow_padding_ratio": _ratio(padded, needed),
         # what the flow ran per new token: the rows' prompt, context, new and look-ahead tokens, then with padding

@@ -117,16 +117,19 @@ ROWS: list[tuple[str, list[tuple[str, str, str, list[tuple[str, str]]]]]] = [
             (f"sum(rate(ray_chatterbox_s3gen_flow_tokens_total{{{APP}}}[{RATE}])) / "
              f"sum(rate(ray_chatterbox_s3gen_speech_tokens_total{{{APP}}}[{RATE}]))", "flow / new"),
         ]),
-        ("S3Gen flow padding and graph captures", "short", "Row-tokens the flow computed per row-token its "
-         "rows needed (1.0: no padding; rows are grouped into calls by length), and CUDA graphs captured while "
-         "serving per minute (each holds up a step; warm-up captures the grid ahead).", [
+        ("S3Gen flow padding, calls and graph captures", "short", "Row-tokens the flow computed per row-token its "
+         "rows needed (1.0: no padding; rows are grouped into calls by length), flow calls per engine step (each a "
+         "fixed cost), and CUDA graphs captured while serving per minute (each holds up a step; warm-up captures "
+         "the grid ahead).", [
             (f"sum(rate(ray_chatterbox_s3gen_flow_padded_tokens_total{{{APP}}}[{RATE}])) / "
              f"sum(rate(ray_chatterbox_s3gen_flow_row_tokens_total{{{APP}}}[{RATE}]))", "padded / needed"),
+            (f"sum(rate(ray_chatterbox_s3gen_flow_calls_total{{{APP}}}[{RATE}])) / "
+             f"sum(rate(ray_chatterbox_s3gen_batch_seconds_count{{{APP}}}[{RATE}]))", "flow calls / step"),
             (f"60 * sum(rate(ray_chatterbox_s3gen_graph_captures_total{{{APP}}}[{RATE}]))", "captures / min"),
         ]),
-        ("T3 KV read per KV held", "short", "KV cache positions T3's decode attention read (cache rows x the "
-         "step's KV-length bucket: the batch's longest request, rounded up) per position its requests held: "
-         "the attention traffic spent on padding (1.0: none).", [
+        ("T3 KV read per KV held", "short", "KV cache positions T3's decode attention read per position its "
+         "requests held: the attention traffic spent on padding (1.0: none, decode_attention padded_keys, the "
+         "default on CUDA; masked: cache rows x the step's KV-length bucket, the batch's longest request).", [
             (f"sum(rate(ray_chatterbox_t3_kv_positions_read_total{{{APP}}}[{RATE}])) / "
              f"sum(rate(ray_chatterbox_t3_kv_positions_used_total{{{APP}}}[{RATE}]))", "read / held"),
         ]),

@@ -113,6 +113,9 @@ class Metrics:
         self.s3gen_flow_row_tokens_total = C(
             "chatterbox_s3gen_flow_row_tokens_total", "Tokens of the rows the flow ran, voice prompt included "
             "(what it had to compute, without padding).", tag_keys=("backend",))
+        self.s3gen_flow_calls_total = C(
+            "chatterbox_s3gen_flow_calls_total", "Flow calls: a step's rows are split into calls by length, each a "
+            "fixed cost (/ steps: calls per step; engine/s3gen/batching.py).", tag_keys=("backend",))
         self.s3gen_graph_captures_total = C(
             "chatterbox_s3gen_graph_captures_total", "CUDA graphs captured by S3Gen while serving (each holds up "
             "a step; warm-up captures are not counted).", tag_keys=("backend",))

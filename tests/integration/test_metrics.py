@@ -30,6 +30,7 @@ EXPECTED = {
     "chatterbox_t3_kv_positions_read_total",    # the engine backend's attention traffic (KV read per held)
     "chatterbox_t3_kv_positions_used_total",
     "chatterbox_s3gen_step_streams_total",
+    "chatterbox_s3gen_flow_calls_total",         # the engine backend's flow calls (/ steps: calls per step)
     "chatterbox_s3gen_first_steps_total",
     "chatterbox_audio_seconds_total",
     "chatterbox_t3_request_seconds_bucket",

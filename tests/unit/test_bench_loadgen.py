@@ -382,9 +382,13 @@ def test_engine_ratios_from_the_counters():
               "ray_chatterbox_t3_kv_positions_used_total{backend=\"engine\"} %s\n"
               "ray_chatterbox_s3gen_speech_tokens_total{backend=\"engine\"} %s\n"
               "ray_chatterbox_s3gen_flow_row_tokens_total{backend=\"engine\"} %s\n"
-              "ray_chatterbox_s3gen_flow_padded_tokens_total{backend=\"engine\"} %s\n")
-    stats = engine_stats(prom.parse(scrape % (100, 50, 10, 40, 50)), prom.parse(scrape % (4100, 1050, 110, 340, 400)))
+              "ray_chatterbox_s3gen_flow_padded_tokens_total{backend=\"engine\"} %s\n"
+              "ray_chatterbox_s3gen_flow_calls_total{backend=\"engine\"} %s\n"
+              "ray_chatterbox_s3gen_batch_seconds_count{backend=\"engine\"} %s\n")
+    stats = engine_stats(prom.parse(scrape % (100, 50, 10, 40, 50, 3, 2)),
+                         prom.parse(scrape % (4100, 1050, 110, 340, 400, 13, 6)))
     assert stats["t3_kv_read_ratio"] == pytest.approx(4.0)
     assert stats["s3gen_row_tokens_per_new_token"] == pytest.approx(3.0)
     assert stats["s3gen_padded_tokens_per_new_token"] == pytest.approx(3.5)
     assert stats["s3gen_flow_padding_ratio"] == pytest.approx(350 / 300)
+    assert stats["s3gen_flow_calls_per_step"] == pytest.approx(2.5)   # 10 calls over 4 steps

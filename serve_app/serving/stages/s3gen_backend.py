@@ -150,10 +150,11 @@ class EngineS3GenBackend:
         return [(np.asarray(audio, np.float32).reshape(-1), state) for audio, state in self.engine.step(inputs)]
 
     def stats(self) -> dict[str, int]:
-        """The engine's running totals (tokens through the flow, padded row-tokens, graph captures since warm-up)."""
+        """The engine's running totals (tokens through the flow, padded row-tokens, flow calls, graph captures since
+        warm-up)."""
         s = self.engine.stats
         return {"num_flow_tokens": s.num_flow_tokens, "num_flow_row_tokens": s.num_flow_row_tokens,
-                "num_flow_padded_tokens": s.num_flow_padded_tokens,
+                "num_flow_padded_tokens": s.num_flow_padded_tokens, "num_flow_calls": s.num_flow_calls,
                 "num_graph_captures": self.engine.num_graph_captures() - self._captures_at_start}
 
     def mark_warm(self) -> None:

@@ -283,6 +283,7 @@ class S3GenReplica:
             self._totals.export([(counter, key, stats.get(key)) for counter, key in (
                 (m.s3gen_flow_tokens_total, "num_flow_tokens"), (m.s3gen_flow_row_tokens_total, "num_flow_row_tokens"),
                 (m.s3gen_flow_padded_tokens_total, "num_flow_padded_tokens"),
+                (m.s3gen_flow_calls_total, "num_flow_calls"),
                 (m.s3gen_graph_captures_total, "num_graph_captures"))])
         if num_samples:
             m.audio_seconds_total.inc(num_samples / SAMPLE_RATE, tags={"stage": "s3gen"})
