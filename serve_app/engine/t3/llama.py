@@ -31,7 +31,8 @@ def padded_keys_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     rows, _, S, _ = k_cache.shape
     # The cache seen as one packed [1, M, H, D] key sequence with a key stride of D: "position" m = r*H*S + j of
     # head h sits at m*D + h*S*D = r*H*S*D + h*S*D + j*D, exactly row r, head h, position j of the cache; row r's
-    # keys start at seqstart_k[r] = r*H*S. M is the largest extent that stays inside the cache's storage.
+    # keys start at seqstart_k[r] = r*H*S. M is the largest extent that stays inside the cache's storage. (Offsets
+    # within one layer's cache fit 32 bits: 2^31 elements a layer would be 257 GB of bf16 KV over T3's 30 layers.)
     M = (rows - 1) * H * S + S
     stride = (M * D, D, S * D, 1)
     k = k_cache.as_strided((1, M, H, D), stride, k_cache.storage_offset())
