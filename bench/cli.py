@@ -26,6 +26,8 @@ SCRIPTS: dict[str, tuple[str, str]] = {
                                    "vs upstream."),
     "t3-host": ("bench.bench_t3_host", "T3 stage host work around a stand-in engine: steps/s, hand-offs to the event "
                                        "loop, CPU per token (no GPU)."),
+    "t3-attention": ("bench.bench_t3_attention", "T3 decode attention alone, masked against padded keys, at the "
+                                                 "served shapes (CUDA)."),
     "quant": ("bench.bench_quant", "VRAM per component and strategy against the estimator; pre-quantized load time."),
     "profile-first-chunk": ("bench.profile_first_chunk", "Profile of S3Gen's first streamed chunk (a diagnostic)."),
 }

@@ -80,7 +80,7 @@ def _mount(name: str, module: str, help_text: str) -> None:
 
 
 _mount("quant", "quant.cli", "Inspect, estimate and evaluate per-component quantization.")
-_mount("bench", "bench.cli", "Run the benchmarks: t3, s3gen, quant, profile-first-chunk (results go to bench/results/).")
+_mount("bench", "bench.cli", "Run the benchmarks: t3, t3-attention, t3-host, s3gen, quant, profile-first-chunk (results go to bench/results/).")
 
 if __name__ == "__main__":
     app()
