@@ -50,9 +50,10 @@ def _run_staggered(engine, reqs):
     return got
 
 
-def _engine(t3_cpu, enforce_eager, dtype="bf16", quant=None, slots=8, decode_attention="masked"):
+def _engine(t3_cpu, enforce_eager, dtype="bf16", quant=None, slots=8, decode_attention="masked", compile=False):
     cfg = T3EngineConfig(max_batch_requests=slots, max_seq_len=384, dtype=dtype, quant=quant,
-                         enforce_eager=enforce_eager, device="cuda", decode_attention=decode_attention)
+                         enforce_eager=enforce_eager, device="cuda", decode_attention=decode_attention,
+                         compile=compile)
     return T3Engine(copy.deepcopy(t3_cpu), cfg)
 
 
@@ -181,3 +182,13 @@ def test_padded_keys_engine_graph_equals_eager_and_masked_greedy(tiny_cpu):
     assert graphed["greedy"] == masked["greedy"]  # fp32 greedy: the same tokens through either kernel
     assert engine.stats.kv_positions_used == masked_engine.stats.kv_positions_used
     assert engine.stats.kv_positions_read < masked_engine.stats.kv_positions_read
+
+
+@pytest.mark.parametrize("decode_attention", ["masked", "padded_keys"])
+def test_compiled_decode_in_graphs_gives_the_uncompiled_tokens(tiny_cpu, decode_attention):
+    """torch.compile'd decode backbone, captured in the decode graphs: the uncompiled engine's fp32 tokens."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    plain = _run_staggered(_engine(tiny_cpu, False, dtype="fp32", decode_attention=decode_attention), _reqs())
+    compiled = _run_staggered(_engine(tiny_cpu, False, dtype="fp32", decode_attention=decode_attention,
+                                      compile=True), _reqs())
+    assert compiled == plain

@@ -63,6 +63,11 @@ class T3EngineConfig:
     # output bits; bench/results/bench_t3_attention.md) and served 101 against 74 audio s/s at 64 streams
     # (bench/results/bench_system_padded_keys.md against bench_system_step_v1.md, one device call).
     decode_attention: str = "auto"
+    # torch.compile the decode step's backbone (Inductor fuses its norms, RoPE, residual adds and MLP activation:
+    # ~770 kernels a step at 64 requests, most a few microseconds, on an H200); the attention kernel runs as it is.
+    # Captured in the decode graphs like the eager step. Compiles once per process (dynamic shapes). Not yet
+    # measured on a GPU.
+    compile: bool = False
 
     def __post_init__(self):
         if self.decode_attention not in DECODE_ATTENTION:

@@ -78,6 +78,9 @@ class T3Engine:
 
         with torch.inference_mode():
             self.backbone = LlamaBackbone(t3.tfmr, config.max_seq_len, config.attention)
+            # the decode step's backbone, compiled or not (prefill stays eager: one-request graphs cover it)
+            self._backbone_decode = (torch.compile(self.backbone.decode, dynamic=True) if config.compile
+                                     else self.backbone.decode)
             b = self.backbone
             self.cache = KVCache(b.num_layers, config.max_rows, b.num_heads, config.max_seq_len, b.head_dim,
                                  self.dtype, self.device)
@@ -289,7 +292,7 @@ class T3Engine:
         C = x.size(-1)
         x = x[:, None, :].expand(n, 2, C).reshape(2 * n, C)  # [2n, C] rows (cond, uncond) per slot
         pos = st.rope_pos[:n, None].expand(n, 2).reshape(2 * n)  # [2n]
-        h = self.backbone.decode(x, pos, kv_len, self.cache)  # [2n, C]
+        h = self._backbone_decode(x, pos, kv_len, self.cache)  # [2n, C]
         self.logits[:2 * n].copy_(t3.speech_head(h))  # [2n, V] float32
 
     def _decode_sample(self, num_slots: int) -> None:

@@ -18,6 +18,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 DECODE_SDPA_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
+@torch.compiler.disable   # a compiled decode step calls the kernel as it is (its cache views stay views)
 def padded_keys_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seqlen_k: torch.Tensor,
                           seqstart_q: torch.Tensor, seqstart_k: torch.Tensor, max_len: int) -> torch.Tensor:
     """Decode attention that reads only each row's own keys (CUDA only): row r attends over cache positions
