@@ -73,9 +73,9 @@ class Metrics:
             "chatterbox_t3_step_occupancy_total", "chatterbox_t3_batch_occupancy_ratio summed over the steps (/ the "
             "steps: its exact mean).", tag_keys=("backend",))
         self.t3_kv_positions_read_total = C(
-            "chatterbox_t3_kv_positions_read_total", "KV cache positions T3's decode attention read: cache rows x "
-            "the step's KV-length bucket, summed over steps (/ chatterbox_t3_kv_positions_used_total: the padding "
-            "read).", tag_keys=("backend",))
+            "chatterbox_t3_kv_positions_read_total", "KV cache positions T3's decode attention read, summed over "
+            "steps: cache rows x the step's KV-length bucket (masked), or each row's own length (padded keys) "
+            "(/ chatterbox_t3_kv_positions_used_total: the padding read).", tag_keys=("backend",))
         self.t3_kv_positions_used_total = C(
             "chatterbox_t3_kv_positions_used_total", "KV cache positions the running requests held (two rows each), "
             "summed over decode steps.", tag_keys=("backend",))

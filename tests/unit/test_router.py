@@ -450,7 +450,8 @@ async def test_closing_the_pipeline_cancels_running_t3_streams():
                                     BUILTIN_VOICE, SynthesisParams(), streaming=True)
     await gen.__anext__()
     await gen.aclose()
-    assert sorted(stack.t3.cancelled) == ["req-x-0", "req-x-1"]
+    cancelled = sorted(stack.t3.cancelled)
+    assert len(cancelled) == 2 and cancelled[0].startswith("req-x.") and [c[-2:] for c in cancelled] == ["-0", "-1"]
 
 
 # -- the real OpenAI SDK ----------------------------------------------------------------------------------------------
@@ -610,3 +611,19 @@ async def test_later_text_chunks_queue_behind_first_ones_in_t3():
         prio = {job.request_id: job.priority for job in stack.t3.jobs}
         assert len(prio) >= 2
         assert all(p == (1 if on and not rid.endswith("-0") else 0) for rid, p in prio.items()), prio
+
+
+async def test_requests_that_share_an_x_request_id_never_share_a_stage_stream():
+    """Two requests with one x-request-id (a client reusing it, or the proxy's retry of a request whose router
+    replica died while the first run's streams were still open in S3Gen) both get their audio: each run's text
+    chunks reach the stages under ids of their own, prefixed with the request id for the logs."""
+    stack = Stack(t3=FakeT3(step_delay_s=0.01), max_chunk_chars=40)
+    body = {"model": "chatterbox", "input": TEXT, "response_format": "pcm"}
+    async with client(stack) as c:
+        responses = await asyncio.gather(*(c.post("/v1/audio/speech", json=body, headers={"x-request-id": "same"})
+                                           for _ in range(2)))
+    assert [r.status_code for r in responses] == [200, 200], [r.text for r in responses]
+    assert all(len(r.content) == 2 * stack.expected_samples(TEXT) for r in responses)
+    ids = [job.request_id for job in stack.s3gen.jobs]
+    assert len(ids) == len(set(ids)) and all(i.startswith("same.") for i in ids)
+    assert len({i.rsplit("-", 1)[0] for i in ids}) == 2       # two runs, each with its chunks -0, -1, ...

@@ -27,6 +27,7 @@ import asyncio
 import logging
 import math
 import time
+import uuid
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -77,11 +78,11 @@ class SpeechPipeline:
         self.s3gen = s3gen    # the only stage called here: the S3Gen stage calls T3 itself
         self.config = config
 
-    def _job(self, request_id: str, index: int, text: str, voice_id: str, params: SynthesisParams,
+    def _job(self, run_id: str, index: int, text: str, voice_id: str, params: SynthesisParams,
              streaming: bool) -> SpeechJob:
         c = self.config
         cap = chunk_token_cap(text, params.max_new_tokens, c.max_seconds_per_char)
-        return SpeechJob(request_id=f"{request_id}-{index}", text=text, voice_id=voice_id,
+        return SpeechJob(request_id=f"{run_id}-{index}", text=text, voice_id=voice_id,
                          params=dataclasses.replace(params, max_new_tokens=cap), streaming=streaming,
                          first_step_tokens=c.first_chunk_tokens, step_tokens=c.stream_chunk_tokens,
                          t3_block_tokens=c.t3_block_tokens,
@@ -89,8 +90,13 @@ class SpeechPipeline:
 
     async def run(self, request_id: str, chunks: list[str], voice_id: str, params: SynthesisParams, *,
                   streaming: bool, stats: PipelineStats | None = None) -> AsyncIterator[np.ndarray]:
-        """Yields float32 [N] pieces of the request's audio, in order. Close it to cancel the request."""
+        """Yields float32 [N] pieces of the request's audio, in order. Close it to cancel the request.
+
+        The stages see this run's chunks as `{request_id}.{run}-{index}`: a request run again (the router's retry
+        after a lost stage replica, the proxy's after a lost router replica, both keep the request id for the
+        logs) or a client that reuses an x-request-id never meets an earlier run's streams still open in a stage."""
         stats = stats if stats is not None else PipelineStats()
+        run_id = f"{request_id}.{uuid.uuid4().hex[:8]}"
         crossfader = Crossfader(self.config.crossfade_samples)
         running: deque[StageStream] = deque()
         opened: list[StageStream] = []
@@ -108,7 +114,7 @@ class SpeechPipeline:
         try:
             for index in range(len(chunks)):
                 while next_chunk < len(chunks) and len(running) <= self.config.lookahead_chunks:
-                    job = self._job(request_id, next_chunk, chunks[next_chunk], voice_id, params, streaming)
+                    job = self._job(run_id, next_chunk, chunks[next_chunk], voice_id, params, streaming)
                     stream = self.s3gen.stream("synthesize", job)
                     running.append(stream)
                     opened.append(stream)
@@ -127,7 +133,7 @@ class SpeechPipeline:
                         retries += 1
                         logger.info("%s: text chunk %d turned away by a full S3Gen queue; asking again (%d of %d)",
                                     request_id, index, retries, self.config.busy_retries)
-                        job = self._job(request_id, index, chunks[index], voice_id, params, streaming)
+                        job = self._job(run_id, index, chunks[index], voice_id, params, streaming)
                         stream = self.s3gen.stream("synthesize", job)
                         opened.append(stream)
                         continue
