@@ -47,7 +47,7 @@ def parse_args(argv=None):
     p.add_argument("--upstream-tokens", type=int, default=None, help="upstream baseline tokens (default 100; smoke 6)")
     p.add_argument("--modes", default="bf16,int8,nf4,bf16-eager",
                    help="comma list of bf16 | fp16 | fp32 | int8 (threshold 0) | nf4 | fp4, each optionally with "
-                        "'-eager' (no CUDA graphs)")
+                        "'-eager' (no CUDA graphs) or '-compile' (torch.compile'd decode step, T3EngineConfig.compile)")
     p.add_argument("--no-upstream", action="store_true", help="skip the upstream baseline")
     p.add_argument("--enforce-eager", action="store_true", help="engine without CUDA graphs")
     p.add_argument("--out", default="bench/results", help="output directory")
@@ -106,7 +106,7 @@ def bench_upstream(t3_cpu, device, n_tokens) -> dict:
 def mode_config(mode: str):
     from quant.spec import QuantSpec
 
-    mode = mode.removesuffix("-eager")
+    mode = mode.removesuffix("-eager").removesuffix("-compile")
     if mode in ("bf16", "fp32", "fp16"):
         return mode, None
     if mode == "int8":
@@ -182,7 +182,8 @@ def bench_engine(t3_cpu, mode: str, args, max_c: int) -> dict:
     seq = prompt_len(len(TEXT_TOKENS)) + args.tokens
     max_seq_len = max(64, -(-seq // 64) * 64)
     cfg = T3EngineConfig(max_batch_requests=max_c, max_seq_len=max_seq_len, dtype=dtype, quant=quant,
-                         enforce_eager=args.enforce_eager or mode.endswith("-eager"), device=args.device)
+                         enforce_eager=args.enforce_eager or mode.endswith("-eager"), device=args.device,
+                         compile=mode.endswith("-compile"))
     if cuda:
         gc.collect()
         torch.cuda.empty_cache()
@@ -206,7 +207,8 @@ def bench_engine(t3_cpu, mode: str, args, max_c: int) -> dict:
         "mode": mode, "dtype": dtype, "quant": None if quant is None else quant.label(),
         "config": {"max_batch_requests": cfg.max_batch_requests, "max_seq_len": cfg.max_seq_len,
                    "graph_batch_sizes": list(cfg.batch_buckets), "graph_seq_lens": list(cfg.seq_buckets),
-                   "max_prefill_requests": cfg.max_prefill_requests, "enforce_eager": cfg.enforce_eager},
+                   "max_prefill_requests": cfg.max_prefill_requests, "enforce_eager": cfg.enforce_eager,
+                   "decode_attention": cfg.attention, "compile": cfg.compile},
         "graphs": engine.use_graphs, "init_seconds": init_s, "first_token": first, "kv_cache_gib": engine.cache.num_bytes / 2**30,
         "peak_vram_gib": (torch.cuda.max_memory_allocated() - base) / 2**30 if cuda else None,
         "results": results,
