@@ -162,7 +162,7 @@ def load_s3gen(info: CheckpointInfo, device: str | torch.device = "cpu", *, enro
     if real_missing or unexpected:
         raise CheckpointError(f"S3Gen checkpoint mismatch: missing {real_missing[:5]}, unexpected {unexpected[:5]}")
     if not enrollment:
-        from serve_app.engine.s3gen.strip import strip_enrollment_modules
+        from serve_app.model.strip import strip_enrollment_modules
 
         strip_enrollment_modules(s3gen)
     return s3gen.to(device).eval()

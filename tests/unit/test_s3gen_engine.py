@@ -9,7 +9,7 @@ from s3gen_helpers import one_thread, fresh_s3gen, random_tokens, random_voice  
 from serve_app.engine.s3gen import (
     S3GenEngine, S3GenEngineConfig, VocodeInput, strip_enrollment_modules,
 )
-from serve_app.engine.s3gen.strip import is_removed
+from serve_app.model.strip import is_removed
 from serve_app.engine.s3gen.vocoder import HiftRow
 
 STEPS = 3

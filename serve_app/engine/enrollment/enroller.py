@@ -13,7 +13,7 @@ import librosa
 import numpy as np
 import torch
 
-from serve_app.engine.s3gen.strip import is_removed
+from serve_app.model.strip import is_removed
 
 log = logging.getLogger(__name__)
 

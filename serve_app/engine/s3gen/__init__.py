@@ -5,7 +5,7 @@ from .batching import plan_batches
 from .engine import S3GenEngine
 from .stats import S3GenEngineStats
 from .streaming import StreamState
-from .strip import strip_enrollment_modules
+from serve_app.model.strip import strip_enrollment_modules
 
 __all__ = [
     "S3GenEngine", "S3GenEngineConfig", "S3GenEngineStats", "StreamState", "VocodeInput", "plan_batches",
