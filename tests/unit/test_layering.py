@@ -53,3 +53,10 @@ def test_serving_folders_import_downward_only(path):
 def test_shared_serving_modules_import_no_folder(name):
     bad = {m for m in _imports(SERVE_APP / "serving" / name) for d in ORDER if m.startswith(f"serve_app.serving.{d}")}
     assert not bad, f"serving/{name} is below every folder but imports {sorted(bad)}"
+
+
+@pytest.mark.parametrize("path", _files(SERVE_APP / "model"), ids=lambda p: str(p.relative_to(ROOT)))
+def test_model_loading_imports_no_engine_or_serving(path):
+    """model/ (checkpoints, presets, surgery on the upstream modules) sits below the engines and the app."""
+    bad = {m for m in _imports(path) if m.startswith(("serve_app.engine", "serve_app.serving"))}
+    assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}, which is above it"
