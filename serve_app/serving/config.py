@@ -161,6 +161,13 @@ class S3GenUserConfig(_Model):
                                  "least this many new tokens.")
     low_water_s: float = Field(1.0, ge=0, description="A stream steps early when less than this much audio is "
                                "left to play (at real time since its first block).")
+    urgent_margin: float | None = Field(None, gt=0, description="A stream steps early only when its audio left "
+                                        "is also under this many times the expected wait for a step at its target "
+                                        "(T3's pace for the missing tokens, then a step's observed length): where "
+                                        "both are fast, fewer small steps, each re-running context and look-ahead. "
+                                        "None: off. Not yet measured on a GPU (on a model clock of one stream at "
+                                        "light load, 2.0 takes one step fewer for a 60-250-token chunk: "
+                                        "tests/unit/test_vocode_scheduler.py).")
 
 
 class T3Settings(DeploymentSettings):

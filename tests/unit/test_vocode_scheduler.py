@@ -272,3 +272,83 @@ def test_first_step_cover_grows_first_steps_when_steps_are_long():
     sched.remove("busy")
     sched.policy = VocodePolicy(first_step_cover=1.5, light_first_step_tokens=8)
     assert sched.first_step_tokens(15) == 8                   # an idle replica still takes the light step
+
+
+def test_urgent_margin_waits_for_a_target_that_is_moments_away():
+    """Where T3 and the vocoder are fast, a stream with audio in hand for `urgent_margin` times the wait for its
+    target does not step early with a few tokens; where they are slow the low-water rule stands."""
+    def setup(t3_s_per_token, step_s, margin):
+        sched = VocodeScheduler(VocodePolicy(min_step_tokens=8, low_water_s=1.0, urgent_margin=margin), SR)
+        s = _stream("a", first_step_tokens=25, step_tokens=50)
+        sched.add(s)
+        s.tokens.extend(range(28))
+        _run(sched, sched.take_ready(10.0), 10.0)        # 1 s of audio handed out at t=10; target now 50
+        sched.observe_step(step_s, 100)
+        sched.observe_block(s, 28, 9.9)
+        sched.observe_block(s, 10, 9.9 + 10 * t3_s_per_token)
+        s.tokens.extend(range(10))                       # 10 usable: 40 short of the target
+        return sched, s
+
+    # fast: 40 tokens in 0.12 s + a 0.05 s step = 0.17 s; x2 = 0.34 s of audio is enough to wait
+    sched, s = setup(0.003, 0.05, 2.0)
+    assert sched.low_water(s) == pytest.approx(2.0 * (40 * 0.003 + 0.05))
+    assert sched.take_ready(10.5) == []                  # 0.5 s left: would have stepped early without the margin
+    assert sched.next_wakeup(10.5) == pytest.approx(0.5 - 0.34)
+    assert sched.take_ready(10.7) and s.running          # 0.3 s left < 0.34 s: now it steps early
+    # slow T3 (T3's pace is real time): the wait is longer than low_water_s, which stands
+    sched, s = setup(0.04, 0.3, 2.0)
+    assert sched.low_water(s) == 1.0 and sched.take_ready(10.5)
+    # off, or before anything was observed: low_water_s
+    sched, s = setup(0.003, 0.05, None)
+    assert sched.low_water(s) == 1.0 and sched.take_ready(10.5)
+    cold = VocodeScheduler(VocodePolicy(low_water_s=1.0, urgent_margin=2.0), SR)
+    assert cold.low_water(_stream("b")) == 1.0
+
+
+def _light_load_stream(n_tokens: int, margin: float | None, t3_s_per_token: float, step_fixed_s: float):
+    """One stream through the scheduler on a model clock: T3 sends a first block of 8 + 3 look-ahead tokens, then
+    blocks of 16 at `t3_s_per_token`; a step takes `step_fixed_s` + 0.27 ms a new token (the served H200 fit).
+    -> (new tokens of each step, seconds the listener waited)."""
+    sched = VocodeScheduler(VocodePolicy(min_step_tokens=16, low_water_s=1.0, urgent_margin=margin), SR)
+    s = _stream("a", first_step_tokens=8, step_tokens=50)
+    sched.add(s)
+    blocks, made, at, size = [], 0, 0.02, 8 + LOOKAHEAD_TOKENS
+    while made < n_tokens:
+        k = min(size, n_tokens - made)
+        made, at, size = made + k, at + k * t3_s_per_token, 16
+        blocks.append((at, k, made >= n_tokens))
+    now, steps, waited = 0.0, [], 0.0
+    while not s.done:
+        while blocks and blocks[0][0] <= now:
+            at, k, last = blocks.pop(0)
+            s.tokens += [1] * k
+            s.t3_finished = last
+            sched.observe_block(s, k, at)
+        plans = sched.take_ready(now)
+        if plans:
+            (p,) = plans
+            seconds = step_fixed_s + 0.00027 * p.num_new
+            steps.append(p.num_new)
+            if s.first_audio_at is not None:
+                waited += max(0.0, -s.seconds_left(now + seconds, SR))
+            sched.observe_step(seconds, sched.step_cost(plans))
+            now += seconds
+            held = 0 if p.finalize else 4
+            sched.finish_step(p, (p.num_new - held + (4 if len(steps) > 1 else 0)) * 960, now)
+            continue
+        wake = [blocks[0][0]] if blocks else []
+        if (w := sched.next_wakeup(now)) is not None:
+            wake.append(now + max(w, 1e-4))
+        now = min(wake)
+    return steps, waited
+
+
+@pytest.mark.parametrize("n_tokens", [60, 95, 250])
+def test_urgent_margin_takes_one_step_fewer_at_light_load_and_changes_nothing_when_slow(n_tokens):
+    fast = dict(t3_s_per_token=0.003, step_fixed_s=0.045)          # one stream on an H200: T3 ~13x real time
+    before, waited_before = _light_load_stream(n_tokens, None, **fast)
+    after, waited_after = _light_load_stream(n_tokens, 2.0, **fast)
+    assert sum(before) == sum(after) == n_tokens and waited_before == waited_after == 0.0
+    assert len(after) == len(before) - 1                          # one context + look-ahead re-run fewer
+    slow = dict(t3_s_per_token=0.04, step_fixed_s=0.3)            # T3 at real time, long steps: low water stands
+    assert _light_load_stream(n_tokens, 2.0, **slow) == _light_load_stream(n_tokens, None, **slow)

@@ -301,7 +301,8 @@ class S3GenReplica:
                                              light_first_step_tokens=cfg.light_first_step_tokens,
                                              light_load_streams=cfg.light_load_streams,
                                              first_step_cover=cfg.first_step_cover,
-                                             max_first_step_tokens=cfg.max_first_step_tokens)
+                                             max_first_step_tokens=cfg.max_first_step_tokens,
+                                             urgent_margin=cfg.urgent_margin)
         log.info("S3Gen stage user_config: %s", cfg.model_dump())
 
     def invalidate_voice(self, voice_id: str) -> None:

@@ -12,7 +12,8 @@ A stream is ready when
   idle, `light_first_step_tokens`; more when its steps are long, `first_step_cover`: see `first_step_tokens`);
 - streaming, later: `target` usable tokens (which doubles from `step_tokens` up to `max_step_tokens`: fewer,
   larger steps cost less context and batch better), or sooner, with at least `min_step_tokens`, when the
-  listener's buffer runs low: less than `low_water_s` of audio left to play at real time since the first block.
+  listener's buffer runs low: less than `low_water_s` of audio left to play at real time since the first block
+  (with `urgent_margin`, less than that many times the expected wait for a step at the target, if lower).
 
 "Usable" tokens exclude the flow's look-ahead (`LOOKAHEAD_TOKENS`), which waits for the next block or the end.
 Ready streams are taken most urgent first (first steps, then by audio left to play) within `max_batch_new_tokens`
@@ -51,6 +52,7 @@ class VocodePolicy:
     first_step_cover: float | None = None   # grow first steps to cover this many times the wait for the second
     max_first_step_tokens: int = 50     # ... up to this many tokens
     hold_tokens: int = 4                # audio a step holds back for the join (the engine's 8 overlap frames)
+    urgent_margin: float | None = None  # step early only when waiting for `target` could run the buffer dry
 
     def __post_init__(self) -> None:
         if self.min_step_tokens < 1 or self.max_step_tokens < self.min_step_tokens:
@@ -192,7 +194,19 @@ class VocodeScheduler:
         if n >= s.target:
             return True
         return (s.num_steps > 0 and n >= self.policy.min_step_tokens
-                and s.seconds_left(now, self.sample_rate) < self.policy.low_water_s)
+                and s.seconds_left(now, self.sample_rate) < self.low_water(s))
+
+    def low_water(self, s: VocodeStream) -> float:
+        """Audio left to play under which `s` steps early (with at least `min_step_tokens`): `low_water_s`; with
+        `urgent_margin`, no more than that many times the expected wait for a step at its target (T3's pace for
+        the missing tokens, then a step at its observed length), so that where T3 and the vocoder are fast a
+        stream does not take several small steps (each re-runs context and look-ahead) while its target is
+        moments away."""
+        p = self.policy
+        if p.urgent_margin is None or self.step_seconds is None or self.t3_seconds_per_token is None:
+            return p.low_water_s
+        wait_s = max(0, s.target - s.usable()) * self.t3_seconds_per_token + self.step_seconds
+        return min(p.low_water_s, p.urgent_margin * wait_s)
 
     def _urgency(self, s: VocodeStream, now: float) -> tuple:
         # streams' first steps first (time to first audio), then by audio left to play; a one-shot job ranks as
@@ -257,6 +271,6 @@ class VocodeScheduler:
                 continue
             if s.usable() < self.policy.min_step_tokens:
                 continue   # its next block from T3 wakes the loop
-            dt = max(0.0, s.seconds_left(now, self.sample_rate) - self.policy.low_water_s)
+            dt = max(0.0, s.seconds_left(now, self.sample_rate) - self.low_water(s))
             soonest = dt if soonest is None else min(soonest, dt)
         return soonest
