@@ -18,7 +18,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 DECODE_SDPA_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
-@torch.compiler.disable   # a compiled decode step calls the kernel as it is (its cache views stay views)
 def padded_keys_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seqlen_k: torch.Tensor,
                           seqstart_q: torch.Tensor, seqstart_k: torch.Tensor, max_len: int) -> torch.Tensor:
     """Decode attention that reads only each row's own keys (CUDA only): row r attends over cache positions
@@ -42,6 +41,11 @@ def padded_keys_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     out = torch.ops.aten._efficient_attention_forward(
         qv, k, v, None, seqstart_q, seqstart_k, 1, max_len, 0.0, 0, False, seqlen_k=seqlen_k)[0]  # [1, R, H, D]
     return out.view(R, 1, H * D)
+
+
+# What a compiled decode step calls instead (T3EngineConfig.compile): the kernel runs as it is, outside Inductor,
+# and its cache views stay views. Eager steps call padded_keys_attention itself.
+_padded_keys_attention_uncompiled = torch.compiler.disable(padded_keys_attention)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -194,8 +198,10 @@ class LlamaBackbone(nn.Module):
             starts = torch.arange(R + 1, dtype=torch.int32, device=x.device)  # [R + 1]
             key_starts = starts * (self.num_heads * cache.k.size(3))  # row r's keys start at r * H * S
 
+            fn = _padded_keys_attention_uncompiled if torch.compiler.is_compiling() else padded_keys_attention
+
             def attend(q, k_cache, v_cache):  # [R, H, 1, D] -> [R, 1, H * D]
-                return padded_keys_attention(q, k_cache, v_cache, seqlen_k, starts, key_starts, kv_len)
+                return fn(q, k_cache, v_cache, seqlen_k, starts, key_starts, kv_len)
 
             h = self._decode_layers(x[:, None, :], pos, cache, cos, sin, attend)
             return rms_norm(h[:, 0], self.norm.weight, self.norm.variance_epsilon)
