@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import random
 import sys
 from datetime import datetime, timezone
@@ -24,9 +23,12 @@ from torch.nn.attention import sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.bench_t3 import versions  # noqa: E402
 from serve_app.engine.t3.config import default_graph_seq_lens  # noqa: E402
 from serve_app.engine.t3.graph_runner import pick_bucket  # noqa: E402
-from serve_app.engine.t3.llama import DECODE_SDPA_BACKENDS, padded_keys_attention  # noqa: E402
+from serve_app.engine.t3.llama import (  # noqa: E402
+    DECODE_SDPA_BACKENDS, decode_mask, padded_keys_attention, padded_keys_lengths,
+)
 
 
 def parse_args(argv=None):
@@ -65,11 +67,8 @@ def run_level(n_req: int, args, lo: int, hi: int) -> dict:
     k_cache = torch.randn(rows, H, S, D, device="cuda", dtype=dtype)
     v_cache = torch.randn(rows, H, S, D, device="cuda", dtype=dtype)
     q = torch.randn(R, H, 1, D, device="cuda", dtype=dtype)
-    mask = torch.zeros(R, 1, 1, kv_len, dtype=dtype, device="cuda")
-    mask.masked_fill_(~(torch.arange(kv_len, device="cuda")[None, :] <= pos[:, None])[:, None, None, :],
-                      float("-inf"))
-    starts = torch.arange(R + 1, dtype=torch.int32, device="cuda")
-    key_starts, seqlen = starts * (H * S), (pos + 1).to(torch.int32)
+    mask = decode_mask(pos, kv_len, dtype)  # what the engine builds, per step
+    seqlen, starts, key_starts = padded_keys_lengths(pos, H * S)
 
     def masked():
         with sdpa_kernel(DECODE_SDPA_BACKENDS):
@@ -92,7 +91,7 @@ def main(argv=None) -> int:
     lo, hi = (int(x) for x in args.lengths.split(","))
     report = {"timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "device": torch.cuda.get_device_name(), "config": vars(args),
-              "versions": {"python": platform.python_version(), "torch": torch.__version__},
+              "versions": versions(),
               "levels": [run_level(int(n), args, lo, hi) for n in args.requests.split(",")]}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

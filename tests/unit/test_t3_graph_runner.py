@@ -174,3 +174,17 @@ def test_prefill_buckets_pad_prompts():
     cfg = T3EngineConfig(max_batch_requests=2, max_seq_len=256, dtype="fp32", device="cpu")
     assert cfg.prefill_buckets == (64, 96, 128, 160, 192, 224, 256)
     assert T3EngineConfig(max_batch_requests=2, max_seq_len=256, device="cpu", prefill_graph_lens=()).prefill_buckets == ()
+
+
+def test_decode_attention_index_tensors():
+    """What a decode step feeds either attention, built on the device without a host read (CPU here)."""
+    from serve_app.engine.t3.llama import decode_mask, padded_keys_lengths
+
+    pos = torch.tensor([0, 3, 5])
+    mask = decode_mask(pos, 6, torch.float32)
+    assert mask.shape == (3, 1, 1, 6)
+    assert [(mask[r, 0, 0] == 0).sum().item() for r in range(3)] == [1, 4, 6]   # keys 0..pos[r] visible
+    assert torch.isinf(mask[0, 0, 0, 1:]).all() and mask[1, 0, 0, 4].item() == float("-inf")
+    seqlen, starts, key_starts = padded_keys_lengths(pos, 16 * 256)
+    assert seqlen.tolist() == [1, 4, 6] and starts.tolist() == [0, 1, 2, 3]
+    assert key_starts.tolist() == [0, 4096, 8192, 12288] and {t.dtype for t in (seqlen, starts, key_starts)} == {torch.int32}

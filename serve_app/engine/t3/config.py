@@ -64,7 +64,8 @@ class T3EngineConfig:
     # (bench/results/bench_system_padded_keys.md against bench_system_step_v1.md, one device call).
     decode_attention: str = "auto"
     # torch.compile the decode step's backbone (Inductor fuses its norms, RoPE, residual adds and MLP activation:
-    # ~770 kernels a step at 64 requests, most a few microseconds, on an H200); the attention kernel runs as it is.
+    # 767 kernels a step at ~63 requests, most a few microseconds, served on an H200:
+    # bench/results/profile_served_step/); the attention kernel runs as it is.
     # Captured in the decode graphs like the eager step. Compiles once per process (dynamic shapes). Not yet
     # measured on a GPU.
     compile: bool = False

@@ -43,6 +43,22 @@ def padded_keys_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     return out.view(R, 1, H * D)
 
 
+def decode_mask(pos: torch.Tensor, kv_len: int, dtype: torch.dtype) -> torch.Tensor:
+    """Masked decode attention's additive mask: pos [R] -> [R, 1, 1, kv_len], key j visible to row r iff j <= pos[r].
+    Built once per step (a bool mask would be converted by SDPA in every layer)."""
+    visible = torch.arange(kv_len, device=pos.device)[None, :] <= pos[:, None]  # [R, L]
+    mask = torch.zeros(pos.shape[0], 1, 1, kv_len, dtype=dtype, device=pos.device)
+    return mask.masked_fill_(~visible[:, None, None, :], float("-inf"))
+
+
+def padded_keys_lengths(pos: torch.Tensor, row_span: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`padded_keys_attention`'s per-step index tensors for rows 0..R-1 at positions pos [R], a cache row holding
+    `row_span` = H * S key strides: (seqlen_k [R] = pos + 1, seqstart_q [R + 1] = 0..R, seqstart_k [R + 1] =
+    r * row_span), int32, no host sync."""
+    starts = torch.arange(pos.shape[0] + 1, dtype=torch.int32, device=pos.device)
+    return (pos + 1).to(torch.int32), starts, starts * row_span
+
+
 # What a compiled decode step calls instead (T3EngineConfig.compile): the kernel runs as it is, outside Inductor,
 # and its cache views stay views. Eager steps call padded_keys_attention itself.
 _padded_keys_attention_uncompiled = torch.compiler.disable(padded_keys_attention)
@@ -194,9 +210,7 @@ class LlamaBackbone(nn.Module):
         cos = self.cos[pos].to(x.dtype)[:, None, None]  # [R, 1, 1, D]
         sin = self.sin[pos].to(x.dtype)[:, None, None]
         if self.decode_attention == "padded_keys":
-            seqlen_k = (pos + 1).to(torch.int32)  # [R]: row r sees keys 0..pos[r]
-            starts = torch.arange(R + 1, dtype=torch.int32, device=x.device)  # [R + 1]
-            key_starts = starts * (self.num_heads * cache.k.size(3))  # row r's keys start at r * H * S
+            seqlen_k, starts, key_starts = padded_keys_lengths(pos, self.num_heads * cache.k.size(3))
 
             fn = _padded_keys_attention_uncompiled if torch.compiler.is_compiling() else padded_keys_attention
 
@@ -206,10 +220,7 @@ class LlamaBackbone(nn.Module):
             h = self._decode_layers(x[:, None, :], pos, cache, cos, sin, attend)
             return rms_norm(h[:, 0], self.norm.weight, self.norm.variance_epsilon)
 
-        visible = torch.arange(kv_len, device=x.device)[None, :] <= pos[:, None]  # [R, L]
-        # additive mask built once per step (a bool mask would be converted by SDPA in every layer)
-        mask = torch.zeros(R, 1, 1, kv_len, dtype=x.dtype, device=x.device)
-        mask.masked_fill_(~visible[:, None, None, :], float("-inf"))  # [R, 1, 1, L]
+        mask = decode_mask(pos, kv_len, x.dtype)  # [R, 1, 1, L]
 
         def attend(q, k_cache, v_cache):  # [R, H, 1, D] over the first kv_len positions -> [R, 1, H * D]
             o = F.scaled_dot_product_attention(q, k_cache[:R, :, :kv_len], v_cache[:R, :, :kv_len], attn_mask=mask)
