@@ -217,3 +217,44 @@ def test_stream_prompt_tokens_trims_the_voice_prompt_of_later_steps_only(monkeyp
     assert log_spectral_distance(eng.vocode([VocodeInput(tokens, conds, seed=6)])[0], one_shot) > 1.8 * lsd
     with pytest.raises(ValueError, match="stream_prompt_tokens"):
         S3GenEngineConfig(stream_prompt_tokens=-1)
+
+
+def test_prompt_tokens_trims_the_voice_prompt_of_one_shots_and_first_steps(monkeypatch):
+    """prompt_tokens=K: a one-shot decode and a stream's first step condition on the voice prompt's last K tokens,
+    and later steps too (stream_prompt_tokens unset): the whole stream sees one prompt. The joined stream stays
+    within the stream bound of the one-shot decode with the same prompt, and the trimmed one-shot is nearer the
+    whole-prompt one-shot than another seed is (tiny, random weights; trained weights not measured)."""
+    P, K, n = 12, 4, 60
+    tokens, conds = random_tokens(n, 32), random_voice(P, 32)
+    trimmed = S3GenEngine(fresh_s3gen("tiny"), S3GenEngineConfig(n_cfm_timesteps=3, length_bucket=16,
+                                                                 prompt_tokens=K))
+    seen: list[list[int]] = []
+    prepare = FlowRunner.prepare
+    monkeypatch.setattr(FlowRunner, "prepare", lambda self, rows, padded: (
+        seen.append([int(r.prompt_token.shape[0]) for r in rows]), prepare(self, rows, padded))[1])
+    state, pieces = StreamState(), []
+    for end in (20, 40, 60):
+        audio, state = trimmed.vocode_stream_step(tokens[:end], conds, state, end == n, seed=5)
+        pieces.append(audio)
+    one_shot = trimmed.vocode([VocodeInput(tokens, conds, seed=5)])[0]
+    assert seen == [[K], [K], [K], [K]]                  # three stream steps, then the one-shot
+    joined = np.concatenate(pieces)
+    assert joined.size == one_shot.size
+    assert log_spectral_distance(joined, one_shot) < MAX_LSD_DB
+    whole = S3GenEngine(fresh_s3gen("tiny"), S3GenEngineConfig(n_cfm_timesteps=3, length_bucket=16))
+    whole_shot = whole.vocode([VocodeInput(tokens, conds, seed=5)])[0]
+    assert seen[-1] == [P]
+    assert whole_shot.size == one_shot.size
+    other_seed = whole.vocode([VocodeInput(tokens, conds, seed=6)])[0]
+    trim_lsd = log_spectral_distance(one_shot, whole_shot)
+    assert 0 < trim_lsd < log_spectral_distance(other_seed, whole_shot), trim_lsd
+    # stream_prompt_tokens, when set, still rules later steps (the smaller of the two)
+    both = S3GenEngine(fresh_s3gen("tiny"), S3GenEngineConfig(n_cfm_timesteps=3, length_bucket=16,
+                                                              prompt_tokens=8, stream_prompt_tokens=K))
+    seen.clear()
+    state = StreamState()
+    for end in (20, 40):
+        _, state = both.vocode_stream_step(tokens[:end], conds, state, False, seed=5)
+    assert seen == [[8], [K]]
+    with pytest.raises(ValueError, match="prompt_tokens"):
+        S3GenEngineConfig(prompt_tokens=-1)

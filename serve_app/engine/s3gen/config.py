@@ -53,8 +53,10 @@ class S3GenEngineConfig:
                                          # mel as condition (streaming.py); see the class docstring
     stream_prompt_tokens: int | None = None  # a stream's later steps condition on only the voice prompt's last
                                          # this many tokens (None: all, up to 150). The prompt is most of a
-                                         # step's flow work (150 of ~200 tokens at 40 new); the first step and
-                                         # one-shot decodes always use all of it. Costs fidelity: see the test
+                                         # step's flow work (150 of ~200 tokens at 40 new). Costs fidelity:
+                                         # see the test
+    prompt_tokens: int | None = None     # the same for one-shot decodes and a stream's first step (None: all).
+                                         # With both at K the whole stream conditions on the same K tokens
     cfg_rate: float | None = None        # None: upstream inference_cfg_rate (0.7)
     enforce_eager: bool = False          # True: no CUDA graphs for the flow's euler loop (CUDA only anyway)
     flow_graph_unit: str = "step"        # "loop": one flow graph per shape holds all n euler steps; "step": one of
@@ -99,8 +101,9 @@ class S3GenEngineConfig:
             raise ValueError(f"batch_overhead_tokens={self.batch_overhead_tokens} must be >= 0 (e.g. 256)")
         if self.length_bucket < 1:
             raise ValueError(f"length_bucket={self.length_bucket} must be >= 1")
-        if self.stream_prompt_tokens is not None and self.stream_prompt_tokens < 0:
-            raise ValueError(f"stream_prompt_tokens={self.stream_prompt_tokens} must be >= 0 or None (all)")
+        for name in ("stream_prompt_tokens", "prompt_tokens"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0 or None (all)")
         if self.stream_context_tokens < 0:
             raise ValueError(f"stream_context_tokens={self.stream_context_tokens} must be >= 0 (e.g. 8)")
         if self.stream_overlap_frames < 1:

@@ -155,12 +155,13 @@ class S3GenEngine:
         st = inp.stream_state
         streaming = not (inp.finalize and st is None)
         if not streaming or is_fresh(st):
-            return self._row(inp, inp.finalize), streaming, 0
+            return self._row(inp, inp.finalize, keep_prompt=self.config.prompt_tokens), streaming, 0
         if st.finished:
             raise ValueError("this stream was finalized already; start a new one with stream_state=StreamState()")
         start = window_start(st.num_tokens_vocoded, st.num_mel_frames_emitted, self.config.stream_context_tokens)
+        keep = [k for k in (self.config.stream_prompt_tokens, self.config.prompt_tokens) if k is not None]
         return self._row(inp, inp.finalize, start, context_frames(st, start),
-                         self.config.stream_prompt_tokens), True, start
+                         min(keep, default=None)), True, start
 
     # ---- the batched core -----------------------------------------------------------------------------
     @torch.inference_mode()
