@@ -165,9 +165,10 @@ class S3GenUserConfig(_Model):
                                         "is also under this many times the expected wait for a step at its target "
                                         "(T3's pace for the missing tokens, then a step's observed length): where "
                                         "both are fast, fewer small steps, each re-running context and look-ahead. "
-                                        "None: off. Not yet measured on a GPU (on a model clock of one stream at "
-                                        "light load, 2.0 takes one step fewer for a 60-250-token chunk: "
-                                        "tests/unit/test_vocode_scheduler.py).")
+                                        "None: off. On a model clock of one stream 2.0 takes one step fewer "
+                                        "(tests/unit/test_vocode_scheduler.py); served on an H200 it changed "
+                                        "nothing: 1.22 tokens vocoded per token made at one stream either way "
+                                        "(bench/results/bench_system_urgent2.md).")
 
 
 class T3Settings(DeploymentSettings):

@@ -75,7 +75,9 @@ class S3GenEngineConfig:
                                          # rows): batch 8 in 165 ms, batch 32 in 617 ms -> ~14 ms a call + ~63 us
                                          # a row-token, HiFT included
     compile: bool = False                # torch.compile the CFM estimator (fuses its small kernels; a slow
-                                         # warm-up: ~2 min on an H100 with compile_dynamic)
+                                         # warm-up: ~2 min on an H100 with compile_dynamic). Served on an H200:
+                                         # no more audio, app ready in 228 against 98 s
+                                         # (bench/results/bench_system_s3compile.md)
     compile_dynamic: bool = True         # compile once for all lengths and batches (False: once per shape)
     compile_hift: bool = False           # torch.compile HiFT's conv trunk (fuses its Snake activations and masks)
     fast_estimator: bool = True          # FastEstimator: upstream's estimator math with half its kernels
