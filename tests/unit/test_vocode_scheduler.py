@@ -352,3 +352,30 @@ def test_urgent_margin_takes_one_step_fewer_at_light_load_and_changes_nothing_wh
     assert len(after) == len(before) - 1                          # one context + look-ahead re-run fewer
     slow = dict(t3_s_per_token=0.04, step_fixed_s=0.3)            # T3 at real time, long steps: low water stands
     assert _light_load_stream(n_tokens, 2.0, **slow) == _light_load_stream(n_tokens, None, **slow)
+
+
+def test_each_step_records_its_new_tokens_and_why_it_ran():
+    """A stream's `steps` say what the scheduler did with it (the S3Gen stage logs them when the stream ends):
+    one stream at light load on the model clock takes its first step, two urgent ones, then the final step."""
+    steps, _ = _light_load_stream(95, None, t3_s_per_token=0.003, step_fixed_s=0.045)
+    sched = VocodeScheduler(VocodePolicy(min_step_tokens=4, low_water_s=0.2), SR)
+    s = _stream("a", first_step_tokens=4, step_tokens=8)
+    sched.add(s)
+    s.tokens.extend(range(4 + LOOKAHEAD_TOKENS))
+    _run(sched, sched.take_ready(0.0), 0.0)                    # first: 4 tokens, 0.16 s of audio
+    s.tokens.extend(range(8))
+    _run(sched, sched.take_ready(0.0), 0.0)                    # target: 8 usable
+    s.tokens.extend(range(4))
+    assert sched.take_ready(0.0) == []                         # 4 usable, audio in hand
+    (plan,) = sched.take_ready(5.0)                            # the buffer ran low
+    _run(sched, [plan], 5.0)
+    s.t3_finished = True
+    _run(sched, sched.take_ready(5.0), 5.0)
+    assert s.steps == [(4, "first"), (8, "target"), (4, "urgent"), (3, "final")]
+    one = _stream("b", streaming=False)
+    sched.add(one)
+    one.tokens.extend(range(30))
+    one.t3_finished = True
+    (plan,) = sched.take_ready(5.0)
+    assert plan.reason == "one-shot"
+    assert len(steps) == 4                                     # the model clock's stream: first, urgent x2, final

@@ -165,6 +165,9 @@ class S3GenReplica:
         finally:
             # bookkeeping first: a second cancellation during the await below must not leak the stream
             self.scheduler.remove(job.request_id)
+            if stream.steps:   # what the scheduler did with this text chunk: (new tokens, why) per step
+                log.info("%s: %d tokens vocoded in %d steps: %s", job.request_id, stream.num_vocoded,
+                         len(stream.steps), " ".join(f"{n}:{why}" for n, why in stream.steps))
             self._outputs.pop(job.request_id, None)
             self._set_gauge()
             feeder.cancel()

@@ -84,6 +84,7 @@ class VocodeStream:
     done: bool = False
     marks: dict[str, float] = field(default_factory=dict)   # time.monotonic() of the first-audio milestones
     t3_timings: dict[str, float] | None = None               # T3's split of the wait for the first block (s)
+    steps: list[tuple[int, str]] = field(default_factory=list)   # (new tokens, why) of each finished step
 
     def __post_init__(self) -> None:
         self.target = self.first_step_tokens
@@ -107,6 +108,7 @@ class StepPlan:
     stream: VocodeStream
     tokens: list[int]
     finalize: bool
+    reason: str = ""    # why it runs now: first, target, urgent, final, one-shot (`ready_reason`)
 
     @property
     def num_new(self) -> int:
@@ -184,17 +186,23 @@ class VocodeScheduler:
         return max(requested, min(need, p.max_first_step_tokens))
 
     def is_ready(self, s: VocodeStream, now: float) -> bool:
+        return self.ready_reason(s, now) is not None
+
+    def ready_reason(self, s: VocodeStream, now: float) -> str | None:
+        """Why `s` should step now (first, target, urgent, final, one-shot), or None."""
         if s.running or s.done:
-            return False
+            return None
         if not s.streaming:
-            return s.t3_finished
+            return "one-shot" if s.t3_finished else None
         if s.t3_finished:
-            return True
+            return "final"
         n = s.usable()
         if n >= s.target:
-            return True
-        return (s.num_steps > 0 and n >= self.policy.min_step_tokens
-                and s.seconds_left(now, self.sample_rate) < self.low_water(s))
+            return "first" if s.num_steps == 0 else "target"
+        if (s.num_steps > 0 and n >= self.policy.min_step_tokens
+                and s.seconds_left(now, self.sample_rate) < self.low_water(s)):
+            return "urgent"
+        return None
 
     def low_water(self, s: VocodeStream) -> float:
         """Audio left to play under which `s` steps early (with at least `min_step_tokens`): `low_water_s`; with
@@ -219,8 +227,8 @@ class VocodeScheduler:
 
     def take_ready(self, now: float) -> list[StepPlan]:
         """The streams to vocode in the next engine step, marked running; their token snapshots."""
-        ready = sorted((s for s in self.streams.values() if self.is_ready(s, now)),
-                       key=lambda s: self._urgency(s, now))
+        reasons = {s.request_id: r for s in self.streams.values() if (r := self.ready_reason(s, now)) is not None}
+        ready = sorted((self.streams[i] for i in reasons), key=lambda s: self._urgency(s, now))
         if self.policy.first_steps_alone and any(_first_step(s) for s in ready):
             ready = [s for s in ready if _first_step(s)]   # the rest go in the next step, with more tokens each
         plans: list[StepPlan] = []
@@ -230,7 +238,7 @@ class VocodeScheduler:
         rate = self.seconds_per_flow_token if self.policy.deadline_steps else None
         cost, deadline = 0, math.inf      # flow tokens taken; the least audio in hand among the streams taken (s)
         for s in ready:
-            plan = StepPlan(s, list(s.tokens), finalize=s.t3_finished)
+            plan = StepPlan(s, list(s.tokens), finalize=s.t3_finished, reason=reasons[s.request_id])
             if plans and (plan.num_new > budget or (s.streaming and plan.num_new > stream_budget)):
                 continue
             row_cost = self.row_cost(plan)
@@ -253,8 +261,10 @@ class VocodeScheduler:
         make audio leaves its tokens for the next), audio handed out; grows the stream's next target."""
         s = plan.stream
         s.running = False
+        before = s.num_vocoded
         s.num_vocoded = s.num_vocoded + plan.num_new if num_vocoded is None else num_vocoded
         s.num_steps += 1
+        s.steps.append((s.num_vocoded - before, plan.reason))
         s.num_samples += num_samples
         if num_samples and s.first_audio_at is None:
             s.first_audio_at = now
