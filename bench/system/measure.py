@@ -135,6 +135,14 @@ class LengthCheck:
         return self.min_ratio * expected_s - self.tolerance_s <= audio_s <= expected_s + self.tolerance_s
 
 
+OPENING_S = 0.5   # a closed-loop level's clients send their first requests together, from an idle app: the opening
+                  # wave. Its streams' stalls are reported apart as well (a burst, not the steady state)
+
+
+def _stall_free(stalls: Sequence[Stalls]) -> float | None:
+    return sum(1 for s in stalls if s.count == 0) / len(stalls) if stalls else None
+
+
 def summarize(results: Sequence[RequestResult], *, window_s: float, stall_tolerance_s: float = 0.0,
               length_check: LengthCheck = LengthCheck()) -> dict:
     """A level's numbers from its requests. Throughput counts the audio of OK responses that arrived within
@@ -150,7 +158,9 @@ def summarize(results: Sequence[RequestResult], *, window_s: float, stall_tolera
     streams = [r for r in ok if r.stream and r.chunk_times_s]
     stalls = [playback_stalls(r.chunk_times_s, [b / BYTES_PER_SECOND for b in r.chunk_bytes], stall_tolerance_s)
               for r in streams]
-    stall_counts, stall_waits = [s.count for s in stalls], [s.waited_s for s in stalls]
+    stall_waits = [s.waited_s for s in stalls]
+    opening = [s for r, s in zip(streams, stalls) if r.sent_at < OPENING_S]
+    later = [s for r, s in zip(streams, stalls) if r.sent_at >= OPENING_S]
     checked = [r for r in ok if r.expected_audio_s]
     ratios = [r.audio_s / r.expected_audio_s for r in checked]
     last_end = max((r.sent_at + r.e2e_s for r in ok if r.e2e_s is not None), default=0.0)
@@ -173,7 +183,10 @@ def summarize(results: Sequence[RequestResult], *, window_s: float, stall_tolera
         "e2e_p95_s": percentile(e2e, 95),
         "e2e_p99_s": percentile(e2e, 99),
         "audio_per_request_p50_s": percentile([r.audio_s for r in ok], 50),
-        "stall_free_fraction": (sum(1 for n in stall_counts if n == 0) / len(stall_counts)) if stall_counts else None,
+        "stall_free_fraction": _stall_free(stalls),
+        "stall_free_opening": _stall_free(opening),        # streams sent in the level's first OPENING_S
+        "stall_free_after_opening": _stall_free(later),
+        "stall_streams_opening": len(opening),
         "stall_wait_p95_s": percentile(stall_waits, 95),
         "stall_streams": len(stalls),   # OK streams with audio: what the stall numbers are over
         **_stall_summary(stalls),

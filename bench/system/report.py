@@ -4,6 +4,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from .measure import OPENING_S
+
 log = logging.getLogger(__name__)
 
 THROUGHPUT_PNG = "bench_system_throughput.png"
@@ -104,6 +106,11 @@ def _stall_lines(levels: list[dict]) -> list[str]:
                      + f"; played {_f(lv.get('stall_first_at_played_s_p50'), '.1f')} s (p50) when it first waited, "
                      f"{_f(lv.get('stall_first_after_first_audio_s_p50'), '.1f')} s after first audio; "
                      f"{_f(lv.get('stalls_per_stalled_stream_mean'), '.1f')} stalls each")
+        n_open = lv.get("stall_streams_opening") or 0
+        if hist and 0 < n_open < lv["stall_streams"]:
+            line += (f"; stall-free {_f(lv.get('stall_free_opening'), '.1%')} of the {n_open} sent in the first "
+                     f"{OPENING_S:g} s (the opening wave), {_f(lv.get('stall_free_after_opening'), '.1%')} of the "
+                     f"{lv['stall_streams'] - n_open} after")
         lines.append(line + ".")
     return lines
 

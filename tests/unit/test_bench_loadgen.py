@@ -126,6 +126,26 @@ def test_summary_says_where_streams_first_stalled():
     json.dumps(s)
 
 
+def test_summary_splits_stall_free_between_the_opening_wave_and_later_streams():
+    results = [
+        _stream([0.0, 1.5], [1.0, 1.0], sent_at=0.0, index=0),          # opening, stalled
+        _stream([0.5, 1.0], [1.0, 1.0], sent_at=0.4, index=1),          # opening, stall-free
+        _stream([0.0, 1.5], [1.0, 1.0], sent_at=0.5, index=2),          # later (at OPENING_S), stalled
+        _stream([0.5, 1.0], [1.0, 1.0], sent_at=3.0, index=3),          # later, stall-free
+        _stream([0.5, 1.0], [1.0, 1.0], sent_at=4.0, index=4),          # later, stall-free
+    ]
+    s = summarize(results, window_s=10.0)
+    assert s["stall_streams_opening"] == 2
+    assert s["stall_free_opening"] == pytest.approx(0.5)
+    assert s["stall_free_after_opening"] == pytest.approx(2 / 3)
+    assert s["stall_free_fraction"] == pytest.approx(0.6)
+    from bench.system.report import _stall_lines
+    line = _stall_lines([{**s, "stream": True, "name": "c5-stream"}])[-1]
+    assert "stall-free 50.0% of the 2 sent in the first 0.5 s (the opening wave), 66.7% of the 3 after" in line
+    empty = summarize([], window_s=1.0)
+    assert empty["stall_free_opening"] is None and empty["stall_streams_opening"] == 0
+
+
 def test_summary_without_stalls_has_no_stall_positions():
     for results in ([_stream([0.5, 1.0], [1.0, 1.0])], []):
         s = summarize(results, window_s=5.0)
