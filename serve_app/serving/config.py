@@ -155,6 +155,12 @@ class S3GenUserConfig(_Model):
                                            "deploy/gpu-1x.yaml sets 1.5 (stall-free streams at 64: 72% against "
                                            "21%, same throughput, later first audio).")
     max_first_step_tokens: int = Field(50, ge=1, description="The most first_step_cover grows a first step to.")
+    first_step_predict: bool = Field(False, description="With first_step_cover, also cover two steps of the length "
+                                     "predicted for the streams open now (each row's overhead plus the audio a "
+                                     "step plays, at the observed seconds per flow token), and hold a first step "
+                                     "until it does: a burst on an idle replica otherwise gets first steps sized "
+                                     "from the light steps before it. Served, the streams that stalled were those "
+                                     "of each level's opening burst (bench/README.md). Not yet measured on a GPU.")
     max_step_tokens: int = Field(200, ge=1, description="A stream's later steps grow (doubling) up to this many "
                                  "new tokens: fewer, larger steps cost less flow context and batch better.")
     min_step_tokens: int = Field(8, ge=1, description="A stream whose listener runs low steps early, with at "

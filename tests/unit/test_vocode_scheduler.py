@@ -379,3 +379,111 @@ def test_each_step_records_its_new_tokens_and_why_it_ran():
     (plan,) = sched.take_ready(5.0)
     assert plan.reason == "one-shot"
     assert len(steps) == 4                                     # the model clock's stream: first, urgent x2, final
+
+
+def _burst(n_streams: int, predict: bool, n_tokens: int = 150, rate: float = 1e-4):
+    """`n_streams` text chunks arrive together at a replica whose earlier steps were light (one stream, 50 ms), on
+    a model clock: T3 makes a token per stream every 3 ms + 0.1 ms a stream (first block: the first step + 3
+    look-ahead, then blocks of 16); a step takes 45 ms + `rate` a flow token (new tokens + 150 prompt tokens for a
+    first step, + 60 for a later one). -> (streams whose listener waited, time to first audio of each)."""
+    policy = VocodePolicy(min_step_tokens=16, low_water_s=1.0, deadline_steps=True, first_step_cover=1.5,
+                          first_step_predict=predict)
+    sched = VocodeScheduler(policy, SR)
+    sched.observe_step(0.045, 70)                                # the lighter load before the burst:
+    for _ in range(5):                                           # steps of 45 ms + rate a flow token
+        sched.observe_step(0.045 + rate * 1200, 1200)
+    warm = _stream("warm")
+    sched.observe_block(warm, 16, 0.0)
+    sched.observe_block(warm, 16, 0.048)                         # T3: 3 ms a token
+    t3_s = 0.003 + 0.0001 * n_streams
+    streams, blocks = [], []
+    for i in range(n_streams):
+        first = sched.first_step_tokens(15, 16)
+        s = _stream(f"s{i}", first_step_tokens=first, step_tokens=50)
+        sched.add(s)
+        streams.append(s)
+        made, at, size = 0, 0.03, first + LOOKAHEAD_TOKENS
+        while made < n_tokens:
+            k = min(size, n_tokens - made)
+            made, at, size = made + k, at + k * t3_s, 16
+            blocks.append((at, i, k, made >= n_tokens))
+    blocks.sort()
+    now, waited, started = 0.0, set(), {}
+    while not all(s.done for s in streams):
+        while blocks and blocks[0][0] <= now:
+            at, i, k, last = blocks.pop(0)
+            streams[i].tokens += [1] * k
+            streams[i].t3_finished = last
+            sched.observe_block(streams[i], k, at)
+        plans = sched.take_ready(now)
+        if plans:
+            cost = sum(p.num_new + (150 if p.stream.num_steps == 0 else 60) for p in plans)
+            seconds = 0.045 + rate * cost
+            for s in streams:
+                if s.first_audio_at is not None and not s.done and s.seconds_left(now + seconds, SR) < 0:
+                    waited.add(s.request_id)
+            sched.observe_step(seconds, sched.step_cost(plans))
+            now += seconds
+            for p in plans:
+                first = p.stream.num_steps == 0
+                held = 0 if p.finalize else 4
+                sched.finish_step(p, (p.num_new - held + (0 if first else 4)) * 960, now)
+                if first:
+                    started[p.stream.request_id] = now
+            continue
+        wake = [blocks[0][0]] if blocks else []
+        if (w := sched.next_wakeup(now)) is not None:
+            wake.append(now + max(w, 1e-4))
+        now = min(wake) if wake else now + 0.01
+    return waited, started
+
+
+def test_first_step_predict_sizes_a_bursts_first_steps_for_the_load_that_arrived():
+    """A burst of 64 streams on a replica that had one stream: first steps sized from the light steps before it
+    (first_step_cover alone) leave most listeners waiting after their first audio, as the served runs' opening
+    waves did (bench/README.md); sized for the predicted steps of 64 streams, few wait, for later first audio."""
+    before, ttfa_before = _burst(64, predict=False)
+    after, ttfa_after = _burst(64, predict=True)
+    assert len(before) > 32 and len(after) <= len(before) // 4, (len(before), len(after))
+    assert max(ttfa_after.values()) > max(ttfa_before.values())           # the price: later first audio
+    # one stream: nothing to predict beyond the light steps
+    assert _burst(1, predict=True) == _burst(1, predict=False)
+
+
+def test_predicted_step_seconds_grows_with_streams_and_holds_when_overloaded():
+    sched = VocodeScheduler(VocodePolicy(row_overhead_tokens=60), SR)
+    assert sched.predicted_step_seconds(8) is None                      # nothing observed
+    sched.observe_step(0.05, 90)                                        # the fixed part: 50 ms
+    sched.observe_step(0.052, 100)                                      # barely above it: says nothing of a token
+    assert sched.predicted_step_seconds(8) is None
+    sched.observe_step(0.15, 1000)                                      # 0.1 ms a flow token above 50 ms
+    assert sched.predicted_step_seconds(32) == pytest.approx((0.05 + 1e-4 * 32 * 60) / (1 - 1e-4 * 32 * 25))
+    assert sched.predicted_step_seconds(64) > 2 * sched.predicted_step_seconds(32) - 0.05
+    assert sched.predicted_step_seconds(1000) == pytest.approx((0.05 + 1e-4 * 1000 * 60) / 0.2)
+    assert sched.predicted_first_step(64) == 0                           # first_step_predict off
+
+
+def test_first_step_predict_counts_only_the_streams_before_their_first_step():
+    """In a steady state many streams are open but few have not stepped yet: the prediction is for those few
+    (the observed steps already size first steps there); in a burst, for all of them."""
+    policy = VocodePolicy(first_step_cover=1.5, first_step_predict=True, max_first_step_tokens=50)
+    sched = VocodeScheduler(policy, SR)
+    sched.observe_step(0.045, 70)
+    sched.observe_step(0.045 + 1.3e-4 * 2000, 2000)
+    warm = _stream("warm")
+    sched.observe_block(warm, 16, 0.0)
+    sched.observe_block(warm, 16, 0.144)                               # T3: 9 ms a token
+    for i in range(60):                                                # 60 streams past their first step
+        s = _stream(f"old{i}")
+        s.num_steps = 1
+        sched.add(s)
+    steady = sched.first_step_tokens(15, 16)
+    assert steady == max(15, min(50, sched._cover_tokens(sched.step_seconds)))   # the observed steps rule
+    for i in range(60):                                                # a burst: 60 before their first step
+        sched.add(_stream(f"new{i}", first_step_tokens=15))
+    assert sched.first_step_tokens(15, 16) == 50 > steady
+    s = sched.streams["new0"]
+    s.tokens.extend(range(15 + LOOKAHEAD_TOKENS))
+    assert not sched.is_ready(s, 0.0)                                  # held until its audio covers the burst
+    s.tokens.extend(range(35))
+    assert sched.ready_reason(s, 0.0) == "first"

@@ -305,6 +305,7 @@ class S3GenReplica:
                                              light_load_streams=cfg.light_load_streams,
                                              first_step_cover=cfg.first_step_cover,
                                              max_first_step_tokens=cfg.max_first_step_tokens,
+                                             first_step_predict=cfg.first_step_predict,
                                              urgent_margin=cfg.urgent_margin)
         log.info("S3Gen stage user_config: %s", cfg.model_dump())
 

@@ -9,7 +9,8 @@ A stream is ready when
 - one-shot (not streaming): T3 has finished; the whole chunk is decoded once;
 - streaming, T3 finished: the last step (the rest of the tokens, the held-back audio tail);
 - streaming, first step: `first_step_tokens` usable tokens (time to first audio; fewer when the replica is nearly
-  idle, `light_first_step_tokens`; more when its steps are long, `first_step_cover`: see `first_step_tokens`);
+  idle, `light_first_step_tokens`; more when its steps are long, `first_step_cover`: see `first_step_tokens`; with
+  `first_step_predict`, also enough for the steps the streams open now will make, re-checked until it runs);
 - streaming, later: `target` usable tokens (which doubles from `step_tokens` up to `max_step_tokens`: fewer,
   larger steps cost less context and batch better), or sooner, with at least `min_step_tokens`, when the
   listener's buffer runs low: less than `low_water_s` of audio left to play at real time since the first block
@@ -51,6 +52,7 @@ class VocodePolicy:
     light_load_streams: int = 0         # "nearly idle": at most this many other streams open
     first_step_cover: float | None = None   # grow first steps to cover this many times the wait for the second
     max_first_step_tokens: int = 50     # ... up to this many tokens
+    first_step_predict: bool = False    # ... also for the steps the streams open now will make (a burst)
     hold_tokens: int = 4                # audio a step holds back for the join (the engine's 8 overlap frames)
     urgent_margin: float | None = None  # step early only when waiting for `target` could run the buffer dry
 
@@ -132,6 +134,9 @@ class VocodeScheduler:
         self.seconds_per_flow_token: float | None = None   # moving average over steps (observe_step)
         self.step_seconds: float | None = None             # moving average of a step's time (observe_step)
         self.t3_seconds_per_token: float | None = None     # moving average of T3's pace per stream (observe_block)
+        self.block_tokens = 16                             # T3's later blocks (first_step_tokens' block_tokens)
+        self.min_step_seconds: float | None = None         # the shortest step seen: a step's fixed part
+        self.seconds_per_step_token: float | None = None   # moving average of (step - fixed part) / step_cost
 
     def row_cost(self, plan: StepPlan) -> int:
         """Flow tokens a row runs: its new tokens and the row's overhead. A step's time is estimated from these."""
@@ -146,6 +151,10 @@ class VocodeScheduler:
             return
         self.seconds_per_flow_token = _ema(self.seconds_per_flow_token, seconds / cost)
         self.step_seconds = _ema(self.step_seconds, seconds)
+        self.min_step_seconds = seconds if self.min_step_seconds is None else min(self.min_step_seconds, seconds)
+        extra = seconds - self.min_step_seconds
+        if extra > 0.25 * seconds:   # only a step well above the fixed part says what a flow token costs
+            self.seconds_per_step_token = _ema(self.seconds_per_step_token, extra / cost)
 
     def observe_block(self, s: VocodeStream, num_tokens: int, now: float) -> None:
         """T3 sent `s` a block of `num_tokens`: its pace since the stream's previous block feeds the estimate of
@@ -181,9 +190,40 @@ class VocodeScheduler:
             return min(requested, p.light_first_step_tokens)
         if p.first_step_cover is None or self.step_seconds is None or self.t3_seconds_per_token is None:
             return requested
-        wait_s = self.t3_seconds_per_token * block_tokens + 2 * self.step_seconds
-        need = math.ceil(p.first_step_cover * wait_s * SPEECH_TOKEN_RATE) + p.hold_tokens
+        self.block_tokens = block_tokens
+        need = max(self._cover_tokens(self.step_seconds), self.predicted_first_step(self._num_first_steps() + 1))
         return max(requested, min(need, p.max_first_step_tokens))
+
+    def _cover_tokens(self, step_s: float) -> int:
+        """First-step tokens whose audio lasts `first_step_cover` times T3's next block and two steps of step_s."""
+        wait_s = self.t3_seconds_per_token * self.block_tokens + 2 * step_s
+        return math.ceil(self.policy.first_step_cover * wait_s * SPEECH_TOKEN_RATE) + self.policy.hold_tokens
+
+    def predicted_step_seconds(self, num_streams: int) -> float | None:
+        """A step's length when `num_streams` streams each step in every step: each row runs `row_overhead_tokens`
+        plus the audio a step's length plays, D = fixed + rate * N * (overhead + 25 D), from the shortest step
+        (fixed) and the observed cost of a flow token above it (rate; where N * rate * 25 nears 1 the vocoder
+        cannot keep up, and D is held at 5 times its size without the audio). Unlike the observed steps, it knows
+        the streams that have just arrived: a burst on a replica whose last steps were light."""
+        rate, fixed = self.seconds_per_step_token, self.min_step_seconds
+        if rate is None or fixed is None:
+            return None
+        n = num_streams
+        return (fixed + rate * n * self.policy.row_overhead_tokens) / max(0.2, 1 - rate * n * SPEECH_TOKEN_RATE)
+
+    def _num_first_steps(self) -> int:
+        """Streams before their first step: a burst's streams, which will step together from then on."""
+        return sum(1 for s in self.streams.values() if s.streaming and s.num_steps == 0 and not s.done)
+
+    def predicted_first_step(self, num_streams: int) -> int:
+        """With `first_step_predict`, the first-step tokens that cover two steps predicted for `num_streams`
+        streams stepping together (the streams before their first step: few in a steady state, where the observed
+        steps say more, many in a burst); 0 when off or nothing is observed yet; at most `max_first_step_tokens`."""
+        p = self.policy
+        if not p.first_step_predict or p.first_step_cover is None or self.t3_seconds_per_token is None:
+            return 0
+        step_s = self.predicted_step_seconds(num_streams)
+        return 0 if step_s is None else min(self._cover_tokens(step_s), p.max_first_step_tokens)
 
     def is_ready(self, s: VocodeStream, now: float) -> bool:
         return self.ready_reason(s, now) is not None
@@ -197,6 +237,8 @@ class VocodeScheduler:
         if s.t3_finished:
             return "final"
         n = s.usable()
+        if s.num_steps == 0 and n < self.predicted_first_step(self._num_first_steps()):
+            return None   # a burst arrived with this stream: its first step waits for the audio to cover it
         if n >= s.target:
             return "first" if s.num_steps == 0 else "target"
         if (s.num_steps > 0 and n >= self.policy.min_step_tokens
