@@ -27,6 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.versions import versions as _versions  # noqa: E402
 from serve_app.engine.s3gen import S3GenEngine, S3GenEngineConfig, VocodeInput  # noqa: E402
 
 logger = logging.getLogger("bench_s3gen")
@@ -273,15 +274,7 @@ def estimator_kernels(a, base, gen) -> dict:
 
 
 def versions() -> dict:
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version(), "torch": torch.__version__}
-    for pkg in ("chatterbox-tts", "bitsandbytes", "diffusers", "torchaudio"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            out[pkg] = None
-    return out
+    return _versions("torch", "chatterbox-tts", "bitsandbytes", "diffusers", "torchaudio")
 
 
 def markdown(report: dict) -> str:

@@ -34,7 +34,6 @@ import subprocess
 import sys
 import tempfile
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 
 import httpx
@@ -47,6 +46,7 @@ from bench.system.gpu_monitor import GpuMonitor  # noqa: E402
 from bench.system.levels import AppMetricNames, Budget, LevelRunner, run_levels  # noqa: E402
 from bench.system.server import AppServer, app_args, parse_override, with_overrides  # noqa: E402
 from bench.system.upstream import run_upstream  # noqa: E402
+from bench.versions import versions as _versions  # noqa: E402
 
 # -- the app's metrics this bench reads (names without Ray's `ray_` prefix) -------------------------------------
 APP_METRICS = AppMetricNames(
@@ -178,13 +178,7 @@ def working_tree_id(root: Path = REPO) -> str | None:
 
 
 def versions() -> dict:
-    out = {"python": platform.python_version()}
-    for dist in ("torch", "ray", "chatterbox-tts", "chatterbox-serve", "httpx", "numpy", "nvidia-ml-py"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            out[dist] = None
-    return out
+    return _versions("torch", "ray", "chatterbox-tts", "chatterbox-serve", "httpx", "numpy", "nvidia-ml-py")
 
 
 def cpu_name() -> str:

@@ -27,6 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.versions import versions as _versions  # noqa: E402
 from serve_app.engine.t3 import T3Conditioning, T3Engine, T3EngineConfig, T3GenerationRequest  # noqa: E402
 from serve_app.engine.t3.prompt import prompt_len  # noqa: E402
 
@@ -221,15 +222,7 @@ def bench_engine(t3_cpu, mode: str, args, max_c: int) -> dict:
 
 
 def versions() -> dict:
-    import importlib.metadata as md
-
-    v = {"python": platform.python_version(), "torch": torch.__version__}
-    for pkg in ("transformers", "bitsandbytes", "chatterbox-tts"):
-        try:
-            v[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            v[pkg] = None
-    return v
+    return _versions("torch", "transformers", "bitsandbytes", "chatterbox-tts")
 
 
 def to_markdown(report: dict) -> str:

@@ -4,8 +4,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from .llama import DECODE_ATTENTION_KERNELS
+
 DTYPES = ("fp32", "fp16", "bf16")
-DECODE_ATTENTION = ("auto", "masked", "padded_keys")
+DECODE_ATTENTION = ("auto", *DECODE_ATTENTION_KERNELS)
 
 # Upstream T3 vocabulary (chatterbox T3Config): speech tokens 0..6560 are audio codes.
 START_SPEECH_TOKEN = 6561

@@ -16,6 +16,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 # additive mask and is capturable; math is the fallback (and what CPUs run). Pinned so the kernel choice,
 # and with it graph-vs-eager equality, does not depend on heuristics.
 DECODE_SDPA_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+DECODE_ATTENTION_KERNELS = ("masked", "padded_keys")   # how a decode step attends (T3EngineConfig.decode_attention)
 
 
 def padded_keys_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seqlen_k: torch.Tensor,
@@ -128,8 +129,8 @@ class LlamaBackbone(nn.Module):
 
     def __init__(self, tfmr: nn.Module, max_seq_len: int, decode_attention: str = "masked"):
         super().__init__()
-        if decode_attention not in ("masked", "padded_keys"):
-            raise ValueError(f"decode_attention={decode_attention!r}: use 'masked' or 'padded_keys'")
+        if decode_attention not in DECODE_ATTENTION_KERNELS:
+            raise ValueError(f"decode_attention={decode_attention!r}: use one of {DECODE_ATTENTION_KERNELS}")
         self.decode_attention = decode_attention
         cfg = tfmr.config
         self.layers = tfmr.layers
