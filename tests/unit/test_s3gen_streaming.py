@@ -192,6 +192,24 @@ def test_stream_context_tokens_is_validated():
         S3GenEngineConfig(stream_context_tokens=-1)
 
 
+def _record_prompt_lengths(monkeypatch) -> list[list[int]]:
+    """Each flow call's rows' voice-prompt lengths, in call order."""
+    seen: list[list[int]] = []
+    prepare = FlowRunner.prepare
+    monkeypatch.setattr(FlowRunner, "prepare", lambda self, rows, padded: (
+        seen.append([int(r.prompt_token.shape[0]) for r in rows]), prepare(self, rows, padded))[1])
+    return seen
+
+
+def _stream_in_steps(eng, tokens, conds, ends, seed=5) -> np.ndarray:
+    """The stream's audio, vocoded in steps ending at `ends` (the last finalizes), joined."""
+    state, pieces = StreamState(), []
+    for end in ends:
+        audio, state = eng.vocode_stream_step(tokens[:end], conds, state, end == len(tokens), seed=seed)
+        pieces.append(audio)
+    return np.concatenate(pieces)
+
+
 def test_stream_prompt_tokens_trims_the_voice_prompt_of_later_steps_only(monkeypatch):
     """stream_prompt_tokens=K: a stream's first step runs the whole voice prompt, later steps only its last K
     tokens (the flow row shrinks by P - K), and the joined audio stays within the same bound of one-shot
@@ -200,17 +218,10 @@ def test_stream_prompt_tokens_trims_the_voice_prompt_of_later_steps_only(monkeyp
                                                              stream_prompt_tokens=4))
     P, n = 12, 60
     tokens, conds = random_tokens(n, 31), random_voice(P, 31)
-    seen: list[list[int]] = []
-    prepare = FlowRunner.prepare
-    monkeypatch.setattr(FlowRunner, "prepare", lambda self, rows, padded: (
-        seen.append([int(r.prompt_token.shape[0]) for r in rows]), prepare(self, rows, padded))[1])
-    state, pieces = StreamState(), []
-    for end in (20, 40, 60):
-        audio, state = eng.vocode_stream_step(tokens[:end], conds, state, end == n, seed=5)
-        pieces.append(audio)
+    seen = _record_prompt_lengths(monkeypatch)
+    joined = _stream_in_steps(eng, tokens, conds, (20, 40, n))
     assert seen == [[P], [4], [4]]                       # voice prompt tokens: all of them, then the last 4
     one_shot = eng.vocode([VocodeInput(tokens, conds, seed=5)])[0]
-    joined = np.concatenate(pieces)
     assert joined.size == one_shot.size
     lsd = log_spectral_distance(joined, one_shot)
     assert lsd < MAX_LSD_DB, lsd
@@ -228,17 +239,10 @@ def test_prompt_tokens_trims_the_voice_prompt_of_one_shots_and_first_steps(monke
     tokens, conds = random_tokens(n, 32), random_voice(P, 32)
     trimmed = S3GenEngine(fresh_s3gen("tiny"), S3GenEngineConfig(n_cfm_timesteps=3, length_bucket=16,
                                                                  prompt_tokens=K))
-    seen: list[list[int]] = []
-    prepare = FlowRunner.prepare
-    monkeypatch.setattr(FlowRunner, "prepare", lambda self, rows, padded: (
-        seen.append([int(r.prompt_token.shape[0]) for r in rows]), prepare(self, rows, padded))[1])
-    state, pieces = StreamState(), []
-    for end in (20, 40, 60):
-        audio, state = trimmed.vocode_stream_step(tokens[:end], conds, state, end == n, seed=5)
-        pieces.append(audio)
+    seen = _record_prompt_lengths(monkeypatch)
+    joined = _stream_in_steps(trimmed, tokens, conds, (20, 40, n))
     one_shot = trimmed.vocode([VocodeInput(tokens, conds, seed=5)])[0]
     assert seen == [[K], [K], [K], [K]]                  # three stream steps, then the one-shot
-    joined = np.concatenate(pieces)
     assert joined.size == one_shot.size
     assert log_spectral_distance(joined, one_shot) < MAX_LSD_DB
     whole = S3GenEngine(fresh_s3gen("tiny"), S3GenEngineConfig(n_cfm_timesteps=3, length_bucket=16))
