@@ -173,6 +173,17 @@ def first_audio_phases(before, after) -> dict[str, float | None]:
             for phase in (*FIRST_AUDIO_PHASES, "router")}
 
 
+STEP_REASONS = ("first", "target", "urgent", "final", "one-shot")   # vocode_scheduler.VocodeScheduler.ready_reason
+
+
+def steps_by_reason(before, after) -> dict[str, float | None]:
+    """A text chunk's vocoder steps over the level by why each ran (the S3Gen scheduler's rule), per text chunk
+    (chunks: their first or one-shot steps)."""
+    n = {r: prom.delta(before, after, "chatterbox_s3gen_stream_steps_total", {"reason": r}) for r in STEP_REASONS}
+    chunks = (n["first"] or 0) + (n["one-shot"] or 0)
+    return {r: _ratio(v, chunks) for r, v in n.items()}
+
+
 def engine_stats(before, after) -> dict:
     """What the stages did over the level: mean batch sizes and step times, T3 slot occupancy, and flow tokens
     per new token vocoded (None for what the app does not export)."""
@@ -202,6 +213,7 @@ def engine_stats(before, after) -> dict:
         "s3gen_row_tokens_per_new_token": _ratio(needed, new),
         "s3gen_padded_tokens_per_new_token": _ratio(padded, new),
         "s3gen_graph_captures": prom.delta(before, after, "chatterbox_s3gen_graph_captures_total"),
+        "s3gen_steps_per_chunk_by_reason": steps_by_reason(before, after),
         "first_audio_phase_mean_s": first_audio_phases(before, after),
     }
 

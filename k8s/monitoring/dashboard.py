@@ -100,6 +100,11 @@ ROWS: list[tuple[str, list[tuple[str, str, str, list[tuple[str, str]]]]]] = [
          "(first_step_cover: longer first steps while the replica's steps are long).", [
             (f"sum by (size) (rate(ray_chatterbox_s3gen_first_steps_total{{{APP}}}[{RATE}]))", "{{size}}"),
         ]),
+        ("S3Gen steps by reason", "ops", "Text chunks' rows in vocoder steps per second, by why each ran: first, "
+         "target (its step size reached), urgent (its listener ran low: small steps that re-run context), final "
+         "(T3 done), one-shot.", [
+            (f"sum by (reason) (rate(ray_chatterbox_s3gen_stream_steps_total{{{APP}}}[{RATE}]))", "{{reason}}"),
+        ]),
         ("Voice cache lookups", "ops", "Conditionals cache lookups per second in each stage, hits and misses.", [
             (f"sum by (stage, result) (rate(ray_chatterbox_voice_cache_lookups_total{{{APP}}}[{RATE}]))",
              "{{stage}} {{result}}"),

@@ -123,6 +123,10 @@ class Metrics:
             "chatterbox_s3gen_first_steps_total", "Streams' first vocoder steps by the rule that sized them: asked "
             "(the router's first_chunk_tokens), light (an idle replica's light_first_step_tokens), grown "
             "(first_step_cover under long steps).", tag_keys=("backend", "size"))
+        self.s3gen_stream_steps_total = C(
+            "chatterbox_s3gen_stream_steps_total", "Text chunks' rows in vocoder steps, by why each ran (the "
+            "scheduler's rule): first, target (its step size reached), urgent (its listener ran low), final (T3 "
+            "done), one-shot. Rows per text chunk: the sum over first + one-shot.", tag_keys=("backend", "reason"))
         self.s3gen_queue_depth = G(
             "chatterbox_s3gen_queue_depth", "Text chunks (streams) open in this replica.",
             tag_keys=("backend",))

@@ -412,3 +412,14 @@ def test_engine_ratios_from_the_counters():
     assert stats["s3gen_padded_tokens_per_new_token"] == pytest.approx(3.5)
     assert stats["s3gen_flow_padding_ratio"] == pytest.approx(350 / 300)
     assert stats["s3gen_flow_calls_per_step"] == pytest.approx(2.5)   # 10 calls over 4 steps
+
+
+def test_steps_per_text_chunk_by_reason_from_the_counters():
+    from bench.system.levels import engine_stats
+
+    line = "ray_chatterbox_s3gen_stream_steps_total{backend=\"engine\",reason=\"%s\"} %s\n"
+    before = prom.parse(line % ("first", 5) + line % ("urgent", 2))
+    after = prom.parse(line % ("first", 9) + line % ("urgent", 10) + line % ("final", 4) + line % ("one-shot", 4))
+    by = engine_stats(before, after)["s3gen_steps_per_chunk_by_reason"]
+    # 8 chunks over the level (4 first steps, 4 one-shot): 1 urgent step each, half a final one
+    assert by == {"first": 0.5, "target": None, "urgent": 1.0, "final": 0.5, "one-shot": 0.5}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator
 
@@ -263,6 +264,8 @@ class S3GenReplica:
                                             timings=first_audio_timings(s.marks, taken, now, s.t3_timings)
                                             if first_audio else None))
             self.scheduler.observe_step(seconds, cost)
+            for reason, n in Counter(p.reason for p in plans).items():
+                self._metrics.s3gen_stream_steps_total.inc(n, tags={**self._tags, "reason": reason})
             self._record_step(len(plans), num_new_total, sum(int(a.size) for a, _ in results), seconds)
             self._wake.set()   # blocks that arrived during the step
 
