@@ -159,8 +159,8 @@ class S3GenUserConfig(_Model):
                                      "predicted for the streams open now (each row's overhead plus the audio a "
                                      "step plays, at the observed seconds per flow token), and hold a first step "
                                      "until it does: a burst on an idle replica otherwise gets first steps sized "
-                                     "from the light steps before it. Served, the streams that stalled were those "
-                                     "of each level's opening burst (bench/README.md). Not yet measured on a GPU.")
+                                     "from the light steps before it. In the served runs the stalls matched each "
+                                     "level's opening burst (bench/README.md). Not yet measured on a GPU.")
     max_step_tokens: int = Field(200, ge=1, description="A stream's later steps grow (doubling) up to this many "
                                  "new tokens: fewer, larger steps cost less flow context and batch better.")
     min_step_tokens: int = Field(8, ge=1, description="A stream whose listener runs low steps early, with at "

@@ -237,7 +237,8 @@ class VocodeScheduler:
         if s.t3_finished:
             return "final"
         n = s.usable()
-        if s.num_steps == 0 and n < self.predicted_first_step(self._num_first_steps()):
+        if (s.num_steps == 0 and self.policy.first_step_predict
+                and n < self.predicted_first_step(self._num_first_steps())):
             return None   # a burst arrived with this stream: its first step waits for the audio to cover it
         if n >= s.target:
             return "first" if s.num_steps == 0 else "target"
