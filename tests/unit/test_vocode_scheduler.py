@@ -378,6 +378,12 @@ def test_each_step_records_its_new_tokens_and_why_it_ran():
     one.t3_finished = True
     (plan,) = sched.take_ready(5.0)
     assert plan.reason == "one-shot"
+    done = _stream("c")                                         # T3 done before the first step: still "first"
+    sched.add(done)
+    done.tokens.extend(range(5))
+    done.t3_finished = True
+    (plan,) = sched.take_ready(5.0)
+    assert plan.reason == "first" and plan.finalize
     assert len(steps) == 4                                     # the model clock's stream: first, urgent x2, final
 
 

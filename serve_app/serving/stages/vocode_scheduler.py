@@ -229,13 +229,14 @@ class VocodeScheduler:
         return self.ready_reason(s, now) is not None
 
     def ready_reason(self, s: VocodeStream, now: float) -> str | None:
-        """Why `s` should step now (first, target, urgent, final, one-shot), or None."""
+        """Why `s` should step now (first, target, urgent, final, one-shot), or None. A stream's first step is
+        "first" even when T3 is done (it is then its last too): each text chunk has one first or one-shot step."""
         if s.running or s.done:
             return None
         if not s.streaming:
             return "one-shot" if s.t3_finished else None
         if s.t3_finished:
-            return "final"
+            return "first" if s.num_steps == 0 else "final"   # every chunk has one first (or one-shot) step
         n = s.usable()
         if (s.num_steps == 0 and self.policy.first_step_predict
                 and n < self.predicted_first_step(self._num_first_steps())):
