@@ -309,7 +309,7 @@ class S3GenReplica:
                                              first_step_cover=cfg.first_step_cover,
                                              max_first_step_tokens=cfg.max_first_step_tokens,
                                              first_step_predict=cfg.first_step_predict,
-                                             urgent_margin=cfg.urgent_margin)
+                                             urgent_margin=cfg.urgent_margin, urgent_steps=cfg.urgent_steps)
         log.info("S3Gen stage user_config: %s", cfg.model_dump())
 
     def invalidate_voice(self, voice_id: str) -> None:
