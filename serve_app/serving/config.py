@@ -177,7 +177,7 @@ class S3GenUserConfig(_Model):
                                         "(bench/results/bench_system_urgent2.md): T3 there makes a token in "
                                         "3.9 ms, and the wait for a 100-token target is too long to cover.")
     urgent_steps: float | None = Field(None, gt=0, description="A stream steps early only when its audio left "
-                                       "lasts at most this many steps (their observed length): it steps just in "
+                                       "lasts at most this many steps (the longest of the last 16): it steps just in "
                                        "time, with every token T3 made by then, instead of at once with "
                                        "min_step_tokens. Where steps are long this is low_water_s as before. "
                                        "None: off. Not yet measured on a GPU.")

@@ -31,12 +31,14 @@ runs.
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 from serve_app.contracts import SPEECH_TOKEN_RATE
 
 LOOKAHEAD_TOKENS = 3    # the flow's pre-look-ahead (flow.pre_lookahead_len): held back until T3 finishes
+RECENT_STEPS = 16       # `urgent_steps` times the longest of this many last steps
 
 
 @dataclass(frozen=True)
@@ -139,6 +141,7 @@ class VocodeScheduler:
         self.block_tokens = 16                             # T3's later blocks (first_step_tokens' block_tokens)
         self.min_step_seconds: float | None = None         # the shortest step seen: a step's fixed part
         self.seconds_per_step_token: float | None = None   # moving average of (step - fixed part) / step_cost
+        self.recent_steps: deque[float] = deque(maxlen=RECENT_STEPS)   # the last steps' seconds (urgent_steps)
 
     def row_cost(self, plan: StepPlan) -> int:
         """Flow tokens a row runs: its new tokens and the row's overhead. A step's time is estimated from these."""
@@ -153,6 +156,7 @@ class VocodeScheduler:
             return
         self.seconds_per_flow_token = _ema(self.seconds_per_flow_token, seconds / cost)
         self.step_seconds = _ema(self.step_seconds, seconds)
+        self.recent_steps.append(seconds)
         self.min_step_seconds = seconds if self.min_step_seconds is None else min(self.min_step_seconds, seconds)
         extra = seconds - self.min_step_seconds
         if extra > 0.25 * seconds:   # only a step well above the fixed part says what a flow token costs
@@ -258,8 +262,8 @@ class VocodeScheduler:
         moments away."""
         p = self.policy
         low = p.low_water_s
-        if p.urgent_steps is not None and self.step_seconds is not None:
-            low = min(low, p.urgent_steps * self.step_seconds)   # just in time: every token T3 made by then
+        if p.urgent_steps is not None and self.recent_steps:   # just in time: every token T3 made by then, against
+            low = min(low, p.urgent_steps * max(self.recent_steps))   # the longest recent step, not their mean
         if p.urgent_margin is None or self.step_seconds is None or self.t3_seconds_per_token is None:
             return low
         wait_s = max(0, s.target - s.usable()) * self.t3_seconds_per_token + self.step_seconds
