@@ -299,17 +299,9 @@ class S3GenReplica:
 
     def reconfigure(self, user_config: dict) -> None:
         cfg = S3GenUserConfig.model_validate(user_config or {})
-        self.scheduler.policy = VocodePolicy(max_step_tokens=cfg.max_step_tokens, min_step_tokens=cfg.min_step_tokens,
-                                             low_water_s=cfg.low_water_s, max_batch_new_tokens=cfg.max_batch_tokens,
-                                             max_stream_batch_tokens=cfg.max_stream_batch_tokens,
-                                             first_steps_alone=cfg.first_steps_alone,
-                                             deadline_steps=cfg.deadline_steps,
-                                             light_first_step_tokens=cfg.light_first_step_tokens,
-                                             light_load_streams=cfg.light_load_streams,
-                                             first_step_cover=cfg.first_step_cover,
-                                             max_first_step_tokens=cfg.max_first_step_tokens,
-                                             first_step_predict=cfg.first_step_predict,
-                                             urgent_margin=cfg.urgent_margin, urgent_steps=cfg.urgent_steps)
+        fields = cfg.model_dump()   # the user_config is the policy's knobs, one name apart
+        fields["max_batch_new_tokens"] = fields.pop("max_batch_tokens")
+        self.scheduler.policy = VocodePolicy(**fields)
         log.info("S3Gen stage user_config: %s", cfg.model_dump())
 
     def invalidate_voice(self, voice_id: str) -> None:
