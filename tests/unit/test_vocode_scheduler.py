@@ -493,3 +493,26 @@ def test_first_step_predict_counts_only_the_streams_before_their_first_step():
     assert not sched.is_ready(s, 0.0)                                  # held until its audio covers the burst
     s.tokens.extend(range(35))
     assert sched.ready_reason(s, 0.0) == "first"
+
+
+def test_first_step_predict_does_not_hold_an_idle_replicas_light_first_step():
+    """The served run with first_step_predict gave one stream 24-token first steps instead of the light 8 (first
+    audio p50 0.171 against 0.110 s, bench/results/bench_system_predict_urgent3.md): the burst hold must not apply
+    to a stream whose first step was sized for an idle replica."""
+    policy = VocodePolicy(first_step_cover=1.5, first_step_predict=True, light_first_step_tokens=8)
+    sched = VocodeScheduler(policy, SR)
+    sched.observe_step(0.045, 70)
+    sched.observe_step(0.045 + 1.3e-4 * 2000, 2000)
+    warm = _stream("warm")
+    sched.observe_block(warm, 16, 0.0)
+    sched.observe_block(warm, 16, 0.064)                               # T3: 4 ms a token
+    first = sched.first_step_tokens(15, 16)
+    assert first == 8 < sched.predicted_first_step(1)                  # idle: light, though a prediction exists
+    s = _stream("alone", first_step_tokens=first, light_first_step=first < 15)
+    sched.add(s)
+    s.tokens.extend(range(8 + LOOKAHEAD_TOKENS))
+    assert sched.ready_reason(s, 0.0) == "first"
+    held = _stream("held", first_step_tokens=8)                        # the same stream not marked light waits
+    sched.add(held)
+    held.tokens.extend(range(8 + LOOKAHEAD_TOKENS))
+    assert sched.ready_reason(held, 0.0) is None

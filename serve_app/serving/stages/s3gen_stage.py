@@ -145,7 +145,8 @@ class S3GenReplica:
                 "light" if first_step < job.first_step_tokens else "grown")
             self._metrics.s3gen_first_steps_total.inc(1, tags={**self._tags, "size": size})
         stream = VocodeStream(job.request_id, conds, job.params.seed, streaming=job.streaming,
-                              first_step_tokens=first_step, step_tokens=job.step_tokens)
+                              first_step_tokens=first_step, step_tokens=job.step_tokens,
+                              light_first_step=first_step < job.first_step_tokens)
         stream.marks.update(entered=entered, conds=time.monotonic())
         self.scheduler.add(stream)
         out: asyncio.Queue = asyncio.Queue()

@@ -76,6 +76,7 @@ class VocodeStream:
     streaming: bool = True
     first_step_tokens: int = 25
     step_tokens: int = 50
+    light_first_step: bool = False      # first_step_tokens was sized for an idle replica: no burst to wait for
     tokens: list[int] = field(default_factory=list)
     t3_finished: bool = False
     finish_reason: str | None = None
@@ -244,7 +245,7 @@ class VocodeScheduler:
         if s.t3_finished:
             return "first" if s.num_steps == 0 else "final"   # every chunk has one first (or one-shot) step
         n = s.usable()
-        if (s.num_steps == 0 and self.policy.first_step_predict
+        if (s.num_steps == 0 and self.policy.first_step_predict and not s.light_first_step
                 and n < self.predicted_first_step(self._num_first_steps())):
             return None   # a burst arrived with this stream: its first step waits for the audio to cover it
         if n >= s.target:
