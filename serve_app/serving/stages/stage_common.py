@@ -96,4 +96,6 @@ def configure_replica_logging() -> None:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         handler._chatterbox = True  # type: ignore[attr-defined]
         root.addHandler(handler)
+    root.propagate = False   # one line a record: in a replica the root logger has a handler of its own too (every
+    # S3Gen step line came twice in the served H200 runs' server logs, the second as "INFO:name:message")
     root.setLevel(get_envs().log_level.upper())
