@@ -37,6 +37,7 @@ STEP_FIXED_S, STEP_PER_TOKEN_S = 0.045, 0.00027
 HOLD_TOKENS = 4            # the engine's 8 overlap frames
 LOOKAHEAD = 3              # the flow's look-ahead, held until T3 is done
 # gpu-1x.yaml's S3Gen user_config (the scheduler's part)
+# deploy/gpu-1x.yaml's S3Gen user_config when the clock was fit (8ba91dc), before urgent_steps and first_step_predict
 SERVED_POLICY = {"min_step_tokens": 16, "deadline_steps": True, "light_first_step_tokens": 8, "first_step_cover": 1.5}
 # token caps of a sample of bench/system/texts.py's texts (2 s + 0.07 s a character)
 CHUNK_TOKENS = (61, 71, 94, 115, 152, 206, 222, 269)
@@ -143,7 +144,7 @@ def main(argv=None) -> None:
     p.add_argument("--duration-s", type=float, default=8.0)
     p.add_argument("--out", default=str(RESULTS))
     a = p.parse_args(argv)
-    policies = [{}, {"urgent_margin": 2.0}, {"urgent_steps": 3.0}]
+    policies = [{}, {"urgent_steps": 3.0}]
     rows = []
     for c in (int(x) for x in a.levels.split(",")):
         for pol in policies:

@@ -160,27 +160,25 @@ class S3GenUserConfig(_Model):
                                      "step plays, at the observed seconds per flow token), and hold a first step "
                                      "until it does: a burst on an idle replica otherwise gets first steps sized "
                                      "from the light steps before it. In the served runs the stalls matched each "
-                                     "level's opening burst (bench/README.md). Not yet measured on a GPU.")
+                                     "level's opening burst (bench/README.md). deploy/gpu-1x.yaml sets it: 99.8% "
+                                     "against 74.5% stall-free at 128 streams, with urgent_steps 3 "
+                                     "(bench/results/bench_system_predict_urgent3.md against "
+                                     "bench_system_8ba91dc.md). A first step made light on an idle "
+                                     "replica is not held.")
     max_step_tokens: int = Field(200, ge=1, description="A stream's later steps grow (doubling) up to this many "
                                  "new tokens: fewer, larger steps cost less flow context and batch better.")
     min_step_tokens: int = Field(8, ge=1, description="A stream whose listener runs low steps early, with at "
                                  "least this many new tokens.")
     low_water_s: float = Field(1.0, ge=0, description="A stream steps early when less than this much audio is "
                                "left to play (at real time since its first block).")
-    urgent_margin: float | None = Field(None, gt=0, description="A stream steps early only when its audio left "
-                                        "is also under this many times the expected wait for a step at its target "
-                                        "(T3's pace for the missing tokens, then a step's observed length): where "
-                                        "both are fast, fewer small steps, each re-running context and look-ahead. "
-                                        "None: off. On a model clock of one stream 2.0 takes one step fewer "
-                                        "(tests/unit/test_vocode_scheduler.py); served on an H200 it changed "
-                                        "nothing: 1.22 tokens vocoded per token made at one stream either way "
-                                        "(bench/results/bench_system_urgent2.md): T3 there makes a token in "
-                                        "3.9 ms, and the wait for a 100-token target is too long to cover.")
     urgent_steps: float | None = Field(None, gt=0, description="A stream steps early only when its audio left "
                                        "lasts at most this many steps (the longest of the last 16): it steps just in "
                                        "time, with every token T3 made by then, instead of at once with "
                                        "min_step_tokens. Where steps are long this is low_water_s as before. "
-                                       "None: off. Not yet measured on a GPU.")
+                                       "None: off. deploy/gpu-1x.yaml sets 3: 1.11 against 1.22 tokens vocoded "
+                                       "per token made at one stream (bench/results/bench_system_predict_urgent3.md)."
+                                       " It replaced urgent_margin (a multiple of the expected wait for a step at "
+                                       "the target), which changed nothing served (bench_system_urgent2.md).")
 
 
 class T3Settings(DeploymentSettings):

@@ -37,8 +37,6 @@ async def test_urgent_steps_vocodes_a_light_load_chunk_in_fewer_steps_and_in_tim
     after = await _one_stream(135, urgent_steps=3.0)
     assert before["blocks"] >= 5 and after["blocks"] == 3, (before, after)
     assert before["late_s"] < 0.02 and after["late_s"] < 0.02, (before, after)   # no listener waits
-    # urgent_margin=2.0, measured on the H200 to change nothing: at this T3 pace the 100-token target is too far
-    assert (await _one_stream(135, urgent_margin=2.0))["blocks"] == before["blocks"]
 
 
 def test_urgent_steps_keeps_streams_in_time_under_load():

@@ -151,9 +151,9 @@ def test_s3gen_replica_streams_chunks_batched_and_cancels_t3():
     assert replica.scheduler.seconds_per_flow_token is not None
     # and T3's blocks fed the pace that first_step_cover reads
     assert replica.scheduler.t3_seconds_per_token is not None and replica.scheduler.step_seconds is not None
-    replica.reconfigure({"max_batch_tokens": 200, "deadline_steps": True, "urgent_margin": 2.0})
+    replica.reconfigure({"max_batch_tokens": 200, "deadline_steps": True, "urgent_steps": 3.0})
     assert replica.memory_report()["max_batch_tokens"] == 200 and replica.scheduler.policy.deadline_steps
-    assert replica.scheduler.policy.urgent_margin == 2.0
+    assert replica.scheduler.policy.urgent_steps == 3.0
 
 
 def test_an_idle_s3gen_replica_asks_t3_for_a_short_first_block():

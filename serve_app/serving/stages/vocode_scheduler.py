@@ -14,8 +14,8 @@ A stream is ready when
 - streaming, later: `target` usable tokens (which doubles from `step_tokens` up to `max_step_tokens`: fewer,
   larger steps cost less context and batch better), or sooner, with at least `min_step_tokens`, when the
   listener's buffer runs low: less than `low_water_s` of audio left to play at real time since the first block
-  (with `urgent_margin`, less than that many times the expected wait for a step at the target, if lower; with
-  `urgent_steps`, less than that many of the recent steps' length: just in time, with every token T3 made by then).
+  (with `urgent_steps`, less than that many of the recent steps' length, if lower: just in time, with every token
+  T3 made by then).
 
 "Usable" tokens exclude the flow's look-ahead (`LOOKAHEAD_TOKENS`), which waits for the next block or the end.
 Ready streams are taken most urgent first (first steps, then by audio left to play) within `max_batch_new_tokens`
@@ -57,7 +57,6 @@ class VocodePolicy:
     max_first_step_tokens: int = 50     # ... up to this many tokens
     first_step_predict: bool = False    # ... also for the steps the streams open now will make (a burst)
     hold_tokens: int = 4                # audio a step holds back for the join (the engine's 8 overlap frames)
-    urgent_margin: float | None = None  # step early only when waiting for `target` could run the buffer dry
     urgent_steps: float | None = None   # step early only when the audio left lasts at most this many steps
 
     def __post_init__(self) -> None:
@@ -257,18 +256,13 @@ class VocodeScheduler:
 
     def low_water(self, s: VocodeStream) -> float:
         """Audio left to play under which `s` steps early (with at least `min_step_tokens`): `low_water_s`; with
-        `urgent_margin`, no more than that many times the expected wait for a step at its target (T3's pace for
-        the missing tokens, then a step at its observed length), so that where T3 and the vocoder are fast a
-        stream does not take several small steps (each re-runs context and look-ahead) while its target is
-        moments away."""
+        `urgent_steps`, no more than that many of the longest recent step, so that where steps are short a stream
+        does not take several small steps (each re-runs context and look-ahead) but one just in time."""
         p = self.policy
-        low = p.low_water_s
-        if p.urgent_steps is not None and self.recent_steps:   # just in time: every token T3 made by then, against
-            low = min(low, p.urgent_steps * max(self.recent_steps))   # the longest recent step, not their mean
-        if p.urgent_margin is None or self.step_seconds is None or self.t3_seconds_per_token is None:
-            return low
-        wait_s = max(0, s.target - s.usable()) * self.t3_seconds_per_token + self.step_seconds
-        return min(low, p.urgent_margin * wait_s)
+        if p.urgent_steps is None or not self.recent_steps:
+            return p.low_water_s
+        return min(p.low_water_s, p.urgent_steps * max(self.recent_steps))   # the longest, not the mean: under load
+        # a mean let chunks run late (test_urgent_steps_keeps_streams_in_time_under_load)
 
     def _urgency(self, s: VocodeStream, now: float) -> tuple:
         # streams' first steps first (time to first audio), then by audio left to play; a one-shot job ranks as
