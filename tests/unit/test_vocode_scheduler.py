@@ -438,16 +438,22 @@ def test_predicted_step_seconds_grows_with_streams_and_holds_when_overloaded():
     assert sched.predicted_first_step(64) == 0                           # first_step_predict off
 
 
-def test_first_step_predict_counts_only_the_streams_before_their_first_step():
-    """In a steady state many streams are open but few have not stepped yet: the prediction is for those few
-    (the observed steps already size first steps there); in a burst, for all of them."""
-    policy = VocodePolicy(first_step_cover=1.5, first_step_predict=True, max_first_step_tokens=50)
+def _observed(policy: VocodePolicy, t3_seconds_per_token: float) -> VocodeScheduler:
+    """A scheduler that has seen a light step (45 ms), a loaded one (+0.13 ms a flow token) and T3's pace."""
     sched = VocodeScheduler(policy, SR)
     sched.observe_step(0.045, 70)
     sched.observe_step(0.045 + 1.3e-4 * 2000, 2000)
     warm = _stream("warm")
     sched.observe_block(warm, 16, 0.0)
-    sched.observe_block(warm, 16, 0.144)                               # T3: 9 ms a token
+    sched.observe_block(warm, 16, 16 * t3_seconds_per_token)
+    return sched
+
+
+def test_first_step_predict_counts_only_the_streams_before_their_first_step():
+    """In a steady state many streams are open but few have not stepped yet: the prediction is for those few
+    (the observed steps already size first steps there); in a burst, for all of them."""
+    sched = _observed(VocodePolicy(first_step_cover=1.5, first_step_predict=True, max_first_step_tokens=50),
+                      t3_seconds_per_token=0.009)
     for i in range(60):                                                # 60 streams past their first step
         s = _stream(f"old{i}")
         s.num_steps = 1
@@ -468,13 +474,8 @@ def test_first_step_predict_does_not_hold_an_idle_replicas_light_first_step():
     """The served run with first_step_predict gave one stream 24-token first steps instead of the light 8 (first
     audio p50 0.171 against 0.110 s, bench/results/bench_system_predict_urgent3.md): the burst hold must not apply
     to a stream whose first step was sized for an idle replica."""
-    policy = VocodePolicy(first_step_cover=1.5, first_step_predict=True, light_first_step_tokens=8)
-    sched = VocodeScheduler(policy, SR)
-    sched.observe_step(0.045, 70)
-    sched.observe_step(0.045 + 1.3e-4 * 2000, 2000)
-    warm = _stream("warm")
-    sched.observe_block(warm, 16, 0.0)
-    sched.observe_block(warm, 16, 0.064)                               # T3: 4 ms a token
+    sched = _observed(VocodePolicy(first_step_cover=1.5, first_step_predict=True, light_first_step_tokens=8),
+                      t3_seconds_per_token=0.004)
     first = sched.first_step_tokens(15, 16)
     assert first == 8 < sched.predicted_first_step(1)                  # idle: light, though a prediction exists
     s = _stream("alone", first_step_tokens=first, light_first_step=first < 15)
