@@ -184,6 +184,16 @@ def steps_by_reason(before, after) -> dict[str, float | None]:
     return {r: _ratio(v, chunks) for r, v in n.items()}
 
 
+CHUNK_FINISHES = ("stop", "length", "incomplete")   # chatterbox_s3gen_chunks_total's finish tag
+
+
+def chunks_by_finish(before, after) -> dict[str, float | None]:
+    """Text chunks finished over the level by how T3 ended them: a chunk that ended on T3's stop token is short
+    by the model's choice (random weights sample it now and then), which the bench's length check cannot tell
+    from lost audio."""
+    return {f: prom.delta(before, after, "chatterbox_s3gen_chunks_total", {"finish": f}) for f in CHUNK_FINISHES}
+
+
 def engine_stats(before, after) -> dict:
     """What the stages did over the level: mean batch sizes and step times, T3 slot occupancy, and flow tokens
     per new token vocoded (None for what the app does not export)."""
@@ -214,6 +224,7 @@ def engine_stats(before, after) -> dict:
         "s3gen_padded_tokens_per_new_token": _ratio(padded, new),
         "s3gen_graph_captures": prom.delta(before, after, "chatterbox_s3gen_graph_captures_total"),
         "s3gen_steps_per_chunk_by_reason": steps_by_reason(before, after),
+        "s3gen_chunks_by_finish": chunks_by_finish(before, after),
         "first_audio_phase_mean_s": first_audio_phases(before, after),
     }
 

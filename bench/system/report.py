@@ -77,6 +77,7 @@ def markdown(result: dict) -> str:
             f"{_f(lv.get('length_match_fraction'), '.0%')} | {lv.get('gpu_peak_mib') or '-'} | "
             f"{_f(stage.get('t3'), '.1f')} | {_f(stage.get('s3gen'), '.1f')} |")
     lines += _stall_lines(result.get("levels", []))
+    lines += _finish_lines(result.get("levels", []))
     lines += _phases_table(result.get("levels", []))
     skipped = result.get("skipped_levels") or []
     if skipped:
@@ -88,6 +89,21 @@ def markdown(result: dict) -> str:
     if result.get("notes"):
         lines += [""] + [f"- {n}" for n in result["notes"]]
     return "\n".join(lines) + "\n"
+
+
+def _finish_lines(levels: list[dict]) -> list[str]:
+    """Text chunks by how T3 ended them, where the app exported it: what "length ok" below 100% is made of."""
+    rows = []
+    for lv in levels:
+        by = (lv.get("engine") or {}).get("s3gen_chunks_by_finish") or {}
+        if any(v for v in by.values()):
+            rows.append(f"{_load(lv)} {'stream' if lv['stream'] else 'no stream'}: "
+                        + ", ".join(f"{k} {int(v)}" for k, v in by.items() if v is not None))
+    if not rows:
+        return []
+    return ["", "Text chunks by how T3 ended them (stop: it sampled its stop token, a short chunk by the model's "
+            "choice that the length check counts against it; length: the token cap; incomplete: ended first): "
+            + "; ".join(rows) + "."]
 
 
 def _stall_lines(levels: list[dict]) -> list[str]:

@@ -105,6 +105,11 @@ ROWS: list[tuple[str, list[tuple[str, str, str, list[tuple[str, str]]]]]] = [
          "(T3 done), one-shot.", [
             (f"sum by (reason) (rate(ray_chatterbox_s3gen_stream_steps_total{{{APP}}}[{RATE}]))", "{{reason}}"),
         ]),
+        ("Text chunks by how T3 ended them", "ops", "Text chunks finished per second: stop (T3 sampled its stop "
+         "token: the speech ended), length (it hit the token cap: speech may be cut short; many of these with real "
+         "weights say the cap is too low), incomplete (the client left or a stage failed first).", [
+            (f"sum by (finish) (rate(ray_chatterbox_s3gen_chunks_total{{{APP}}}[{RATE}]))", "{{finish}}"),
+        ]),
         ("Voice cache lookups", "ops", "Conditionals cache lookups per second in each stage, hits and misses.", [
             (f"sum by (stage, result) (rate(ray_chatterbox_voice_cache_lookups_total{{{APP}}}[{RATE}]))",
              "{{stage}} {{result}}"),

@@ -127,6 +127,11 @@ class Metrics:
             "chatterbox_s3gen_stream_steps_total", "Text chunks' rows in vocoder steps, by why each ran (the "
             "scheduler's rule): first, target (its step size reached), urgent (its listener ran low), final (T3 "
             "done), one-shot. Rows per text chunk: the sum over first + one-shot.", tag_keys=("backend", "reason"))
+        self.s3gen_chunks_total = C(
+            "chatterbox_s3gen_chunks_total", "Text chunks the S3Gen replica finished, by how T3 ended them: stop "
+            "(T3 sampled its stop token), length (the chunk's token cap), incomplete (the chunk ended first: client "
+            "gone, a stage failed). A short response with finish=stop is the model's choice, not lost audio.",
+            tag_keys=("backend", "finish"))
         self.s3gen_queue_depth = G(
             "chatterbox_s3gen_queue_depth", "Text chunks (streams) open in this replica.",
             tag_keys=("backend",))

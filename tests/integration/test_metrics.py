@@ -33,6 +33,7 @@ EXPECTED = {
     "chatterbox_s3gen_flow_calls_total",         # the engine backend's flow calls (/ steps: calls per step)
     "chatterbox_s3gen_first_steps_total",
     "chatterbox_s3gen_stream_steps_total",       # rows in vocoder steps by the scheduler's reason
+    "chatterbox_s3gen_chunks_total",             # text chunks by how T3 ended them (stop / length / incomplete)
     "chatterbox_audio_seconds_total",
     "chatterbox_t3_request_seconds_bucket",
     "chatterbox_t3_speech_tokens_total",

@@ -186,6 +186,9 @@ class FakeMetric:
     def inc(self, value=1, tags=None):
         self.store.append((self.name, value, tags))
 
+    def set(self, value, tags=None):   # a gauge: each value it was set to
+        self.store.append((self.name, value, tags))
+
 
 class FakeMetrics:
     def __init__(self):

@@ -423,3 +423,19 @@ def test_steps_per_text_chunk_by_reason_from_the_counters():
     by = engine_stats(before, after)["s3gen_steps_per_chunk_by_reason"]
     # 8 chunks over the level (4 first steps, 4 one-shot): 1 urgent step each, half a final one
     assert by == {"first": 0.5, "target": None, "urgent": 1.0, "final": 0.5, "one-shot": 0.5}
+
+
+def test_chunks_by_finish_from_the_counter_and_its_markdown_line():
+    from bench.system.levels import engine_stats
+    from bench.system.report import markdown
+
+    line = "ray_chatterbox_s3gen_chunks_total{backend=\"engine\",finish=\"%s\"} %s\n"
+    before = prom.parse(line % ("length", 10))
+    after = prom.parse(line % ("length", 70) + line % ("stop", 2))
+    by = engine_stats(before, after)["s3gen_chunks_by_finish"]
+    assert by == {"stop": 2, "length": 60, "incomplete": None}
+    level = {"concurrency": 8, "stream": True, "requests": 30, "ok": 30, "errors": 0, "engine":
+             {"s3gen_chunks_by_finish": by}}
+    md = markdown({"levels": [level], "upstream": {}})
+    assert "Text chunks by how T3 ended them" in md and "8 stream: stop 2, length 60." in md
+    assert "Text chunks by how T3 ended them" not in markdown({"levels": [{**level, "engine": {}}], "upstream": {}})

@@ -10,6 +10,7 @@ from serve_app.serving.stages.conds_cache import CondsCache
 from serve_app.serving.config import S3GenSettings, T3Settings, VoiceSettings
 from serve_app.contracts import BUILTIN_VOICE, SpeechJob, SynthesisParams, T3Job, TokenChunk, VoiceConds
 from serve_app.serving.errors import InvalidRequestError, VoiceNotFoundError
+from router_fakes import FakeMetrics
 
 
 def _conds(seed: int = 0) -> VoiceConds:
@@ -124,6 +125,7 @@ def test_s3gen_replica_streams_chunks_batched_and_cancels_t3():
 
     backend, t3 = FakeS3GenBackend(), BlockT3()
     replica = S3GenReplica(None, FakeVoiceHandle(), S3GenSettings(), backend=backend, t3_handle=t3)
+    replica._metrics = metrics = FakeMetrics()
 
     async def collect(job):
         return [b async for b in replica.synthesize(job)]
@@ -147,6 +149,9 @@ def test_s3gen_replica_streams_chunks_batched_and_cancels_t3():
     assert max(len(step) for step in backend.steps) >= 3          # streams of different chunks share steps
     assert t3.jobs[0].first_block_tokens == 13 and t3.jobs[0].block_tokens == 16
     assert t3.cancelled == ["gone"] and len(replica.scheduler) == 0 and not replica._outputs
+    # every text chunk is counted once by how T3 ended it; the one whose consumer left, as incomplete
+    finishes = [t["finish"] for _, t in metrics.values("s3gen_chunks_total")]
+    assert sorted(finishes) == ["incomplete"] + ["length"] * 5
     # every step fed the step-time estimate that deadline_steps (switched on by user_config) reads
     assert replica.scheduler.seconds_per_flow_token is not None
     # and T3's blocks fed the pace that first_step_cover reads

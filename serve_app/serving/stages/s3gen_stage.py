@@ -167,9 +167,11 @@ class S3GenReplica:
         finally:
             # bookkeeping first: a second cancellation during the await below must not leak the stream
             self.scheduler.remove(job.request_id)
+            finish = stream.finish_reason or "incomplete"
+            self._metrics.s3gen_chunks_total.inc(1, tags={**self._tags, "finish": finish})
             if stream.steps:   # what the scheduler did with this text chunk: (new tokens, why) per step
-                log.info("%s: %d tokens vocoded in %d steps: %s", job.request_id, stream.num_vocoded,
-                         len(stream.steps), " ".join(f"{n}:{why}" for n, why in stream.steps))
+                log.info("%s: %d tokens vocoded in %d steps (%s): %s", job.request_id, stream.num_vocoded,
+                         len(stream.steps), finish, " ".join(f"{n}:{why}" for n, why in stream.steps))
             self._outputs.pop(job.request_id, None)
             self._set_gauge()
             feeder.cancel()
