@@ -176,7 +176,8 @@ class S3GenUserConfig(_Model):
                                        "time, with every token T3 made by then, instead of at once with "
                                        "min_step_tokens. Where steps are long this is low_water_s as before. "
                                        "None: off. deploy/gpu-1x.yaml sets 3: 1.11 against 1.22 tokens vocoded "
-                                       "per token made at one stream (bench/results/bench_system_predict_urgent3.md)."
+                                       "per token made at one stream (bench/results/bench_system_predict_urgent3.md against "
+                                       "bench_system_8ba91dc.md)."
                                        " It replaced urgent_margin (a multiple of the expected wait for a step at "
                                        "the target), which changed nothing served (bench_system_urgent2.md).")
 

@@ -465,7 +465,7 @@ def test_first_step_predict_counts_only_the_streams_before_their_first_step():
     assert sched.first_step_tokens(15, 16) == 50 > steady
     s = sched.streams["new0"]
     s.tokens.extend(range(15 + LOOKAHEAD_TOKENS))
-    assert not sched.is_ready(s, 0.0)                                  # held until its audio covers the burst
+    assert sched.ready_reason(s, 0.0) is None                          # held until its audio covers the burst
     s.tokens.extend(range(35))
     assert sched.ready_reason(s, 0.0) == "first"
 

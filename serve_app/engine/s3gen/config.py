@@ -57,8 +57,10 @@ class S3GenEngineConfig:
                                          # see the test
     prompt_tokens: int | None = None     # the same for one-shot decodes and a stream's first step (None: all).
                                          # With both at K the whole stream conditions on the same K tokens.
-                                         # K=50 served on an H200: more audio, fewer streams stall-free
-                                         # (bench/results/bench_system_prompt50.md; deploy/gpu-1x.yaml)
+                                         # K=50 served on an H200: more audio; alone it cost stall-free
+                                         # streams, with the scheduler's first_step_predict it did not
+                                         # (bench/results/bench_system_prompt50.md, bench_system.md;
+                                         # deploy/gpu-1x.yaml sets 50)
     cfg_rate: float | None = None        # None: upstream inference_cfg_rate (0.7)
     enforce_eager: bool = False          # True: no CUDA graphs for the flow's euler loop (CUDA only anyway)
     flow_graph_unit: str = "step"        # "loop": one flow graph per shape holds all n euler steps; "step": one of

@@ -140,13 +140,12 @@ class S3GenReplica:
         conds = await self.conds.get(job.voice_id)
         self._ensure_loop()
         first_step = self.scheduler.first_step_tokens(job.first_step_tokens, job.t3_block_tokens)
+        light = first_step < job.first_step_tokens   # only the idle-replica rule makes it shorter than asked
         if job.streaming:
-            size = "asked" if first_step == job.first_step_tokens else (
-                "light" if first_step < job.first_step_tokens else "grown")
+            size = "light" if light else ("asked" if first_step == job.first_step_tokens else "grown")
             self._metrics.s3gen_first_steps_total.inc(1, tags={**self._tags, "size": size})
         stream = VocodeStream(job.request_id, conds, job.params.seed, streaming=job.streaming,
-                              first_step_tokens=first_step, step_tokens=job.step_tokens,
-                              light_first_step=first_step < job.first_step_tokens)
+                              first_step_tokens=first_step, step_tokens=job.step_tokens, light_first_step=light)
         stream.marks.update(entered=entered, conds=time.monotonic())
         self.scheduler.add(stream)
         out: asyncio.Queue = asyncio.Queue()

@@ -231,12 +231,15 @@ class VocodeScheduler:
         step_s = self.predicted_step_seconds(num_streams)
         return 0 if step_s is None else min(self._cover_tokens(step_s), p.max_first_step_tokens)
 
-    def is_ready(self, s: VocodeStream, now: float) -> bool:
-        return self.ready_reason(s, now) is not None
+    def _burst_need(self) -> int:
+        """With `first_step_predict`, the tokens a first step waits for: enough for the steps predicted for every
+        stream before its first step (0 when off). O(streams): `take_ready` computes it once for all of them."""
+        return self.predicted_first_step(self._num_first_steps()) if self.policy.first_step_predict else 0
 
-    def ready_reason(self, s: VocodeStream, now: float) -> str | None:
+    def ready_reason(self, s: VocodeStream, now: float, burst_need: int | None = None) -> str | None:
         """Why `s` should step now (first, target, urgent, final, one-shot), or None. A stream's first step is
-        "first" even when T3 is done (it is then its last too): each text chunk has one first or one-shot step."""
+        "first" even when T3 is done (it is then its last too): each text chunk has one first or one-shot step.
+        burst_need: `_burst_need()`, when the caller has it."""
         if s.running or s.done:
             return None
         if not s.streaming:
@@ -244,8 +247,8 @@ class VocodeScheduler:
         if s.t3_finished:
             return "first" if s.num_steps == 0 else "final"   # every chunk has one first (or one-shot) step
         n = s.usable()
-        if (s.num_steps == 0 and self.policy.first_step_predict and not s.light_first_step
-                and n < self.predicted_first_step(self._num_first_steps())):
+        if s.num_steps == 0 and not s.light_first_step and n < (
+                self._burst_need() if burst_need is None else burst_need):
             return None   # a burst arrived with this stream: its first step waits for the audio to cover it
         if n >= s.target:
             return "first" if s.num_steps == 0 else "target"
@@ -275,7 +278,9 @@ class VocodeScheduler:
 
     def take_ready(self, now: float) -> list[StepPlan]:
         """The streams to vocode in the next engine step, marked running; their token snapshots."""
-        reasons = {s.request_id: r for s in self.streams.values() if (r := self.ready_reason(s, now)) is not None}
+        need = self._burst_need()
+        reasons = {s.request_id: r for s in self.streams.values()
+                   if (r := self.ready_reason(s, now, need)) is not None}
         ready = sorted((self.streams[i] for i in reasons), key=lambda s: self._urgency(s, now))
         if self.policy.first_steps_alone and any(_first_step(s) for s in ready):
             ready = [s for s in ready if _first_step(s)]   # the rest go in the next step, with more tokens each
