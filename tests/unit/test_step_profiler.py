@@ -63,7 +63,17 @@ def test_the_t3_engine_backend_profiles_its_steps(tmp_path: Path, monkeypatch):
     monkeypatch.setenv("CHATTERBOX_PROFILE_STEPS", "2")
     monkeypatch.setenv("CHATTERBOX_PROFILE_MIN_BATCH", "2")
     get_envs.cache_clear()
-    backend = EngineT3Backend(FakeEngine(steps_per_request=6), FakeTokenizer())
+    class Together(FakeEngine):   # no step before both requests are in: one 2-row step at least, on a slow CI too
+        added = 0
+
+        def add_request(self, req):
+            self.added += 1
+            super().add_request(req)
+
+        def has_unfinished(self):
+            return self.added >= 2 and super().has_unfinished()
+
+    backend = EngineT3Backend(Together(steps_per_request=6), FakeTokenizer())
     conds = backend.prepare_conds(_conds())
 
     async def run():
