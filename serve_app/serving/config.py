@@ -180,6 +180,11 @@ class S3GenUserConfig(_Model):
                                        "bench_system_8ba91dc.md)."
                                        " It replaced urgent_margin (a multiple of the expected wait for a step at "
                                        "the target), which changed nothing served (bench_system_urgent2.md).")
+    young_lane_steps: int = Field(0, ge=0, description="A stream's first this many steps run in a second step loop "
+                                  "of the replica (the young lane: its own thread, CUDA graphs and CUDA stream), "
+                                  "beside the main loop's long steps, so first audio and the step after it do not "
+                                  "wait behind them. 0: one loop. Read at start: the lane is built then (engine "
+                                  "backend); a reconfigure can turn it off and back on, not add it.")
 
 
 class T3Settings(DeploymentSettings):
@@ -212,6 +217,9 @@ class S3GenSettings(DeploymentSettings):
                                      "every batch bucket and length bucket up to this many tokens (voice prompt "
                                      "included) at start, so serving never pauses to capture; 0 skips it.")
     warmup_graph_frames: int = Field(0, ge=0, description="The same for HiFT, up to this many mel frames a row.")
+    young_lane_graph_tokens: int = Field(160, ge=0, description="With user_config.young_lane_steps, GPU engine "
+                                         "replicas capture the young lane's flow graphs up to this many tokens (and "
+                                         "HiFT's up to twice as many frames) at start, at batches up to 16.")
 
 
 class VoiceSettings(DeploymentSettings):

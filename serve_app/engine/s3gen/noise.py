@@ -8,6 +8,7 @@ idea, per request).
 """
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 
 import torch
@@ -23,19 +24,29 @@ class NoiseBank:
     def __init__(self, device: torch.device, max_blocks: int = 1024):
         self.device = torch.device(device)
         self.max_blocks = max_blocks             # 80 KB (5.1 s of audio) each: 1024 = 84 MB
-        self._blocks: OrderedDict[tuple[int, int], torch.Tensor] = OrderedDict()
+        self._blocks: OrderedDict[tuple[int, int], tuple[torch.Tensor, object]] = OrderedDict()
+        self._lock = threading.Lock()            # engine lanes (S3GenEngine.new_lane) share the bank
 
     def _block(self, seed: int, index: int) -> torch.Tensor:
         # -> [80, BLOCK_FRAMES]
         key = (int(seed), index)
-        block = self._blocks.get(key)
-        if block is None:
-            g = torch.Generator(device=self.device).manual_seed((int(seed) * 104_729 + index) % (2**63 - 1))
-            block = self._blocks[key] = torch.randn(NUM_MELS, BLOCK_FRAMES, generator=g, device=self.device)
-            while len(self._blocks) > self.max_blocks:
-                self._blocks.popitem(last=False)
-        else:
-            self._blocks.move_to_end(key)
+        with self._lock:
+            entry = self._blocks.get(key)
+            if entry is None:
+                g = torch.Generator(device=self.device).manual_seed((int(seed) * 104_729 + index) % (2**63 - 1))
+                block = torch.randn(NUM_MELS, BLOCK_FRAMES, generator=g, device=self.device)
+                ready = None
+                if self.device.type == "cuda":   # drawn on this thread's CUDA stream: others wait for it
+                    ready = torch.cuda.Event()
+                    ready.record()
+                entry = self._blocks[key] = (block, ready)
+                while len(self._blocks) > self.max_blocks:
+                    self._blocks.popitem(last=False)
+            else:
+                self._blocks.move_to_end(key)
+        block, ready = entry
+        if ready is not None:
+            torch.cuda.current_stream(self.device).wait_event(ready)
         return block
 
     def window(self, seed: int, start: int, stop: int) -> torch.Tensor:

@@ -3,8 +3,10 @@
 Handle method: `synthesize(job: SpeechJob)`, streaming `AudioBlock`s (handle.options(stream=True)). The replica
 starts the chunk's T3 stream itself (tokens arrive in blocks and never pass through the router), keeps the
 chunk's vocoder state for its whole life, and one loop runs every ready stream step and one-shot decode of all
-its chunks together in one engine step (`VocodeScheduler` decides what is ready). Closing the caller's stream
-cancels the T3 request and drops the state. (The Perth watermark is applied by the router, where the final
+its chunks together in one engine step (`VocodeScheduler` decides what is ready). With the scheduler's
+`young_lane_steps`, a second loop (the young lane: its own thread, engine graphs and CUDA stream) runs streams'
+first steps beside the main loop's long steps, so first audio does not wait behind them. Closing the caller's
+stream cancels the T3 request and drops the state. (The Perth watermark is applied by the router, where the final
 audio is assembled.)
 """
 from __future__ import annotations
@@ -16,6 +18,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator
 
+import torch
 from ray import serve
 
 from serve_app.serving.stages.conds_cache import CondsCache
@@ -29,7 +32,9 @@ from serve_app.serving.errors import StageError
 from serve_app.serving.stages.s3gen_backend import EngineS3GenBackend, S3GenBackend, UpstreamS3GenBackend, VocodeItem
 from serve_app.serving.stages.stage_client import StageClient
 from serve_app.serving.stages.step_profiler import StepProfiler
-from serve_app.serving.stages.vocode_scheduler import LOOKAHEAD_TOKENS, VocodePolicy, VocodeScheduler, VocodeStream
+from serve_app.serving.stages.vocode_scheduler import (
+    LOOKAHEAD_TOKENS, VocodePolicy, VocodeScheduler, VocodeStream,
+)
 from serve_app.serving.stages.stage_common import (
     EngineTotals, configure_replica_logging, describe, log_stage_ready, quantize_upstream, resolve_quant, spec_for,
 )
@@ -37,6 +42,7 @@ from serve_app.serving.stages.stage_common import (
 log = logging.getLogger(__name__)
 
 S3GEN_COMPONENTS = ("s3gen_flow_encoder", "s3gen_flow_decoder")   # what runs per request (HiFT: convolutions)
+YOUNG_LANE_BATCH_SIZES = (1, 2, 3, 4, 6, 8, 12, 16)   # the young lane's graph batch buckets (a few new streams)
 
 
 def make_s3gen_backend(checkpoint: Any, settings: S3GenSettings, rd: ReplicaDevice,
@@ -91,6 +97,29 @@ def warm_up(backend: S3GenBackend, checkpoint: Any, settings: S3GenSettings, dev
         return 0
 
 
+def make_young_lane(backend: S3GenBackend, settings: S3GenSettings, device: str) -> S3GenBackend | None:
+    """The young lane's backend when `user_config.young_lane_steps` asks for one and the backend can run two
+    step loops at once (`new_lane`); its CUDA graphs up to `young_lane_graph_tokens` are captured now."""
+    if not settings.user_config.young_lane_steps:
+        return None
+    if not hasattr(backend, "new_lane"):
+        log.warning("young_lane_steps=%d, but the %s backend runs one step at a time: one lane",
+                    settings.user_config.young_lane_steps, backend.name)
+        return None
+    lane = backend.new_lane(YOUNG_LANE_BATCH_SIZES)
+    if isinstance(lane, EngineS3GenBackend) and str(device).startswith("cuda") and settings.young_lane_graph_tokens:
+        t0 = time.perf_counter()
+        try:
+            with torch.cuda.stream(lane.cuda_stream):
+                n = lane.engine.capture_graphs(settings.young_lane_graph_tokens, 2 * settings.young_lane_graph_tokens)
+            log.info("S3Gen young lane: %d CUDA graphs captured in %.1fs", n, time.perf_counter() - t0)
+        except Exception:  # an optimization: shapes are captured when first seen instead
+            log.exception("S3Gen young-lane graph capture failed; continuing, shapes are captured when first seen")
+    log.info("S3Gen young lane on: a stream's first %d steps run beside the main loop",
+             settings.user_config.young_lane_steps)
+    return lane
+
+
 def first_audio_timings(marks: dict[str, float], step_started: float, step_done: float,
                         t3_timings: dict[str, float] | None = None) -> dict[str, float] | None:
     """Seconds per FIRST_AUDIO_PHASES of a stream whose first audio a step made (None if a mark is missing).
@@ -114,19 +143,23 @@ class S3GenReplica:
         t0 = time.perf_counter()
         self.backend = backend or make_s3gen_backend(checkpoint, settings, self.rd, quantization)
         warm_up(self.backend, checkpoint, settings, self.rd.device)
+        young = make_young_lane(self.backend, settings, self.rd.device)
         if isinstance(self.backend, EngineS3GenBackend):
             self.backend.mark_warm()
         self._t3 = StageClient(t3_handle, "t3") if t3_handle is not None else None
         self.conds = CondsCache.from_voice_stage(voice_handle, self.backend.prepare_conds,
                                                  settings.max_cached_voices, "s3gen")
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="s3gen")
+        # lane -> (backend, its one worker thread): each lane's steps run one at a time, the lanes at once
+        self._lanes = {"main": (self.backend, ThreadPoolExecutor(max_workers=1, thread_name_prefix="s3gen"))}
+        if young is not None:
+            self._lanes["young"] = (young, ThreadPoolExecutor(max_workers=1, thread_name_prefix="s3gen-young"))
         self._profiler = StepProfiler.from_env("s3gen")
         self._metrics = get_metrics()
         self._tags = {"backend": self.backend.name}
         self.scheduler = VocodeScheduler(VocodePolicy(), SAMPLE_RATE)
         self._outputs: dict[str, asyncio.Queue] = {}     # request_id -> AudioBlock | BaseException
-        self._wake: asyncio.Event | None = None
-        self._loop_task: asyncio.Task | None = None
+        self._wakes: dict[str, asyncio.Event] = {}       # lane -> its loop's wake-up
+        self._loop_tasks: dict[str, asyncio.Task] = {}
         self._totals = EngineTotals(self._tags)       # the engine's running totals -> counters
         self.reconfigure(settings.user_config.model_dump())
         log_stage_ready("S3Gen", time.perf_counter() - t0, self.backend.name, self.rd, checkpoint)
@@ -197,7 +230,7 @@ class S3GenReplica:
                         log.info("%s: T3 hit max_new_tokens=%d", job.request_id, job.params.max_new_tokens)
                     stream.finish_reason = chunk.finish_reason or "stop"
                     stream.t3_finished = True
-                self._wake.set()
+                self._wake_all()
                 if chunk.finished:
                     return
             raise StageError(f"T3 stream of {job.request_id} ended without finishing", code="t3_error")
@@ -212,33 +245,42 @@ class S3GenReplica:
 
     # ---- the replica's vocoder loop -----------------------------------------------------------------------
     def _ensure_loop(self) -> None:
-        if self._loop_task is None or self._loop_task.done():
-            self._wake = asyncio.Event()
-            self._loop_task = asyncio.get_running_loop().create_task(self._run_loop())
+        for lane in self._lanes:
+            task = self._loop_tasks.get(lane)
+            if task is None or task.done():
+                self._wakes[lane] = asyncio.Event()
+                self._loop_tasks[lane] = asyncio.get_running_loop().create_task(self._run_loop(lane))
 
-    async def _run_loop(self) -> None:
+    def _wake_all(self) -> None:
+        for wake in self._wakes.values():
+            wake.set()
+
+    async def _run_loop(self, lane: str = "main") -> None:
         loop = asyncio.get_running_loop()
+        backend, executor = self._lanes[lane]
+        only = lane if len(self._lanes) > 1 else None   # one loop takes every stream
+        wake, tags = self._wakes[lane], {**self._tags, "lane": lane}
         while True:
-            timeout = self.scheduler.next_wakeup(time.monotonic())
+            timeout = self.scheduler.next_wakeup(time.monotonic(), only)
             try:
-                await asyncio.wait_for(self._wake.wait(), timeout)
+                await asyncio.wait_for(wake.wait(), timeout)
             except asyncio.TimeoutError:
                 pass
-            self._wake.clear()
-            plans = self.scheduler.take_ready(time.monotonic())
+            wake.clear()
+            plans = self.scheduler.take_ready(time.monotonic(), only)
             if not plans:
                 continue
             cost = self.scheduler.step_cost(plans)   # before the step: a plan's new tokens are counted from the stream
             items = [VocodeItem(p.tokens, p.stream.conds, p.stream.seed, p.finalize,
                                 None if not p.stream.streaming else
-                                (p.stream.state if p.stream.state is not None else self.backend.new_stream_state()),
+                                (p.stream.state if p.stream.state is not None else backend.new_stream_state()),
                                 p.stream.request_id)
                      for p in plans]
             taken = time.monotonic()
             try:
-                results = await loop.run_in_executor(self._executor, self._step, items)
+                results = await loop.run_in_executor(executor, self._step, backend, items, lane)
             except Exception as exc:  # noqa: BLE001 - the step's streams fail, the replica goes on
-                log.exception("S3Gen step of %d streams failed", len(plans))
+                log.exception("S3Gen %s-lane step of %d streams failed", lane, len(plans))
                 for p in plans:
                     p.stream.running = False
                     p.stream.done = True
@@ -265,27 +307,30 @@ class S3GenReplica:
                                             finish_reason=s.finish_reason if p.finalize else None,
                                             timings=first_audio_timings(s.marks, taken, now, s.t3_timings)
                                             if first_audio else None))
-            self.scheduler.observe_step(seconds, cost)
+            self.scheduler.observe_step(seconds, cost, lane)
             for reason, n in Counter(p.reason for p in plans).items():
                 self._metrics.s3gen_stream_steps_total.inc(n, tags={**self._tags, "reason": reason})
-            self._record_step(len(plans), num_new_total, sum(int(a.size) for a, _ in results), seconds)
-            self._wake.set()   # blocks that arrived during the step
+            self._record_step(len(plans), num_new_total, sum(int(a.size) for a, _ in results), seconds, tags)
+            self._wake_all()   # blocks that arrived during the step; streams that moved to the other lane
 
-    def _step(self, items: list[VocodeItem]) -> list:
-        """One engine step, in the executor's thread (where the profiler, when on, records)."""
-        results = self.backend.vocode_batch(items)
-        self._profiler.step_done(len(items))
+    def _step(self, backend: S3GenBackend, items: list[VocodeItem], lane: str = "main") -> list:
+        """One engine step, in the lane's worker thread (where the profiler, when on, records the main lane's)."""
+        results = backend.vocode_batch(items)
+        if lane == "main":
+            self._profiler.step_done(len(items))
         return results
 
-    def _record_step(self, num_streams: int, num_new: int, num_samples: int, seconds: float) -> None:
-        m, tags = self._metrics, self._tags
+    def _record_step(self, num_streams: int, num_new: int, num_samples: int, seconds: float,
+                     tags: dict[str, str]) -> None:
+        m = self._metrics
         m.s3gen_batch_seconds.observe(seconds, tags=tags)
         m.s3gen_batch_size.observe(num_streams, tags=tags)
         m.s3gen_batch_tokens.observe(num_new, tags=tags)
-        for counter, value in ((m.s3gen_busy_seconds_total, seconds), (m.s3gen_speech_tokens_total, num_new),
-                               (m.s3gen_step_streams_total, num_streams)):
+        for counter, value, by_lane in ((m.s3gen_busy_seconds_total, seconds, True),
+                                        (m.s3gen_speech_tokens_total, num_new, False),
+                                        (m.s3gen_step_streams_total, num_streams, True)):
             if value > 0:   # Ray's Counter.inc refuses 0
-                counter.inc(value, tags=tags)
+                counter.inc(value, tags=tags if by_lane else self._tags)
         stats = self.backend.stats() if hasattr(self.backend, "stats") else None
         if stats is not None:
             self._totals.export([(counter, key, stats.get(key)) for counter, key in (
@@ -303,6 +348,10 @@ class S3GenReplica:
         cfg = S3GenUserConfig.model_validate(user_config or {})
         fields = cfg.model_dump()   # the user_config is the policy's knobs, one name apart
         fields["max_batch_new_tokens"] = fields.pop("max_batch_tokens")
+        if fields["young_lane_steps"] and "young" not in self._lanes:
+            log.warning("young_lane_steps=%d needs the young lane built at start (young_lane_steps in the deploy "
+                        "file's user_config, an engine backend): one lane", fields["young_lane_steps"])
+            fields["young_lane_steps"] = 0
         self.scheduler.policy = VocodePolicy(**fields)
         log.info("S3Gen stage user_config: %s", cfg.model_dump())
 
@@ -315,8 +364,9 @@ class S3GenReplica:
 
     def check_health(self) -> None:
         self.rd.export_metrics()
-        if self._loop_task is not None and self._loop_task.done() and not self._loop_task.cancelled():
-            raise RuntimeError(f"S3Gen vocoder loop died: {self._loop_task.exception()!r}")
+        for lane, task in self._loop_tasks.items():
+            if task.done() and not task.cancelled():
+                raise RuntimeError(f"S3Gen vocoder loop ({lane} lane) died: {task.exception()!r}")
 
 
 S3GenStage = serve.deployment(S3GenReplica, name="S3GenStage")
