@@ -527,3 +527,26 @@ def test_young_lane_takes_first_steps_and_sizes_them_by_its_own_steps():
     assert sched.lane(s) == "main" and sched.take_ready(0.5, "young") == []
     assert sched.low_water(s) == pytest.approx(0.9)           # now 3 x the main lane's 0.3 s steps
     assert [p.stream.request_id for p in sched.take_ready(0.5, "main")] == ["s"]
+
+
+def test_a_young_lane_step_vocodes_at_most_the_first_steps_size():
+    """A first step in the young lane takes its target's tokens (+ look-ahead), not all T3 has made: even a chunk
+    T3 finished before its first step leaves the rest to a final step in the main lane."""
+    sched = VocodeScheduler(VocodePolicy(young_lane_steps=1), SR)
+    s = _stream("s", first_step_tokens=15, step_tokens=50)
+    sched.add(s)
+    s.tokens.extend(range(120))
+    s.t3_finished = True
+    (first,) = sched.take_ready(0.0, "young")
+    assert first.num_new == 15 and not first.finalize and first.reason == "first"
+    sched.finish_step(first, 11 * 960, 0.1)
+    assert sched.lane(s) == "main" and sched.take_ready(0.1, "young") == []
+    (last,) = sched.take_ready(0.1, "main")
+    assert last.finalize and last.reason == "final" and last.num_new == 105
+    one_loop = VocodeScheduler(VocodePolicy(), SR)     # one loop: the whole chunk in one step, as before
+    t = _stream("t", first_step_tokens=15, step_tokens=50)
+    one_loop.add(t)
+    t.tokens.extend(range(120))
+    t.t3_finished = True
+    (whole,) = one_loop.take_ready(0.0)
+    assert whole.finalize and whole.num_new == 120
