@@ -219,7 +219,7 @@ class S3GenSettings(DeploymentSettings):
     warmup_graph_frames: int = Field(0, ge=0, description="The same for HiFT, up to this many mel frames a row.")
     young_lane_graph_tokens: int = Field(160, ge=0, description="With user_config.young_lane_steps, GPU engine "
                                          "replicas capture the young lane's flow graphs up to this many tokens (and "
-                                         "HiFT's up to twice as many frames) at start, at batches up to 16.")
+                                         "HiFT's up to twice as many frames) at start.")
 
 
 class VoiceSettings(DeploymentSettings):

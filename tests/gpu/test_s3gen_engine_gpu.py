@@ -240,6 +240,7 @@ def test_two_lanes_step_at_once_on_their_own_cuda_streams():
                                          extra={"graph_capture_after": 1})
     lane = main.new_lane((1, 2, 4))
     assert lane.cuda_stream is not None and lane.engine.flow.graphs is not main.engine.flow.graphs
+    assert lane.cuda_stream.priority == torch.cuda.Stream.priority_range()[1]   # the highest
     big = [VocodeInput(random_tokens(n, n), random_voice(50, n), seed=n) for n in (150, 120, 97, 140)]
     voice = random_voice(50, 7)
     toks = random_tokens(60, 7)

@@ -147,8 +147,13 @@ class EngineS3GenBackend:
 
     def new_lane(self, batch_sizes: tuple[int, ...] | None = None) -> EngineS3GenBackend:
         """A backend for a second step loop (the stage's young lane): the same weights and conds, its own CUDA
-        graphs (`S3GenEngine.new_lane`) and, on a GPU, its own CUDA stream, so its steps run beside this one's."""
-        stream = torch.cuda.Stream(torch.device(self.device)) if str(self.device).startswith("cuda") else None
+        graphs (`S3GenEngine.new_lane`) and, on a GPU, its own CUDA stream at the highest priority, so its steps
+        run beside this one's and the GPU schedules their kernels first (a graph replays at its stream's
+        priority)."""
+        stream = None
+        if str(self.device).startswith("cuda"):
+            _, high = torch.cuda.Stream.priority_range()
+            stream = torch.cuda.Stream(torch.device(self.device), priority=high)
         lane = EngineS3GenBackend(self.engine.new_lane(batch_sizes), self.device, self.dtype, stream)
         self.lanes.append(lane)
         return lane

@@ -42,7 +42,6 @@ from serve_app.serving.stages.stage_common import (
 log = logging.getLogger(__name__)
 
 S3GEN_COMPONENTS = ("s3gen_flow_encoder", "s3gen_flow_decoder")   # what runs per request (HiFT: convolutions)
-YOUNG_LANE_BATCH_SIZES = (1, 2, 3, 4, 6, 8, 12, 16)   # the young lane's graph batch buckets (a few new streams)
 
 
 def make_s3gen_backend(checkpoint: Any, settings: S3GenSettings, rd: ReplicaDevice,
@@ -106,7 +105,7 @@ def make_young_lane(backend: S3GenBackend, settings: S3GenSettings, device: str)
         log.warning("young_lane_steps=%d, but the %s backend runs one step at a time: one lane",
                     settings.user_config.young_lane_steps, backend.name)
         return None
-    lane = backend.new_lane(YOUNG_LANE_BATCH_SIZES)
+    lane = backend.new_lane()   # the main engine's batch buckets: a burst's first steps come in dozens
     if isinstance(lane, EngineS3GenBackend) and str(device).startswith("cuda") and settings.young_lane_graph_tokens:
         t0 = time.perf_counter()
         try:
