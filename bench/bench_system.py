@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.system import report  # noqa: E402
 from bench.system.gpu_monitor import GpuMonitor  # noqa: E402
-from bench.system.levels import AppMetricNames, Budget, LevelRunner, run_levels  # noqa: E402
+from bench.system.levels import RESERVE_S, AppMetricNames, Budget, LevelRunner, run_levels  # noqa: E402
 from bench.system.server import AppServer, app_args, parse_override, with_overrides  # noqa: E402
 from bench.system.upstream import run_upstream  # noqa: E402
 from bench.versions import versions as _versions  # noqa: E402
@@ -115,6 +115,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ready-timeout-s", type=float, default=None, help="default 300; smoke 420")
     p.add_argument("--max-wall-s", type=float, default=None, help="whole run, upstream and app start included "
                    "(default 540; smoke 900)")
+    p.add_argument("--allow-short-wall", action="store_true", help="run even when --max-wall-s leaves no time "
+                   "for the first level after a typical app start (the levels are then likely skipped)")
     p.add_argument("--retry-after-max-s", type=float, default=1.0, help="a closed-loop client waits the 429's "
                    "Retry-After, at most this long")
     p.add_argument("--profile-steps", type=int, default=0, help="T3 and S3Gen each record one torch.profiler "
@@ -148,7 +150,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     a.max_wall_s = a.max_wall_s or (900.0 if s else 540.0)
     a.ray_stop_force = (a.ray_stop_force or ("off" if s else "on")) == "on"
     a.device = "cpu" if s else "cuda"
+    floor = min_wall_s(a)
+    if floor and a.max_wall_s < floor and not a.allow_short_wall:
+        p.error(f"--max-wall-s {a.max_wall_s:g} counts the app's start (up to ~{APP_START_S:g} s on an H200), "
+                f"{'' if a.skip_upstream else 'upstream (~45 s), '}the {RESERVE_S:g} s teardown reserve and the "
+                f"warm-up: the first level would be skipped. Use >= {floor:g} (or --allow-short-wall)")
     return a
+
+
+APP_START_S = 130.0   # the app's start on an H200: 85-131 s in the committed runs (bench/README.md)
+
+
+def min_wall_s(a) -> float:
+    """The least --max-wall-s whose first level can run when the bench starts the app on a GPU (0: no floor)."""
+    if a.smoke or a.server_url or not (a.levels or a.nostream_levels or a.rate):
+        return 0.0
+    return RESERVE_S + APP_START_S + (0.0 if a.skip_upstream else 45.0) + 10.0 + a.duration_s + 15.0
 
 
 # -- run facts ----------------------------------------------------------------------------------------------

@@ -67,3 +67,27 @@ def test_profile_steps_reach_both_stage_replicas_environments(tmp_path: Path):
     assert (t3_env["CHATTERBOX_PROFILE_STEPS"], t3_env["CHATTERBOX_PROFILE_MIN_BATCH"]) == ("40", "24")
     assert (s3_env["CHATTERBOX_PROFILE_STEPS"], s3_env["CHATTERBOX_PROFILE_MIN_BATCH"]) == ("40", "6")
     assert not config.voice.ray_actor_options.runtime_env
+
+
+def test_a_wall_budget_that_leaves_no_level_after_the_apps_start_is_refused(capsys):
+    """--max-wall-s counts the app's start: three device calls measured nothing with 150-190 s (bench/README.md).
+    The bench refuses such a budget before it starts anything (and says the floor); smoke runs and a running app
+    have none."""
+    from bench.bench_system import parse_args
+
+    for wall in ("150", "170", "190"):
+        with pytest.raises(SystemExit):
+            parse_args(["--levels", "64", "--stream-modes", "stream", "--duration-s", "10", "--skip-upstream",
+                        "--max-wall-s", wall])
+        assert "counts the app's start" in capsys.readouterr().err
+    ok = parse_args(["--levels", "64,128", "--duration-s", "12", "--skip-upstream", "--max-wall-s", "250"])
+    assert ok.max_wall_s == 250
+    with pytest.raises(SystemExit):   # upstream's time counts too
+        parse_args(["--levels", "64", "--duration-s", "12", "--max-wall-s", "250"])
+    assert parse_args(["--levels", "64", "--duration-s", "10", "--skip-upstream", "--max-wall-s", "150",
+                       "--allow-short-wall"]).max_wall_s == 150
+    assert parse_args(["--smoke", "--max-wall-s", "60"]).max_wall_s == 60
+    assert parse_args(["--server-url", "http://127.0.0.1:8000", "--levels", "8", "--max-wall-s", "60"]).max_wall_s == 60
+    canonical = ["--levels", "1,8,16,32,64,128", "--nostream-levels", "64", "--duration-s", "15",
+                 "--upstream-requests", "3", "--max-wall-s", "420"]   # bench/README.md's canonical command
+    assert parse_args(canonical).max_wall_s == 420
