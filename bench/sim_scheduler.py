@@ -75,6 +75,13 @@ class TimedBackend:
         return {"vocoded": 0, "out": 0}
 
     def vocode_batch(self, items):
+        out, new = self.outputs(items)
+        time.sleep(STEP_FIXED_S + STEP_PER_TOKEN_S * new)
+        return out
+
+    @staticmethod
+    def outputs(items) -> tuple[list, int]:
+        """-> (per item (audio, state), new tokens vocoded): the step's results, without its time."""
         new, out = 0, []
         for it in items:
             upto = len(it.tokens) - (0 if it.finalize else LOOKAHEAD)
@@ -82,8 +89,7 @@ class TimedBackend:
             audible = upto if it.finalize else max(0, upto - HOLD_TOKENS)
             n = max(0, audible - it.state["out"]) * SAMPLES_PER_TOKEN
             out.append((np.zeros(n, np.float32), {"vocoded": upto, "out": max(audible, it.state["out"])}))
-        time.sleep(STEP_FIXED_S + STEP_PER_TOKEN_S * new)
-        return out
+        return out, new
 
 
 class _Conds:

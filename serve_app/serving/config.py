@@ -217,6 +217,10 @@ class S3GenSettings(DeploymentSettings):
                                      "every batch bucket and length bucket up to this many tokens (voice prompt "
                                      "included) at start, so serving never pauses to capture; 0 skips it.")
     warmup_graph_frames: int = Field(0, ge=0, description="The same for HiFT, up to this many mel frames a row.")
+    deliver_per_call: bool = Field(False, description="Hand each flow call's audio to its streams as soon as that "
+                                   "call is vocoded, the step's calls in the order of their most urgent row, not "
+                                   "all at the step's end: a first step's audio need not wait for the step's other "
+                                   "rows (engine backend). Not yet measured on a GPU.")
     young_lane_graph_tokens: int = Field(160, ge=0, description="With user_config.young_lane_steps, GPU engine "
                                          "replicas capture the young lane's flow graphs up to this many tokens (and "
                                          "HiFT's up to twice as many frames) at start.")

@@ -177,3 +177,34 @@ def test_a_lane_streams_the_same_audio_at_once_and_shares_weights(engine):
     rest = engine.vocode_stream_step(toks, conds, first[1], finalize=True, seed=3)   # graduated to the main engine
     np.testing.assert_allclose(rest[0], ref[1][0], atol=1e-5)
     assert lane.stats.num_steps == 1 and lane.stats.num_flow_rows == 1
+
+
+def test_step_groups_hands_out_steps_results_one_flow_call_at_a_time(engine):
+    """`step_groups`: the audio and states `step` gives, one flow call's rows at a time, the call with the earliest
+    input first (a caller puts its most urgent rows first), every input once, rows with nothing new in the first."""
+    import dataclasses
+
+    from serve_app.engine.s3gen import StreamState
+
+    cfg = dataclasses.replace(engine.config, max_batch_tokens=64, batch_overhead_tokens=0)   # small calls
+    eng = S3GenEngine.__new__(S3GenEngine)
+    eng.__dict__.update(engine.__dict__, config=cfg)
+    eng.stats = type(engine.stats)()
+    voice = random_voice(8, 9)
+    long_first = [VocodeInput(random_tokens(30, 9), voice, seed=1, finalize=False, stream_state=StreamState())]
+    batch = long_first + _inputs() + [VocodeInput(random_tokens(2, 3), voice, seed=2, finalize=False,
+                                                  stream_state=StreamState())]   # too short: nothing new yet
+    whole = eng.step(batch)
+    groups = list(eng.step_groups(batch))
+    assert len(groups) == 3 and eng.stats.num_steps == 2          # the budget makes 3 flow calls; counted once
+    firsts = [min(i for i, _ in g if i != 4) for g in groups]
+    assert firsts == sorted(firsts) and firsts[0] == 0               # the earliest input's call first
+    assert 4 in [i for i, _ in groups[0]]                            # nothing new: with the first call
+    assert sorted(i for g in groups for i, _ in g) == list(range(len(batch)))
+    for g in groups:
+        for i, (audio, state) in g:
+            np.testing.assert_allclose(audio, whole[i][0], atol=1e-5)
+            assert (state is None) == (whole[i][1] is None)
+            if state is not None:
+                assert state.num_tokens_vocoded == whole[i][1].num_tokens_vocoded
+    assert groups[0][1][1][0].size == 0                               # input 4 had nothing new

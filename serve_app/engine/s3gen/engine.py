@@ -17,7 +17,7 @@ import copy
 import dataclasses
 import logging
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -192,6 +192,51 @@ class S3GenEngine:
         if not batch:
             return []
         t0 = time.perf_counter()
+        planned, rows, results, todo = self._plan(batch)
+        mels: dict[int, torch.Tensor] = {}
+        cfg, buckets = self.config, self._batch_buckets()
+        flow_plan = plan_batches([rows[i].num_tokens for i in todo], cfg.max_batch_tokens, cfg.length_bucket,
+                                 buckets, cfg.batch_overhead_tokens, cfg.graph_max_tokens)
+        for idx, padded in flow_plan:
+            sel = [todo[j] for j in idx]
+            for i, mel in zip(sel, self.flow([rows[i] for i in sel], padded, cfg.n_cfm_timesteps)):
+                mels[i] = mel                                                                  # [80, N_i]
+        self._vocode(batch, planned, rows, mels, todo, results)
+        audio = self._to_host([a for a, _ in results])                                  # one transfer a step
+        self._count(batch, planned, rows, todo, flow_plan, buckets, t0)
+        return [(a, st) for a, (_, st) in zip(audio, results)]
+
+    @torch.inference_mode()
+    def step_groups(self, batch: list[VocodeInput]
+                    ) -> Iterator[list[tuple[int, tuple[np.ndarray, StreamState | None]]]]:
+        """`step`'s work and results, handed out one flow call at a time: each yield is [(input index, (audio,
+        state))] for the rows of one flow call, vocoded and on the host, so a caller can pass them on while the
+        next call runs. Calls go in the order of their earliest input (put the most urgent first); rows with
+        nothing new come with the first. The same audio and states as `step`; one host transfer a call."""
+        if not batch:
+            return
+        t0 = time.perf_counter()
+        planned, rows, results, todo = self._plan(batch)
+        cfg, buckets = self.config, self._batch_buckets()
+        flow_plan = plan_batches([rows[i].num_tokens for i in todo], cfg.max_batch_tokens, cfg.length_bucket,
+                                 buckets, cfg.batch_overhead_tokens, cfg.graph_max_tokens)
+        groups = sorted((sorted(todo[j] for j in idx), padded) for idx, padded in flow_plan)   # earliest input first
+        running = set(todo)
+        first = [i for i in range(len(batch)) if i not in running]                       # nothing new
+        if not groups and first:
+            groups = [([], 0)]
+        for g, (sel, padded) in enumerate(groups):
+            mels = dict(zip(sel, self.flow([rows[i] for i in sel], padded, cfg.n_cfm_timesteps))) if sel else {}
+            self._vocode(batch, planned, rows, mels, sel, results)
+            out = sorted(sel + (first if g == 0 else []))
+            audio = self._to_host([results[i][0] for i in out])                        # one transfer a call
+            if g == len(groups) - 1:
+                self._count(batch, planned, rows, todo, flow_plan, buckets, t0)
+            yield [(i, (a, results[i][1])) for i, a in zip(out, audio)]
+
+    def _plan(self, batch: list[VocodeInput]) -> tuple[list, list[FlowRow], list, list[int]]:
+        """-> (per input (row, streaming, window start), the flow rows, results with the rows that have nothing new
+        filled in, the inputs that run the flow)."""
         K = self.config.stream_overlap_frames
         planned = [self._plan_row(inp) for inp in batch]
         rows = [r for r, _, _ in planned]
@@ -206,16 +251,14 @@ class S3GenEngine:
                 results[i] = self._nothing_new(inp, streaming)
             else:
                 todo.append(i)
-        mels: dict[int, torch.Tensor] = {}
-        cfg, buckets = self.config, self._batch_buckets()
-        flow_plan = plan_batches([rows[i].num_tokens for i in todo], cfg.max_batch_tokens, cfg.length_bucket,
-                                 buckets, cfg.batch_overhead_tokens, cfg.graph_max_tokens)
-        for idx, padded in flow_plan:
-            sel = [todo[j] for j in idx]
-            for i, mel in zip(sel, self.flow([rows[i] for i in sel], padded, cfg.n_cfm_timesteps)):
-                mels[i] = mel                                                                  # [80, N_i]
+        return planned, rows, results, todo
+
+    def _vocode(self, batch: list[VocodeInput], planned: list, rows: list[FlowRow], mels: dict[int, torch.Tensor],
+                sel: list[int], results: list) -> None:
+        """HiFT for inputs `sel` (their new mel frames in `mels`), in groups of similar length; fills `results`."""
+        cfg, K = self.config, self.config.stream_overlap_frames
         hift_rows: dict[int, HiftRow] = {}
-        for i in todo:
+        for i in sel:
             inp, st, seed = batch[i], batch[i].stream_state, rows[i].seed
             if not planned[i][1] or is_fresh(st):
                 n_frames = int(mels[i].shape[1])
@@ -227,16 +270,19 @@ class S3GenEngine:
                                        sample_offset=(start - K) * SAMPLES_PER_MEL_FRAME, phase0=st.source_phase,
                                        phase_at=self._phase_at(inp, n_frames, start - K))
         # HiFT in groups of similar length (frames are ~2x tokens; reuse the flow plan's budget)
-        hift_lens = [int(hift_rows[i].mel.shape[1]) for i in todo]
+        hift_lens = [int(hift_rows[i].mel.shape[1]) for i in sel]
         hift_buckets = self.hift.graphs.batch_buckets if self.hift.graphs is not None else ()
         for idx, _ in plan_batches(hift_lens, 2 * cfg.max_batch_tokens, cfg.hift_length_bucket, hift_buckets,
                                    2 * cfg.batch_overhead_tokens, cfg.hift_graph_max_frames):
-            sel = [todo[j] for j in idx]
-            wavs, srcs, phases = self.hift([hift_rows[i] for i in sel])
-            for i, wav, src, ph in zip(sel, wavs, srcs, phases):
+            group = [sel[j] for j in idx]
+            wavs, srcs, phases = self.hift([hift_rows[i] for i in group])
+            for i, wav, src, ph in zip(group, wavs, srcs, phases):
                 results[i] = self._finish(batch[i], planned[i][1], planned[i][2], rows[i], mels[i], wav, src, ph)
-        audio = self._to_host([a for a, _ in results])                                  # one transfer a step
-        stats = self.stats
+
+    def _count(self, batch: list[VocodeInput], planned: list, rows: list[FlowRow], todo: list[int],
+               flow_plan: list, buckets: tuple[int, ...], t0: float) -> None:
+        """A finished step's work into the running counters."""
+        cfg, stats = self.config, self.stats
         stats.num_steps += 1
         stats.num_flow_rows += len(todo)
         stats.num_flow_tokens += sum(int(rows[i].tokens.shape[0]) for i in todo)
@@ -246,7 +292,6 @@ class S3GenEngine:
                                             for idx, padded in flow_plan)
         stats.num_tokens_in += sum(self._num_tokens_in(batch[i], rows[i], planned[i][2]) for i in todo)
         stats.busy_seconds += time.perf_counter() - t0
-        return [(a, st) for a, (_, st) in zip(audio, results)]
 
     def num_graph_captures(self) -> int:
         """CUDA graphs captured so far, flow and HiFT."""

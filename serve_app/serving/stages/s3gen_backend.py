@@ -14,9 +14,10 @@ step, and the backend's stream state (`new_stream_state()` at the first step; No
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -162,12 +163,22 @@ class EngineS3GenBackend:
         from serve_app.engine.s3gen import VocodeInput
 
         inputs = [VocodeInput(it.tokens, it.conds, it.seed, it.finalize, it.state) for it in items]
-        if self.cuda_stream is None:
+        with self._on_stream():
             out = self.engine.step(inputs)
-        else:
-            with torch.cuda.stream(self.cuda_stream):
-                out = self.engine.step(inputs)
         return [(np.asarray(audio, np.float32).reshape(-1), state) for audio, state in out]
+
+    def _on_stream(self):
+        return torch.cuda.stream(self.cuda_stream) if self.cuda_stream is not None else contextlib.nullcontext()
+
+    def vocode_batch_groups(self, items: list[VocodeItem]) -> Iterator[list[tuple[int, tuple[np.ndarray, Any]]]]:
+        """`vocode_batch`'s results one flow call at a time (`S3GenEngine.step_groups`): [(item index, (audio,
+        state))] per call, the call with the earliest item first. Worker thread."""
+        from serve_app.engine.s3gen import VocodeInput
+
+        inputs = [VocodeInput(it.tokens, it.conds, it.seed, it.finalize, it.state) for it in items]
+        with self._on_stream():
+            for group in self.engine.step_groups(inputs):
+                yield [(i, (np.asarray(audio, np.float32).reshape(-1), state)) for i, (audio, state) in group]
 
     def stats(self) -> dict[str, int]:
         """The engine's running totals (tokens through the flow, padded row-tokens, flow calls, graph captures since

@@ -33,7 +33,7 @@ from serve_app.serving.stages.s3gen_backend import EngineS3GenBackend, S3GenBack
 from serve_app.serving.stages.stage_client import StageClient
 from serve_app.serving.stages.step_profiler import StepProfiler
 from serve_app.serving.stages.vocode_scheduler import (
-    LOOKAHEAD_TOKENS, VocodePolicy, VocodeScheduler, VocodeStream,
+    LOOKAHEAD_TOKENS, StepPlan, VocodePolicy, VocodeScheduler, VocodeStream,
 )
 from serve_app.serving.stages.stage_common import (
     EngineTotals, configure_replica_logging, describe, log_stage_ready, quantize_upstream, resolve_quant, spec_for,
@@ -276,45 +276,69 @@ class S3GenReplica:
                                 p.stream.request_id)
                      for p in plans]
             taken = time.monotonic()
+            done: dict[int, tuple] = {}        # plan index -> (audio, state), as the step hands them out
+            new = [0]                          # new tokens vocoded (a cell: the per-call delivery adds to it)
+
+            def deliver(group: list[tuple[int, tuple]]) -> None:   # on the event loop's thread
+                now = time.monotonic()
+                for i, result in group:
+                    done[i] = result
+                    new[0] += self._deliver(plans[i], *result, taken, now)
+
+            per_call = self.settings.deliver_per_call and hasattr(backend, "vocode_batch_groups")
             try:
-                results = await loop.run_in_executor(executor, self._step, backend, items, lane)
+                results = await loop.run_in_executor(executor, self._step, backend, items, lane,
+                                                     (lambda g: loop.call_soon_threadsafe(deliver, g))
+                                                     if per_call else None)
+                if results is not None:
+                    deliver(list(enumerate(results)))
             except Exception as exc:  # noqa: BLE001 - the step's streams fail, the replica goes on
+                await asyncio.sleep(0)   # calls already handed out (per_call) are delivered first
                 log.exception("S3Gen %s-lane step of %d streams failed", lane, len(plans))
-                for p in plans:
+                for i, p in enumerate(plans):
+                    if i in done:
+                        continue
                     p.stream.running = False
                     p.stream.done = True
                     q = self._outputs.get(p.stream.request_id)
                     if q is not None:
                         q.put_nowait(StageError(f"vocoding failed: {exc}", code="s3gen_error"))
                 continue
-            now = time.monotonic()
-            seconds = now - taken
-            num_new_total = 0
-            for p, (audio, state) in zip(plans, results):
-                s = p.stream
-                s.state = state
-                num_before = s.num_vocoded
-                first_audio = s.streaming and s.first_audio_at is None and audio.size > 0
-                self.scheduler.finish_step(p, int(audio.size), now, getattr(state, "num_tokens_vocoded", None))
-                num_new = s.num_vocoded - num_before
-                num_new_total += num_new
-                q = self._outputs.get(s.request_id)
-                if q is None:
-                    continue   # the caller went away during the step
-                if audio.size or p.finalize:
-                    q.put_nowait(AudioBlock(s.request_id, audio, num_speech_tokens=num_new, finished=p.finalize,
-                                            finish_reason=s.finish_reason if p.finalize else None,
-                                            timings=first_audio_timings(s.marks, taken, now, s.t3_timings)
-                                            if first_audio else None))
+            await asyncio.sleep(0)       # the last call_soon_threadsafe delivery runs before the step is booked
+            seconds = time.monotonic() - taken
             self.scheduler.observe_step(seconds, cost, lane)
             for reason, n in Counter(p.reason for p in plans).items():
                 self._metrics.s3gen_stream_steps_total.inc(n, tags={**self._tags, "reason": reason})
-            self._record_step(len(plans), num_new_total, sum(int(a.size) for a, _ in results), seconds, tags)
+            self._record_step(len(plans), new[0], sum(int(a.size) for a, _ in done.values()), seconds, tags)
             self._wake_all()   # blocks that arrived during the step; streams that moved to the other lane
 
-    def _step(self, backend: S3GenBackend, items: list[VocodeItem], lane: str = "main") -> list:
-        """One engine step, in the lane's worker thread (where the profiler, when on, records the main lane's)."""
-        results = backend.vocode_batch(items)
+    def _deliver(self, p: StepPlan, audio, state, taken: float, now: float) -> int:
+        """A stream's result of a step: its state and the scheduler's books, its audio block to the caller.
+        -> new tokens vocoded."""
+        s = p.stream
+        s.state = state
+        num_before = s.num_vocoded
+        first_audio = s.streaming and s.first_audio_at is None and audio.size > 0
+        self.scheduler.finish_step(p, int(audio.size), now, getattr(state, "num_tokens_vocoded", None))
+        num_new = s.num_vocoded - num_before
+        q = self._outputs.get(s.request_id)
+        if q is not None and (audio.size or p.finalize):   # (None: the caller went away during the step)
+            q.put_nowait(AudioBlock(s.request_id, audio, num_speech_tokens=num_new, finished=p.finalize,
+                                    finish_reason=s.finish_reason if p.finalize else None,
+                                    timings=first_audio_timings(s.marks, taken, now, s.t3_timings)
+                                    if first_audio else None))
+        return num_new
+
+    def _step(self, backend: S3GenBackend, items: list[VocodeItem], lane: str = "main",
+              hand_out: Any = None) -> list | None:
+        """One engine step, in the lane's worker thread (where the profiler, when on, records the main lane's).
+        hand_out: each flow call's results go to it as they are ready (`vocode_batch_groups`); -> None then."""
+        if hand_out is None:
+            results = backend.vocode_batch(items)
+        else:
+            results = None
+            for group in backend.vocode_batch_groups(items):
+                hand_out(group)
         if lane == "main":
             self._profiler.step_done(len(items))
         return results
