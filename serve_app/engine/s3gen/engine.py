@@ -195,8 +195,7 @@ class S3GenEngine:
         planned, rows, results, todo = self._plan(batch)
         mels: dict[int, torch.Tensor] = {}
         cfg, buckets = self.config, self._batch_buckets()
-        flow_plan = plan_batches([rows[i].num_tokens for i in todo], cfg.max_batch_tokens, cfg.length_bucket,
-                                 buckets, cfg.batch_overhead_tokens, cfg.graph_max_tokens)
+        flow_plan = self._flow_plan(rows, todo, buckets)
         for idx, padded in flow_plan:
             sel = [todo[j] for j in idx]
             for i, mel in zip(sel, self.flow([rows[i] for i in sel], padded, cfg.n_cfm_timesteps)):
@@ -218,8 +217,7 @@ class S3GenEngine:
         t0 = time.perf_counter()
         planned, rows, results, todo = self._plan(batch)
         cfg, buckets = self.config, self._batch_buckets()
-        flow_plan = plan_batches([rows[i].num_tokens for i in todo], cfg.max_batch_tokens, cfg.length_bucket,
-                                 buckets, cfg.batch_overhead_tokens, cfg.graph_max_tokens)
+        flow_plan = self._flow_plan(rows, todo, buckets)
         groups = sorted((sorted(todo[j] for j in idx), padded) for idx, padded in flow_plan)   # earliest input first
         running = set(todo)
         first = [i for i in range(len(batch)) if i not in running]                       # nothing new
@@ -233,6 +231,12 @@ class S3GenEngine:
             if g == len(groups) - 1:
                 self._count(batch, planned, rows, todo, flow_plan, buckets, t0)
             yield [(i, (a, results[i][1])) for i, a in zip(out, audio)]
+
+    def _flow_plan(self, rows: list[FlowRow], todo: list[int], buckets: tuple[int, ...]) -> list[tuple[list[int], int]]:
+        """The flow calls of the rows `todo` (batching.plan_batches): [(indices into todo, padded length)]."""
+        cfg = self.config
+        return plan_batches([rows[i].num_tokens for i in todo], cfg.max_batch_tokens, cfg.length_bucket, buckets,
+                            cfg.batch_overhead_tokens, cfg.graph_max_tokens)
 
     def _plan(self, batch: list[VocodeInput]) -> tuple[list, list[FlowRow], list, list[int]]:
         """-> (per input (row, streaming, window start), the flow rows, results with the rows that have nothing new

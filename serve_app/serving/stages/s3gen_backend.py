@@ -167,6 +167,11 @@ class EngineS3GenBackend:
             out = self.engine.step(inputs)
         return [(np.asarray(audio, np.float32).reshape(-1), state) for audio, state in out]
 
+    def capture_graphs(self, max_tokens: int, max_frames: int) -> int:
+        """The engine's graph grid (`S3GenEngine.capture_graphs`), captured on this backend's CUDA stream."""
+        with self._on_stream():
+            return self.engine.capture_graphs(max_tokens, max_frames)
+
     def _on_stream(self):
         return torch.cuda.stream(self.cuda_stream) if self.cuda_stream is not None else contextlib.nullcontext()
 

@@ -18,7 +18,6 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator
 
-import torch
 from ray import serve
 
 from serve_app.serving.stages.conds_cache import CondsCache
@@ -76,7 +75,7 @@ def warm_up(backend: S3GenBackend, checkpoint: Any, settings: S3GenSettings, dev
     if settings.warmup_graph_tokens or settings.warmup_graph_frames:
         t0 = time.perf_counter()
         try:
-            n = backend.engine.capture_graphs(settings.warmup_graph_tokens, settings.warmup_graph_frames)
+            n = backend.capture_graphs(settings.warmup_graph_tokens, settings.warmup_graph_frames)
             log.info("S3Gen warm-up: %d CUDA graphs captured in %.1fs", n, time.perf_counter() - t0)
         except Exception:  # an optimization: shapes are captured when first seen instead
             log.exception("S3Gen graph capture failed; continuing, shapes are captured when first seen")
@@ -109,8 +108,7 @@ def make_young_lane(backend: S3GenBackend, settings: S3GenSettings, device: str)
     if isinstance(lane, EngineS3GenBackend) and str(device).startswith("cuda") and settings.young_lane_graph_tokens:
         t0 = time.perf_counter()
         try:
-            with torch.cuda.stream(lane.cuda_stream):
-                n = lane.engine.capture_graphs(settings.young_lane_graph_tokens, 2 * settings.young_lane_graph_tokens)
+            n = lane.capture_graphs(settings.young_lane_graph_tokens, 2 * settings.young_lane_graph_tokens)
             log.info("S3Gen young lane: %d CUDA graphs captured in %.1fs", n, time.perf_counter() - t0)
         except Exception:  # an optimization: shapes are captured when first seen instead
             log.exception("S3Gen young-lane graph capture failed; continuing, shapes are captured when first seen")
