@@ -158,7 +158,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return a
 
 
-APP_START_S = 130.0   # the app's start on an H200: 85-131 s in the committed runs (bench/README.md)
+APP_START_S = 130.0   # the app's start on an H200: 77-131 s in the committed runs (bench/README.md)
 
 
 def min_wall_s(a) -> float:

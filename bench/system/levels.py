@@ -184,7 +184,6 @@ def steps_by_reason(before, after) -> dict[str, float | None]:
     return {r: _ratio(v, chunks) for r, v in n.items()}
 
 
-MAIN, YOUNG = {"lane": "main"}, {"lane": "young"}   # the S3Gen replica's two step loops (chatterbox_s3gen_batch_*)
 CHUNK_FINISHES = ("stop", "length", "incomplete")   # chatterbox_s3gen_chunks_total's finish tag
 
 
@@ -210,19 +209,12 @@ def engine_stats(before, after) -> dict:
         "t3_steps": prom.delta(before, after, "chatterbox_t3_step_seconds_count"),
         "t3_kv_read_ratio": _ratio(prom.delta(before, after, "chatterbox_t3_kv_positions_read_total"),
                                    prom.delta(before, after, "chatterbox_t3_kv_positions_used_total")),
-        # steps of the main loop; the young lane's apart (s3gen.user_config.young_lane_steps; None when off)
-        "s3gen_batch_mean": _mean(before, after, "chatterbox_s3gen_step_streams_total", "chatterbox_s3gen_batch_size",
-                                  MAIN),
+        "s3gen_batch_mean": _mean(before, after, "chatterbox_s3gen_step_streams_total", "chatterbox_s3gen_batch_size"),
         "s3gen_new_tokens_per_step": _mean(before, after, "chatterbox_s3gen_speech_tokens_total",
-                                           "chatterbox_s3gen_batch_tokens"),   # both lanes' tokens and steps
+                                           "chatterbox_s3gen_batch_tokens"),
         "s3gen_step_mean_s": _mean(before, after, "chatterbox_s3gen_busy_seconds_total",
-                                   "chatterbox_s3gen_batch_seconds", MAIN),
-        "s3gen_steps": prom.delta(before, after, "chatterbox_s3gen_batch_seconds_count", MAIN),
-        "s3gen_young_batch_mean": _mean(before, after, "chatterbox_s3gen_step_streams_total",
-                                        "chatterbox_s3gen_batch_size", YOUNG),
-        "s3gen_young_step_mean_s": _mean(before, after, "chatterbox_s3gen_busy_seconds_total",
-                                         "chatterbox_s3gen_batch_seconds", YOUNG),
-        "s3gen_young_steps": prom.delta(before, after, "chatterbox_s3gen_batch_seconds_count", YOUNG),
+                                   "chatterbox_s3gen_batch_seconds"),
+        "s3gen_steps": prom.delta(before, after, "chatterbox_s3gen_batch_seconds_count"),
         "s3gen_flow_calls_per_step": _ratio(prom.delta(before, after, "chatterbox_s3gen_flow_calls_total"),
                                             prom.delta(before, after, "chatterbox_s3gen_batch_seconds_count")),
         "vocoded_per_produced_token": _ratio(flow, new),

@@ -79,7 +79,6 @@ def markdown(result: dict) -> str:
     lines += _stall_lines(result.get("levels", []))
     lines += _finish_lines(result.get("levels", []))
     lines += _phases_table(result.get("levels", []))
-    lines += _steps_table(result.get("levels", []))
     skipped = result.get("skipped_levels") or []
     if skipped:
         lines += ["", "Skipped: " + "; ".join(f"{_load(s)} {'stream' if s['stream'] else 'no stream'} "
@@ -143,24 +142,6 @@ def _phases_table(levels: list[dict]) -> list[str]:
             "waiting for the vocoder loop, the first step; router: the rest, HTTP to the first piece):", "",
             "| load | " + " | ".join(phases) + " |", "|---|" + "---|" * len(phases)] + [
         f"| {_load(lv)} | " + " | ".join(_f(ph.get(p), '.0f', 1000.0) for p in phases) + " |" for lv, ph in rows]
-
-
-def _steps_table(levels: list[dict]) -> list[str]:
-    """The S3Gen replica's step loops per level: steps, their mean length and streams a step; the young lane's
-    (s3gen.user_config.young_lane_steps) beside the main loop's."""
-    rows = [(lv, lv.get("engine") or {}) for lv in levels]
-    rows = [(lv, e) for lv, e in rows if e.get("s3gen_steps") is not None]
-    if not rows:
-        return []
-    out = ["", "S3Gen steps by loop (main; young: streams' first steps beside it, when on): steps, mean s, streams "
-           "a step:", "", "| load | stream | main steps | main s | main streams | young steps | young s | "
-           "young streams |", "|---|---|---|---|---|---|---|---|"]
-    for lv, e in rows:
-        out.append(f"| {_load(lv)} | {'yes' if lv['stream'] else 'no'} | {_f(e.get('s3gen_steps'), '.0f')} | "
-                   f"{_f(e.get('s3gen_step_mean_s'), '.3f')} | {_f(e.get('s3gen_batch_mean'), '.1f')} | "
-                   f"{_f(e.get('s3gen_young_steps'), '.0f')} | {_f(e.get('s3gen_young_step_mean_s'), '.3f')} | "
-                   f"{_f(e.get('s3gen_young_batch_mean'), '.1f')} |")
-    return out
 
 
 def _concurrency_axis(ax, levels: list[dict]) -> None:

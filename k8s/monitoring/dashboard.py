@@ -86,11 +86,10 @@ ROWS: list[tuple[str, list[tuple[str, str, str, list[tuple[str, str]]]]]] = [
             (f"sum(rate(ray_chatterbox_t3_speech_tokens_total{{{APP}}}[{RATE}])) / 25",
              "speech tokens / 25 (audio s / s from T3)"),
         ]),
-        ("Batch sizes", "short", "Mean requests per T3 batch (or engine step) and jobs per S3Gen batch, per S3Gen "
-         "step loop (lane: main; young, with s3gen.user_config.young_lane_steps).", [
+        ("Batch sizes", "short", "Mean requests per T3 batch (or engine step) and jobs per S3Gen batch.", [
             (mean("chatterbox_t3_step_requests_total", "chatterbox_t3_batch_size", "replica"), "t3 {{replica}}"),
-            (mean("chatterbox_s3gen_step_streams_total", "chatterbox_s3gen_batch_size", "replica, lane"),
-             "s3gen {{replica}} {{lane}}"),
+            (mean("chatterbox_s3gen_step_streams_total", "chatterbox_s3gen_batch_size", "replica"),
+             "s3gen {{replica}}"),
         ]),
         ("S3Gen tokens per batch", "short", "Mean speech tokens vocoded per S3Gen batch (bounded by max_batch_tokens).", [
             (mean("chatterbox_s3gen_speech_tokens_total", "chatterbox_s3gen_batch_tokens", "replica"),

@@ -180,11 +180,6 @@ class S3GenUserConfig(_Model):
                                        "bench_system_8ba91dc.md)."
                                        " It replaced urgent_margin (a multiple of the expected wait for a step at "
                                        "the target), which changed nothing served (bench_system_urgent2.md).")
-    young_lane_steps: int = Field(0, ge=0, description="A stream's first this many steps run in a second step loop "
-                                  "of the replica (the young lane: its own thread, CUDA graphs and CUDA stream), "
-                                  "beside the main loop's long steps, so first audio and the step after it do not "
-                                  "wait behind them. 0: one loop. Read at start: the lane is built then (engine "
-                                  "backend); a reconfigure can turn it off and back on, not add it.")
 
 
 class T3Settings(DeploymentSettings):
@@ -220,10 +215,9 @@ class S3GenSettings(DeploymentSettings):
     deliver_per_call: bool = Field(False, description="Hand each flow call's audio to its streams as soon as that "
                                    "call is vocoded, the step's calls in the order of their most urgent row, not "
                                    "all at the step's end: a first step's audio need not wait for the step's other "
-                                   "rows (engine backend). Not yet measured on a GPU.")
-    young_lane_graph_tokens: int = Field(160, ge=0, description="With user_config.young_lane_steps, GPU engine "
-                                         "replicas capture the young lane's flow graphs up to this many tokens (and "
-                                         "HiFT's up to twice as many frames) at start.")
+                                   "rows (engine backend). deploy/gpu-1x.yaml turns it on: first audio's vocode "
+                                   "phase 0.26 against 0.40 s at 64 streams (bench/results/bench_system_dpc_on.md "
+                                   "against bench_system_dpc_base.md).")
 
 
 class VoiceSettings(DeploymentSettings):

@@ -87,20 +87,19 @@ class Metrics:
         # S3Gen
         self.s3gen_batch_seconds = H(
             "chatterbox_s3gen_batch_seconds", "One S3Gen engine step.",
-            boundaries=LATENCY_BOUNDARIES_S, tag_keys=("backend", "lane"))
+            boundaries=LATENCY_BOUNDARIES_S, tag_keys=("backend",))
         self.s3gen_batch_size = H(
             "chatterbox_s3gen_batch_size", "Streams and one-shot jobs in one S3Gen engine step.", boundaries=BATCH_BOUNDARIES,
-            tag_keys=("backend", "lane"))
+            tag_keys=("backend",))
         self.s3gen_batch_tokens = H(
             "chatterbox_s3gen_batch_tokens", "New speech tokens in one S3Gen engine step.", boundaries=TOKEN_BOUNDARIES,
-            tag_keys=("backend", "lane"))
+            tag_keys=("backend",))
         self.s3gen_step_streams_total = C(
             "chatterbox_s3gen_step_streams_total", "Streams and one-shot jobs in S3Gen engine steps, summed over the "
-            "steps (/ the steps: the exact mean of chatterbox_s3gen_batch_size).", tag_keys=("backend", "lane"))
+            "steps (/ the steps: the exact mean of chatterbox_s3gen_batch_size).", tag_keys=("backend",))
         self.s3gen_busy_seconds_total = C(
-            "chatterbox_s3gen_busy_seconds_total", "Wall time of S3Gen engine steps (the replica's GPU-busy time; "
-            "lane: the step loop, main or young, whose steps overlap in time).",
-            tag_keys=("backend", "lane"))
+            "chatterbox_s3gen_busy_seconds_total", "Wall time of S3Gen engine steps (the replica's GPU-busy time).",
+            tag_keys=("backend",))
         self.s3gen_speech_tokens_total = C(
             "chatterbox_s3gen_speech_tokens_total", "New speech tokens vocoded (each produced token once).",
             tag_keys=("backend",))

@@ -136,16 +136,3 @@ def test_prometheus_scrapes_chatterbox_series(prometheus):
                   timeout=10)
     series = r.json()["data"]["result"]
     assert series and {"deployment", "application"} <= set(series[0]["metric"])
-
-
-def test_s3gen_step_series_name_their_step_loop(prometheus):
-    """The S3Gen step metrics carry `lane` (main; young with s3gen.user_config.young_lane_steps): the dashboard's
-    batch panel and the bench keep the two loops apart. One loop here: every series is lane="main"."""
-    def query():
-        r = httpx.get(f"{prometheus}/api/v1/query",
-                      params={"query": '{__name__=~"(ray_)?chatterbox_s3gen_busy_seconds_total"}'}, timeout=10)
-        series = r.json()["data"]["result"]
-        return bool(series), series
-
-    series = _poll(query, 120, "chatterbox_s3gen_busy_seconds_total in Prometheus")
-    assert {s["metric"].get("lane") for s in series} == {"main"}

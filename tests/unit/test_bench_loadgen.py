@@ -248,9 +248,9 @@ def test_engine_means_are_exact_sums_over_histogram_counts():
     from bench.system.levels import engine_stats
 
     # 4 S3Gen steps of 0.21, 0.22, 0.23, 0.24 s: busy counter 0.9 s; Ray's _sum from bucket midpoints says 1.5
-    scrape = ("ray_chatterbox_s3gen_busy_seconds_total{backend=\"engine\",lane=\"main\"} %s\n"
-              "ray_chatterbox_s3gen_batch_seconds_count{backend=\"engine\",lane=\"main\"} %s\n"
-              "ray_chatterbox_s3gen_batch_seconds_sum{backend=\"engine\",lane=\"main\"} %s\n"
+    scrape = ("ray_chatterbox_s3gen_busy_seconds_total{backend=\"engine\"} %s\n"
+              "ray_chatterbox_s3gen_batch_seconds_count{backend=\"engine\"} %s\n"
+              "ray_chatterbox_s3gen_batch_seconds_sum{backend=\"engine\"} %s\n"
               "ray_chatterbox_t3_step_requests_total{backend=\"engine\"} %s\n"
               "ray_chatterbox_t3_batch_size_count{backend=\"engine\"} %s\n")
     stats = engine_stats(prom.parse(scrape % (0.0, 0, 0.0, 0, 0)), prom.parse(scrape % (0.9, 4, 1.5, 30, 20)))
@@ -439,24 +439,3 @@ def test_chunks_by_finish_from_the_counter_and_its_markdown_line():
     md = markdown({"levels": [level], "upstream": {}})
     assert "Text chunks by how T3 ended them" in md and "8 stream: stop 2, length 60." in md
     assert "Text chunks by how T3 ended them" not in markdown({"levels": [{**level, "engine": {}}], "upstream": {}})
-
-
-def test_the_young_lanes_steps_apart_from_the_main_loops_and_their_table():
-    """With s3gen.user_config.young_lane_steps the replica runs two step loops; their steps are counted apart
-    (lane label), and the report shows both (the main loop's steps are not diluted by the young lane's short ones)."""
-    from bench.system.levels import engine_stats
-    from bench.system.report import markdown
-
-    line = ("ray_chatterbox_s3gen_busy_seconds_total{backend=\"engine\",lane=\"%(l)s\"} %(b)s\n"
-            "ray_chatterbox_s3gen_batch_seconds_count{backend=\"engine\",lane=\"%(l)s\"} %(n)s\n"
-            "ray_chatterbox_s3gen_step_streams_total{backend=\"engine\",lane=\"%(l)s\"} %(r)s\n"
-            "ray_chatterbox_s3gen_batch_size_count{backend=\"engine\",lane=\"%(l)s\"} %(n)s\n")
-    before = prom.parse(line % dict(l="main", b=0, n=0, r=0) + line % dict(l="young", b=0, n=0, r=0))
-    after = prom.parse(line % dict(l="main", b=3.0, n=10, r=180) + line % dict(l="young", b=1.0, n=20, r=50))
-    e = engine_stats(before, after)
-    assert (e["s3gen_steps"], e["s3gen_step_mean_s"], e["s3gen_batch_mean"]) == (10, pytest.approx(0.3), 18)
-    assert (e["s3gen_young_steps"], e["s3gen_young_step_mean_s"], e["s3gen_young_batch_mean"]) == (
-        20, pytest.approx(0.05), 2.5)
-    md = markdown({"levels": [{"concurrency": 64, "stream": True, "requests": 1, "ok": 1, "errors": 0,
-                               "engine": e}], "upstream": {}})
-    assert "| 64 | yes | 10 | 0.300 | 18.0 | 20 | 0.050 | 2.5 |" in md

@@ -149,36 +149,6 @@ def test_sync_free_chunk_mask_equals_upstream():
                        upstream(xs, masks.clone(), False, False, 0, 2, -1))
 
 
-def test_a_lane_streams_the_same_audio_at_once_and_shares_weights(engine):
-    """`new_lane`: a second engine over the same modules, for a second step loop. Its own graph caches and
-    counters; the same audio for the same inputs, with the two running steps at once in two threads, and a stream
-    whose first step ran in the lane goes on in the main engine as if it had never left."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from serve_app.engine.s3gen import StreamState
-
-    lane = engine.new_lane((1, 2, 4))
-    assert lane.flow.flow is engine.flow.flow and lane.hift.hift is engine.hift.hift   # weights shared
-    assert lane.noise is engine.noise and lane.stats is not engine.stats
-    assert lane.flow is not engine.flow and lane.hift is not engine.hift             # graph caches apart
-    conds = random_voice(8, 5)
-    toks = random_tokens(40, 5)
-    ref = [engine.vocode_stream_step(toks[:18], conds, None, finalize=False, seed=3)]
-    ref.append(engine.vocode_stream_step(toks, conds, ref[0][1], finalize=True, seed=3))
-    one_shots = _inputs()
-    with ThreadPoolExecutor(2) as pool:   # the lane's first step and a batch of one-shots in the main engine at once
-        first = pool.submit(lane.vocode_stream_step, toks[:18], conds, None, False, 3)
-        main = pool.submit(engine.vocode, one_shots)
-        first, main = first.result(), main.result()
-    for inp, wav in zip(one_shots, main):
-        np.testing.assert_allclose(wav, engine.vocode([inp])[0], atol=1e-5)
-    np.testing.assert_allclose(first[0], ref[0][0], atol=1e-5)
-    assert isinstance(first[1], StreamState)
-    rest = engine.vocode_stream_step(toks, conds, first[1], finalize=True, seed=3)   # graduated to the main engine
-    np.testing.assert_allclose(rest[0], ref[1][0], atol=1e-5)
-    assert lane.stats.num_steps == 1 and lane.stats.num_flow_rows == 1
-
-
 def test_step_groups_hands_out_steps_results_one_flow_call_at_a_time(engine):
     """`step_groups`: the audio and states `step` gives, one flow call's rows at a time, the call with the earliest
     input first (a caller puts its most urgent rows first), every input once, rows with nothing new in the first."""

@@ -1,7 +1,6 @@
 """The S3Gen replica's vocoder scheduler, alone (pure Python): readiness, growth, urgency, budget, wake-ups."""
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import pytest
@@ -487,66 +486,3 @@ def test_first_step_predict_does_not_hold_an_idle_replicas_light_first_step():
     sched.add(held)
     held.tokens.extend(range(8 + LOOKAHEAD_TOKENS))
     assert sched.ready_reason(held, 0.0) is None
-
-
-def test_young_lane_takes_first_steps_and_sizes_them_by_its_own_steps():
-    """young_lane_steps=2: a stream's first two steps go to the young lane, the rest to the main lane; each lane's
-    loop takes only its own. A first step covers the wait for its second step, which runs in the young lane: the
-    young lane's short steps, not the main lane's long ones, size it; urgency counts the lane's own steps."""
-    policy = VocodePolicy(first_step_cover=1.5, max_first_step_tokens=50, min_step_tokens=8, low_water_s=1.0,
-                          urgent_steps=3)
-    sched = VocodeScheduler(dataclasses.replace(policy, young_lane_steps=2), SR)
-    busy = _stream("busy")
-    sched.add(busy)
-    sched.observe_block(busy, 18, 0.0)
-    sched.observe_block(busy, 16, 0.16)                       # T3: 10 ms a token
-    for _ in range(3):
-        sched.observe_step(0.3, 1000, "main")                 # long main steps
-    one_lane = VocodeScheduler(policy, SR)
-    one_lane.times, one_lane.t3_seconds_per_token = sched.times, sched.t3_seconds_per_token
-    assert one_lane.first_step_tokens(15, block_tokens=16) == 33   # as test_first_step_cover_...: 2 x 0.3 s
-    assert sched.first_step_tokens(15, block_tokens=16) == 33      # the young lane has not stepped: main's steps
-    sched.observe_step(0.03, 100, "young")
-    assert sched.first_step_tokens(15, block_tokens=16) == 15      # (0.16 + 2 x 0.03) x 1.5 s: the asked 15
-    assert sched.step_seconds == pytest.approx(0.3)                # the main lane's estimate is untouched
-
-    s = _stream("s", first_step_tokens=15, step_tokens=50)
-    sched.add(s)
-    s.tokens.extend(range(18))
-    assert sched.lane(s) == "young" and sched.take_ready(0.0, "main") == []
-    (first,) = sched.take_ready(0.0, "young")
-    sched.finish_step(first, 11 * 960, 0.1)                   # 11 tokens of audio out (4 held back): 0.44 s
-    s.tokens.extend(range(20))                                # 20 more usable, fewer than the target of 50
-    assert sched.lane(s) == "young" and sched.take_ready(0.2, "main") == []
-    assert sched.low_water(s) == pytest.approx(0.09)          # 3 x the young lane's 0.03 s step
-    assert sched.take_ready(0.4, "young") == []               # 0.14 s of audio left: not yet urgent
-    (second,) = sched.take_ready(0.46, "young")               # 0.08 s left: urgent, in the young lane
-    assert second.reason == "urgent" and second.num_new == 20
-    sched.finish_step(second, 20 * 960, 0.5)
-    s.tokens.extend(range(40))
-    assert sched.lane(s) == "main" and sched.take_ready(0.5, "young") == []
-    assert sched.low_water(s) == pytest.approx(0.9)           # now 3 x the main lane's 0.3 s steps
-    assert [p.stream.request_id for p in sched.take_ready(0.5, "main")] == ["s"]
-
-
-def test_a_young_lane_step_vocodes_at_most_the_first_steps_size():
-    """A first step in the young lane takes its target's tokens (+ look-ahead), not all T3 has made: even a chunk
-    T3 finished before its first step leaves the rest to a final step in the main lane."""
-    sched = VocodeScheduler(VocodePolicy(young_lane_steps=1), SR)
-    s = _stream("s", first_step_tokens=15, step_tokens=50)
-    sched.add(s)
-    s.tokens.extend(range(120))
-    s.t3_finished = True
-    (first,) = sched.take_ready(0.0, "young")
-    assert first.num_new == 15 and not first.finalize and first.reason == "first"
-    sched.finish_step(first, 11 * 960, 0.1)
-    assert sched.lane(s) == "main" and sched.take_ready(0.1, "young") == []
-    (last,) = sched.take_ready(0.1, "main")
-    assert last.finalize and last.reason == "final" and last.num_new == 105
-    one_loop = VocodeScheduler(VocodePolicy(), SR)     # one loop: the whole chunk in one step, as before
-    t = _stream("t", first_step_tokens=15, step_tokens=50)
-    one_loop.add(t)
-    t.tokens.extend(range(120))
-    t.t3_finished = True
-    (whole,) = one_loop.take_ready(0.0)
-    assert whole.finalize and whole.num_new == 120

@@ -59,7 +59,7 @@ class S3GenEngineConfig:
                                          # With both at K the whole stream conditions on the same K tokens.
                                          # K=50 served on an H200: more audio; alone it cost stall-free
                                          # streams, with the scheduler's first_step_predict it did not
-                                         # (bench/results/bench_system_prompt50.md, bench_system.md;
+                                         # (bench/results/bench_system_prompt50.md, bench_system_9fd36ca.md;
                                          # deploy/gpu-1x.yaml sets 50)
     cfg_rate: float | None = None        # None: upstream inference_cfg_rate (0.7)
     enforce_eager: bool = False          # True: no CUDA graphs for the flow's euler loop (CUDA only anyway)

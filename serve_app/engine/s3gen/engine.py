@@ -13,7 +13,6 @@ vocoder-only replica (`strip_enrollment_modules`).
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 import time
@@ -85,40 +84,23 @@ class S3GenEngine:
         method = getattr(config.quant, "method", "none")
         capturable = method != "dynamic_int8" and not (method == "int8" and config.quant.int8_threshold > 0)
         self.use_graphs = self.device.type == "cuda" and not config.enforce_eager and capturable
-        self._attach_graphs(config.graph_batch_sizes)
+        if self.use_graphs and config.flow_graph_unit == "step":
+            self.flow.graphs = SteppedFlowGraphs(self.flow.core, self.flow.prologue, self.flow.euler_step,
+                                                 cosine_t_span, config.graph_batch_sizes, config.max_graphs,
+                                                 config.graph_capture_after, name="flow",
+                                                 max_size=config.graph_max_tokens)
+        elif self.use_graphs:
+            self.flow.graphs = ShapeGraphs(self.flow.core, config.graph_batch_sizes, config.max_graphs,
+                                           config.graph_capture_after, name="flow", max_size=config.graph_max_tokens)
+        if self.device.type == "cuda" and not config.enforce_eager:
+            self.hift.graphs = ShapeGraphs(self.hift.trunk_fn, config.graph_batch_sizes, config.max_graphs,
+                                           config.graph_capture_after, name="HiFT trunk",
+                                           max_size=config.hift_graph_max_frames)
         log.info("S3Gen engine: estimator %s (%s), flow graphs %s, HiFT graphs %s (%d weight-normed convs folded)",
                  config.dtype, type(estimator_fn).__name__, self.flow.graphs is not None,
                  self.hift.graphs is not None, folded)
         self._trim_fade = trim_fade().to(self.device)
         self.stats = S3GenEngineStats()      # running counters, read by the serving layer
-
-    def _attach_graphs(self, batch_sizes: tuple[int, ...]) -> None:
-        """CUDA graph caches of the flow and HiFT runners (none on the CPU or with enforce_eager)."""
-        config = self.config
-        if self.use_graphs and config.flow_graph_unit == "step":
-            self.flow.graphs = SteppedFlowGraphs(self.flow.core, self.flow.prologue, self.flow.euler_step,
-                                                 cosine_t_span, batch_sizes, config.max_graphs,
-                                                 config.graph_capture_after, name="flow",
-                                                 max_size=config.graph_max_tokens)
-        elif self.use_graphs:
-            self.flow.graphs = ShapeGraphs(self.flow.core, batch_sizes, config.max_graphs,
-                                           config.graph_capture_after, name="flow", max_size=config.graph_max_tokens)
-        if self.device.type == "cuda" and not config.enforce_eager:
-            self.hift.graphs = ShapeGraphs(self.hift.trunk_fn, batch_sizes, config.max_graphs,
-                                           config.graph_capture_after, name="HiFT trunk",
-                                           max_size=config.hift_graph_max_frames)
-
-    def new_lane(self, batch_sizes: tuple[int, ...] | None = None) -> S3GenEngine:
-        """A second engine over the same modules (weights, noise bank) with its own CUDA graphs and counters, so
-        that two threads can each run steps at once, each on its own CUDA stream (a step ends with its audio on
-        the host: a stream state one lane made is complete when the other reads it). batch_sizes: its graph
-        batch buckets (default: this engine's)."""
-        lane = copy.copy(self)
-        lane.flow, lane.hift = copy.copy(self.flow), copy.copy(self.hift)
-        lane.flow.graphs = lane.hift.graphs = None
-        lane.stats = S3GenEngineStats()
-        lane._attach_graphs(tuple(batch_sizes or self.config.graph_batch_sizes))
-        return lane
 
     # ---- conditioning ---------------------------------------------------------------------------------
     def prepare_conds(self, conds: Any) -> dict:

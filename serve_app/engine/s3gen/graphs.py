@@ -128,8 +128,8 @@ class ShapeGraphs:
 
     def _record(self, fn: Callable[[], Any]) -> tuple[Any, Any]:
         """Capture `fn` into a CUDA graph of the shared pool. -> (graph, fn's output: the graph's static output)
-        thread_local: another thread's CUDA calls during the capture (the S3Gen stage's other lane: a host copy,
-        its own graph replays) neither fail nor invalidate it, as in the T3 engine's graph_runner."""
+        thread_local: another thread's CUDA calls during the capture (the replica's other threads: a voice's conds
+        moved to the GPU, a host copy) neither fail nor invalidate it, as in the T3 engine's graph_runner."""
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             out = fn()

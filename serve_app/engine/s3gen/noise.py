@@ -8,7 +8,6 @@ idea, per request).
 """
 from __future__ import annotations
 
-import threading
 from collections import OrderedDict
 
 import torch
@@ -24,29 +23,19 @@ class NoiseBank:
     def __init__(self, device: torch.device, max_blocks: int = 1024):
         self.device = torch.device(device)
         self.max_blocks = max_blocks             # 80 KB (5.1 s of audio) each: 1024 = 84 MB
-        self._blocks: OrderedDict[tuple[int, int], tuple[torch.Tensor, tuple | None]] = OrderedDict()
-        self._lock = threading.Lock()            # engine lanes (S3GenEngine.new_lane) share the bank
+        self._blocks: OrderedDict[tuple[int, int], torch.Tensor] = OrderedDict()
 
     def _block(self, seed: int, index: int) -> torch.Tensor:
         # -> [80, BLOCK_FRAMES]
         key = (int(seed), index)
-        with self._lock:
-            entry = self._blocks.get(key)
-            if entry is None:
-                g = torch.Generator(device=self.device).manual_seed((int(seed) * 104_729 + index) % (2**63 - 1))
-                block = torch.randn(NUM_MELS, BLOCK_FRAMES, generator=g, device=self.device)
-                ready = None
-                if self.device.type == "cuda":   # drawn on this thread's CUDA stream: another stream waits for it
-                    ready = (torch.cuda.current_stream(self.device), torch.cuda.Event())
-                    ready[1].record(ready[0])
-                entry = self._blocks[key] = (block, ready)
-                while len(self._blocks) > self.max_blocks:
-                    self._blocks.popitem(last=False)
-            else:
-                self._blocks.move_to_end(key)
-        block, ready = entry
-        if ready is not None and ready[0] != torch.cuda.current_stream(self.device):   # (one lane: never)
-            torch.cuda.current_stream(self.device).wait_event(ready[1])
+        block = self._blocks.get(key)
+        if block is None:
+            g = torch.Generator(device=self.device).manual_seed((int(seed) * 104_729 + index) % (2**63 - 1))
+            block = self._blocks[key] = torch.randn(NUM_MELS, BLOCK_FRAMES, generator=g, device=self.device)
+            while len(self._blocks) > self.max_blocks:
+                self._blocks.popitem(last=False)
+        else:
+            self._blocks.move_to_end(key)
         return block
 
     def window(self, seed: int, start: int, stop: int) -> torch.Tensor:

@@ -14,7 +14,6 @@ step, and the backend's stream state (`new_stream_state()` at the first step; No
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 from dataclasses import dataclass
 from typing import Any, Iterator, Protocol
@@ -121,12 +120,10 @@ class EngineS3GenBackend:
 
     name = "engine"
 
-    def __init__(self, engine: Any, device: str, dtype: torch.dtype, cuda_stream: Any = None) -> None:
+    def __init__(self, engine: Any, device: str, dtype: torch.dtype) -> None:
         self.engine = engine
         self.device = device
         self.dtype = dtype
-        self.cuda_stream = cuda_stream     # the CUDA stream its steps run on (None: the thread's current one)
-        self.lanes: list[EngineS3GenBackend] = []   # new_lane's: their counters are summed into stats()
         self._captures_at_start = 0
 
     @classmethod
@@ -146,34 +143,15 @@ class EngineS3GenBackend:
 
         return StreamState()
 
-    def new_lane(self, batch_sizes: tuple[int, ...] | None = None) -> EngineS3GenBackend:
-        """A backend for a second step loop (the stage's young lane): the same weights and conds, its own CUDA
-        graphs (`S3GenEngine.new_lane`) and, on a GPU, its own CUDA stream at the highest priority, so its steps
-        run beside this one's and the GPU schedules their kernels first (a graph replays at its stream's
-        priority)."""
-        stream = None
-        if str(self.device).startswith("cuda"):
-            _, high = torch.cuda.Stream.priority_range()
-            stream = torch.cuda.Stream(torch.device(self.device), priority=high)
-        lane = EngineS3GenBackend(self.engine.new_lane(batch_sizes), self.device, self.dtype, stream)
-        self.lanes.append(lane)
-        return lane
-
     def vocode_batch(self, items: list[VocodeItem]) -> list[tuple[np.ndarray, Any]]:
         from serve_app.engine.s3gen import VocodeInput
 
         inputs = [VocodeInput(it.tokens, it.conds, it.seed, it.finalize, it.state) for it in items]
-        with self._on_stream():
-            out = self.engine.step(inputs)
-        return [(np.asarray(audio, np.float32).reshape(-1), state) for audio, state in out]
+        return [(np.asarray(audio, np.float32).reshape(-1), state) for audio, state in self.engine.step(inputs)]
 
     def capture_graphs(self, max_tokens: int, max_frames: int) -> int:
-        """The engine's graph grid (`S3GenEngine.capture_graphs`), captured on this backend's CUDA stream."""
-        with self._on_stream():
-            return self.engine.capture_graphs(max_tokens, max_frames)
-
-    def _on_stream(self):
-        return torch.cuda.stream(self.cuda_stream) if self.cuda_stream is not None else contextlib.nullcontext()
+        """The engine's graph grid (`S3GenEngine.capture_graphs`)."""
+        return self.engine.capture_graphs(max_tokens, max_frames)
 
     def vocode_batch_groups(self, items: list[VocodeItem]) -> Iterator[list[tuple[int, tuple[np.ndarray, Any]]]]:
         """`vocode_batch`'s results one flow call at a time (`S3GenEngine.step_groups`): [(item index, (audio,
@@ -181,25 +159,17 @@ class EngineS3GenBackend:
         from serve_app.engine.s3gen import VocodeInput
 
         inputs = [VocodeInput(it.tokens, it.conds, it.seed, it.finalize, it.state) for it in items]
-        with self._on_stream():
-            for group in self.engine.step_groups(inputs):
-                yield [(i, (np.asarray(audio, np.float32).reshape(-1), state)) for i, (audio, state) in group]
+        for group in self.engine.step_groups(inputs):
+            yield [(i, (np.asarray(audio, np.float32).reshape(-1), state)) for i, (audio, state) in group]
 
     def stats(self) -> dict[str, int]:
         """The engine's running totals (tokens through the flow, padded row-tokens, flow calls, graph captures since
-        warm-up), its lanes' included."""
-        out = {"num_flow_tokens": 0, "num_flow_row_tokens": 0, "num_flow_padded_tokens": 0, "num_flow_calls": 0,
-               "num_graph_captures": 0}
-        for b in (self, *self.lanes):
-            s = b.engine.stats
-            for key, value in (("num_flow_tokens", s.num_flow_tokens), ("num_flow_row_tokens", s.num_flow_row_tokens),
-                               ("num_flow_padded_tokens", s.num_flow_padded_tokens),
-                               ("num_flow_calls", s.num_flow_calls),
-                               ("num_graph_captures", b.engine.num_graph_captures() - b._captures_at_start)):
-                out[key] += value
-        return out
+        warm-up)."""
+        s = self.engine.stats
+        return {"num_flow_tokens": s.num_flow_tokens, "num_flow_row_tokens": s.num_flow_row_tokens,
+                "num_flow_padded_tokens": s.num_flow_padded_tokens, "num_flow_calls": s.num_flow_calls,
+                "num_graph_captures": self.engine.num_graph_captures() - self._captures_at_start}
 
     def mark_warm(self) -> None:
-        """Graph captures from here on count as captured while serving (its lanes' too)."""
-        for b in (self, *self.lanes):
-            b._captures_at_start = b.engine.num_graph_captures()
+        """Graph captures from here on count as captured while serving."""
+        self._captures_at_start = self.engine.num_graph_captures()

@@ -3,10 +3,9 @@
 Handle method: `synthesize(job: SpeechJob)`, streaming `AudioBlock`s (handle.options(stream=True)). The replica
 starts the chunk's T3 stream itself (tokens arrive in blocks and never pass through the router), keeps the
 chunk's vocoder state for its whole life, and one loop runs every ready stream step and one-shot decode of all
-its chunks together in one engine step (`VocodeScheduler` decides what is ready). With the scheduler's
-`young_lane_steps`, a second loop (the young lane: its own thread, engine graphs and CUDA stream) runs streams'
-first steps beside the main loop's long steps, so first audio does not wait behind them. Closing the caller's
-stream cancels the T3 request and drops the state. (The Perth watermark is applied by the router, where the final
+its chunks together in one engine step (`VocodeScheduler` decides what is ready); with `deliver_per_call` each
+flow call's audio goes out as that call ends. Closing the caller's stream cancels the T3 request and drops the
+state. (The Perth watermark is applied by the router, where the final
 audio is assembled.)
 """
 from __future__ import annotations
@@ -95,28 +94,6 @@ def warm_up(backend: S3GenBackend, checkpoint: Any, settings: S3GenSettings, dev
         return 0
 
 
-def make_young_lane(backend: S3GenBackend, settings: S3GenSettings, device: str) -> S3GenBackend | None:
-    """The young lane's backend when `user_config.young_lane_steps` asks for one and the backend can run two
-    step loops at once (`new_lane`); its CUDA graphs up to `young_lane_graph_tokens` are captured now."""
-    if not settings.user_config.young_lane_steps:
-        return None
-    if not hasattr(backend, "new_lane"):
-        log.warning("young_lane_steps=%d, but the %s backend runs one step at a time: one lane",
-                    settings.user_config.young_lane_steps, backend.name)
-        return None
-    lane = backend.new_lane()   # the main engine's batch buckets: a burst's first steps come in dozens
-    if isinstance(lane, EngineS3GenBackend) and str(device).startswith("cuda") and settings.young_lane_graph_tokens:
-        t0 = time.perf_counter()
-        try:
-            n = lane.capture_graphs(settings.young_lane_graph_tokens, 2 * settings.young_lane_graph_tokens)
-            log.info("S3Gen young lane: %d CUDA graphs captured in %.1fs", n, time.perf_counter() - t0)
-        except Exception:  # an optimization: shapes are captured when first seen instead
-            log.exception("S3Gen young-lane graph capture failed; continuing, shapes are captured when first seen")
-    log.info("S3Gen young lane on: a stream's first %d steps run beside the main loop",
-             settings.user_config.young_lane_steps)
-    return lane
-
-
 def first_audio_timings(marks: dict[str, float], step_started: float, step_done: float,
                         t3_timings: dict[str, float] | None = None) -> dict[str, float] | None:
     """Seconds per FIRST_AUDIO_PHASES of a stream whose first audio a step made (None if a mark is missing).
@@ -140,23 +117,19 @@ class S3GenReplica:
         t0 = time.perf_counter()
         self.backend = backend or make_s3gen_backend(checkpoint, settings, self.rd, quantization)
         warm_up(self.backend, checkpoint, settings, self.rd.device)
-        young = make_young_lane(self.backend, settings, self.rd.device)
         if isinstance(self.backend, EngineS3GenBackend):
             self.backend.mark_warm()
         self._t3 = StageClient(t3_handle, "t3") if t3_handle is not None else None
         self.conds = CondsCache.from_voice_stage(voice_handle, self.backend.prepare_conds,
                                                  settings.max_cached_voices, "s3gen")
-        # lane -> (backend, its one worker thread): each lane's steps run one at a time, the lanes at once
-        self._lanes = {"main": (self.backend, ThreadPoolExecutor(max_workers=1, thread_name_prefix="s3gen"))}
-        if young is not None:
-            self._lanes["young"] = (young, ThreadPoolExecutor(max_workers=1, thread_name_prefix="s3gen-young"))
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="s3gen")   # engine steps, one at a time
         self._profiler = StepProfiler.from_env("s3gen")
         self._metrics = get_metrics()
         self._tags = {"backend": self.backend.name}
         self.scheduler = VocodeScheduler(VocodePolicy(), SAMPLE_RATE)
         self._outputs: dict[str, asyncio.Queue] = {}     # request_id -> AudioBlock | BaseException
-        self._wakes: dict[str, asyncio.Event] = {}       # lane -> its loop's wake-up
-        self._loop_tasks: dict[str, asyncio.Task] = {}
+        self._wake: asyncio.Event | None = None          # the loop's wake-up
+        self._loop_task: asyncio.Task | None = None
         self._totals = EngineTotals(self._tags)       # the engine's running totals -> counters
         self.reconfigure(settings.user_config.model_dump())
         log_stage_ready("S3Gen", time.perf_counter() - t0, self.backend.name, self.rd, checkpoint)
@@ -227,7 +200,7 @@ class S3GenReplica:
                         log.info("%s: T3 hit max_new_tokens=%d", job.request_id, job.params.max_new_tokens)
                     stream.finish_reason = chunk.finish_reason or "stop"
                     stream.t3_finished = True
-                self._wake_all()
+                self._wake.set()
                 if chunk.finished:
                     return
             raise StageError(f"T3 stream of {job.request_id} ended without finishing", code="t3_error")
@@ -242,29 +215,20 @@ class S3GenReplica:
 
     # ---- the replica's vocoder loop -----------------------------------------------------------------------
     def _ensure_loop(self) -> None:
-        for lane in self._lanes:
-            task = self._loop_tasks.get(lane)
-            if task is None or task.done():
-                self._wakes[lane] = asyncio.Event()
-                self._loop_tasks[lane] = asyncio.get_running_loop().create_task(self._run_loop(lane))
+        if self._loop_task is None or self._loop_task.done():
+            self._wake = asyncio.Event()
+            self._loop_task = asyncio.get_running_loop().create_task(self._run_loop())
 
-    def _wake_all(self) -> None:
-        for wake in self._wakes.values():
-            wake.set()
-
-    async def _run_loop(self, lane: str = "main") -> None:
-        loop = asyncio.get_running_loop()
-        backend, executor = self._lanes[lane]
-        only = lane if len(self._lanes) > 1 else None   # one loop takes every stream
-        wake, tags = self._wakes[lane], {**self._tags, "lane": lane}
+    async def _run_loop(self) -> None:
+        loop, backend, wake = asyncio.get_running_loop(), self.backend, self._wake
         while True:
-            timeout = self.scheduler.next_wakeup(time.monotonic(), only)
+            timeout = self.scheduler.next_wakeup(time.monotonic())
             try:
                 await asyncio.wait_for(wake.wait(), timeout)
             except asyncio.TimeoutError:
                 pass
             wake.clear()
-            plans = self.scheduler.take_ready(time.monotonic(), only)
+            plans = self.scheduler.take_ready(time.monotonic())
             if not plans:
                 continue
             cost = self.scheduler.step_cost(plans)   # before the step: a plan's new tokens are counted from the stream
@@ -285,14 +249,14 @@ class S3GenReplica:
 
             per_call = self.settings.deliver_per_call and hasattr(backend, "vocode_batch_groups")
             try:
-                results = await loop.run_in_executor(executor, self._step, backend, items, lane,
+                results = await loop.run_in_executor(self._executor, self._step, backend, items,
                                                      (lambda g: loop.call_soon_threadsafe(deliver, g))
                                                      if per_call else None)
                 if results is not None:
                     deliver(list(enumerate(results)))
             except Exception as exc:  # noqa: BLE001 - the step's streams fail, the replica goes on
                 await asyncio.sleep(0)   # calls already handed out (per_call) are delivered first
-                log.exception("S3Gen %s-lane step of %d streams failed", lane, len(plans))
+                log.exception("S3Gen step of %d streams failed", len(plans))
                 for i, p in enumerate(plans):
                     if i in done:
                         continue
@@ -304,11 +268,11 @@ class S3GenReplica:
                 continue
             await asyncio.sleep(0)       # the last call_soon_threadsafe delivery runs before the step is booked
             seconds = time.monotonic() - taken
-            self.scheduler.observe_step(seconds, cost, lane)
+            self.scheduler.observe_step(seconds, cost)
             for reason, n in Counter(p.reason for p in plans).items():
                 self._metrics.s3gen_stream_steps_total.inc(n, tags={**self._tags, "reason": reason})
-            self._record_step(len(plans), new[0], sum(int(a.size) for a, _ in done.values()), seconds, tags)
-            self._wake_all()   # blocks that arrived during the step; streams that moved to the other lane
+            self._record_step(len(plans), new[0], sum(int(a.size) for a, _ in done.values()), seconds)
+            wake.set()   # blocks that arrived during the step
 
     def _deliver(self, p: StepPlan, audio, state, taken: float, now: float) -> int:
         """A stream's result of a step: its state and the scheduler's books, its audio block to the caller.
@@ -327,9 +291,8 @@ class S3GenReplica:
                                     if first_audio else None))
         return num_new
 
-    def _step(self, backend: S3GenBackend, items: list[VocodeItem], lane: str = "main",
-              hand_out: Any = None) -> list | None:
-        """One engine step, in the lane's worker thread (where the profiler, when on, records the main lane's).
+    def _step(self, backend: S3GenBackend, items: list[VocodeItem], hand_out: Any = None) -> list | None:
+        """One engine step, in the worker thread (where the profiler, when on, records it).
         hand_out: each flow call's results go to it as they are ready (`vocode_batch_groups`); -> None then."""
         if hand_out is None:
             results = backend.vocode_batch(items)
@@ -337,21 +300,18 @@ class S3GenReplica:
             results = None
             for group in backend.vocode_batch_groups(items):
                 hand_out(group)
-        if lane == "main":
-            self._profiler.step_done(len(items))
+        self._profiler.step_done(len(items))
         return results
 
-    def _record_step(self, num_streams: int, num_new: int, num_samples: int, seconds: float,
-                     tags: dict[str, str]) -> None:
-        m = self._metrics
+    def _record_step(self, num_streams: int, num_new: int, num_samples: int, seconds: float) -> None:
+        m, tags = self._metrics, self._tags
         m.s3gen_batch_seconds.observe(seconds, tags=tags)
         m.s3gen_batch_size.observe(num_streams, tags=tags)
         m.s3gen_batch_tokens.observe(num_new, tags=tags)
-        for counter, value, by_lane in ((m.s3gen_busy_seconds_total, seconds, True),
-                                        (m.s3gen_speech_tokens_total, num_new, False),
-                                        (m.s3gen_step_streams_total, num_streams, True)):
+        for counter, value in ((m.s3gen_busy_seconds_total, seconds), (m.s3gen_speech_tokens_total, num_new),
+                               (m.s3gen_step_streams_total, num_streams)):
             if value > 0:   # Ray's Counter.inc refuses 0
-                counter.inc(value, tags=tags if by_lane else self._tags)
+                counter.inc(value, tags=tags)
         stats = self.backend.stats() if hasattr(self.backend, "stats") else None
         if stats is not None:
             self._totals.export([(counter, key, stats.get(key)) for counter, key in (
@@ -369,10 +329,6 @@ class S3GenReplica:
         cfg = S3GenUserConfig.model_validate(user_config or {})
         fields = cfg.model_dump()   # the user_config is the policy's knobs, one name apart
         fields["max_batch_new_tokens"] = fields.pop("max_batch_tokens")
-        if fields["young_lane_steps"] and "young" not in self._lanes:
-            log.warning("young_lane_steps=%d needs the young lane built at start (young_lane_steps in the deploy "
-                        "file's user_config, an engine backend): one lane", fields["young_lane_steps"])
-            fields["young_lane_steps"] = 0
         self.scheduler.policy = VocodePolicy(**fields)
         log.info("S3Gen stage user_config: %s", cfg.model_dump())
 
@@ -385,9 +341,9 @@ class S3GenReplica:
 
     def check_health(self) -> None:
         self.rd.export_metrics()
-        for lane, task in self._loop_tasks.items():
-            if task.done() and not task.cancelled():
-                raise RuntimeError(f"S3Gen vocoder loop ({lane} lane) died: {task.exception()!r}")
+        task = self._loop_task
+        if task is not None and task.done() and not task.cancelled():
+            raise RuntimeError(f"S3Gen vocoder loop died: {task.exception()!r}")
 
 
 S3GenStage = serve.deployment(S3GenReplica, name="S3GenStage")

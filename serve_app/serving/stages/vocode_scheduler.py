@@ -27,11 +27,6 @@ stream that still has audio in hand is left to the next step when taking it woul
 the last steps' seconds per flow token, `observe_step`) outlast the audio of a stream already in it, unless it
 would run dry itself before a next step could end (one-shot jobs are always taken). At least one stream always
 runs.
-
-Lanes: with `young_lane_steps` N > 0 the replica runs two step loops at once, and a stream's first N steps (its
-first audio and the steps right after it) go to the young lane, `take_ready(now, "young")`, the rest to the main
-lane. Each lane's step times are observed apart (`StepTimes`): a young stream's first step covers, and its urgency
-counts, the young lane's short steps; the main lane's long steps are what a stream's later steps wait for.
 """
 from __future__ import annotations
 
@@ -44,7 +39,6 @@ from serve_app.contracts import SPEECH_TOKEN_RATE
 
 LOOKAHEAD_TOKENS = 3    # the flow's pre-look-ahead (flow.pre_lookahead_len): held back until T3 finishes
 RECENT_STEPS = 16       # `urgent_steps` times the longest of this many last steps
-LANES = ("main", "young")
 
 
 @dataclass(frozen=True)
@@ -64,7 +58,6 @@ class VocodePolicy:
     first_step_predict: bool = False    # ... also for the steps the streams open now will make (a burst)
     hold_tokens: int = 4                # audio a step holds back for the join (the engine's 8 overlap frames)
     urgent_steps: float | None = None   # step early only when the audio left lasts at most this many steps
-    young_lane_steps: int = 0           # a stream's first this many steps run in the young lane (0: one lane)
 
     def __post_init__(self) -> None:
         if self.min_step_tokens < 1 or self.max_step_tokens < self.min_step_tokens:
@@ -137,50 +130,18 @@ def _first_step(s: VocodeStream) -> bool:
     return s.streaming and s.num_steps == 0
 
 
-@dataclass
-class StepTimes:
-    """One step loop's observed steps (a lane's): what its next steps are expected to take."""
-
-    seconds_per_flow_token: float | None = None   # moving average over steps
-    step_seconds: float | None = None             # moving average of a step's time
-    min_step_seconds: float | None = None         # the shortest step seen: a step's fixed part
-    seconds_per_step_token: float | None = None   # moving average of (step - fixed part) / step_cost
-    recent: deque = field(default_factory=lambda: deque(maxlen=RECENT_STEPS))   # the last steps' seconds
-
-    def observe(self, seconds: float, cost: int) -> None:
-        if cost <= 0 or seconds <= 0:
-            return
-        self.seconds_per_flow_token = _ema(self.seconds_per_flow_token, seconds / cost)
-        self.step_seconds = _ema(self.step_seconds, seconds)
-        self.recent.append(seconds)
-        self.min_step_seconds = seconds if self.min_step_seconds is None else min(self.min_step_seconds, seconds)
-        extra = seconds - self.min_step_seconds
-        if extra > 0.25 * seconds:   # only a step well above the fixed part says what a flow token costs
-            self.seconds_per_step_token = _ema(self.seconds_per_step_token, extra / cost)
-
-
 class VocodeScheduler:
     def __init__(self, policy: VocodePolicy | None = None, sample_rate: int = 24_000):
         self.policy = policy or VocodePolicy()
         self.sample_rate = sample_rate
         self.streams: dict[str, VocodeStream] = {}
-        self.times = {lane: StepTimes() for lane in LANES}   # each lane's observed steps (observe_step)
+        self.seconds_per_flow_token: float | None = None   # moving average over steps (observe_step)
+        self.step_seconds: float | None = None             # moving average of a step's time (observe_step)
         self.t3_seconds_per_token: float | None = None     # moving average of T3's pace per stream (observe_block)
         self.block_tokens = 16                             # T3's later blocks (first_step_tokens' block_tokens)
-
-    # the main lane's step times (the only lane without young_lane_steps)
-    seconds_per_flow_token = property(lambda self: self.times["main"].seconds_per_flow_token)
-    step_seconds = property(lambda self: self.times["main"].step_seconds)
-
-    def lane(self, s: VocodeStream) -> str:
-        """The step loop that runs `s`'s next step: "young" for a stream's first `young_lane_steps` steps."""
-        young = self.policy.young_lane_steps
-        return "young" if young and s.streaming and s.num_steps < young else "main"
-
-    def _young_times(self) -> StepTimes:
-        """The step times a young stream waits on: the young lane's once it has stepped (else the main lane's)."""
-        t = self.times["young"]
-        return t if self.policy.young_lane_steps and t.step_seconds is not None else self.times["main"]
+        self.min_step_seconds: float | None = None         # the shortest step seen: a step's fixed part
+        self.seconds_per_step_token: float | None = None   # moving average of (step - fixed part) / step_cost
+        self.recent_steps: deque[float] = deque(maxlen=RECENT_STEPS)   # the last steps' seconds (urgent_steps)
 
     def row_cost(self, plan: StepPlan) -> int:
         """Flow tokens a row runs: its new tokens and the row's overhead. A step's time is estimated from these."""
@@ -189,9 +150,17 @@ class VocodeScheduler:
     def step_cost(self, plans: list[StepPlan]) -> int:
         return sum(self.row_cost(p) for p in plans)
 
-    def observe_step(self, seconds: float, cost: int, lane: str = "main") -> None:
-        """A finished engine step's time and `step_cost`, in its lane: the estimates the policy's rules use."""
-        self.times[lane].observe(seconds, cost)
+    def observe_step(self, seconds: float, cost: int) -> None:
+        """A finished engine step's time and `step_cost`: the estimate `deadline_steps` uses."""
+        if cost <= 0 or seconds <= 0:
+            return
+        self.seconds_per_flow_token = _ema(self.seconds_per_flow_token, seconds / cost)
+        self.step_seconds = _ema(self.step_seconds, seconds)
+        self.recent_steps.append(seconds)
+        self.min_step_seconds = seconds if self.min_step_seconds is None else min(self.min_step_seconds, seconds)
+        extra = seconds - self.min_step_seconds
+        if extra > 0.25 * seconds:   # only a step well above the fixed part says what a flow token costs
+            self.seconds_per_step_token = _ema(self.seconds_per_step_token, extra / cost)
 
     def observe_block(self, s: VocodeStream, num_tokens: int, now: float) -> None:
         """T3 sent `s` a block of `num_tokens`: its pace since the stream's previous block feeds the estimate of
@@ -220,37 +189,29 @@ class VocodeScheduler:
         - with `first_step_cover`, enough tokens that the first step's audio (less what it holds back for the
           join) lasts `first_step_cover` times the expected wait for the second step's audio: T3's next block of
           `block_tokens` at its observed pace, then up to two steps (the one running, and the stream's own), at
-          their observed length (in the lane of the second step); never fewer than `requested`, at most
-          `max_first_step_tokens`;
+          their observed length; never fewer than `requested`, at most `max_first_step_tokens`;
         - else `requested`."""
         p = self.policy
         if p.light_first_step_tokens is not None and len(self.streams) <= p.light_load_streams:
             return min(requested, p.light_first_step_tokens)
-        step_s = self._second_step_times().step_seconds
-        if p.first_step_cover is None or step_s is None or self.t3_seconds_per_token is None:
+        if p.first_step_cover is None or self.step_seconds is None or self.t3_seconds_per_token is None:
             return requested
         self.block_tokens = block_tokens
-        need = max(self._cover_tokens(step_s), self.predicted_first_step(self._num_first_steps() + 1))
+        need = max(self._cover_tokens(self.step_seconds), self.predicted_first_step(self._num_first_steps() + 1))
         return max(requested, min(need, p.max_first_step_tokens))
-
-    def _second_step_times(self) -> StepTimes:
-        """The step times a stream's second step waits on: the young lane's when it runs there."""
-        return self._young_times() if self.policy.young_lane_steps > 1 else self.times["main"]
 
     def _cover_tokens(self, step_s: float) -> int:
         """First-step tokens whose audio lasts `first_step_cover` times T3's next block and two steps of step_s."""
         wait_s = self.t3_seconds_per_token * self.block_tokens + 2 * step_s
         return math.ceil(self.policy.first_step_cover * wait_s * SPEECH_TOKEN_RATE) + self.policy.hold_tokens
 
-    def predicted_step_seconds(self, num_streams: int, times: StepTimes | None = None) -> float | None:
+    def predicted_step_seconds(self, num_streams: int) -> float | None:
         """A step's length when `num_streams` streams each step in every step: each row runs `row_overhead_tokens`
         plus the audio a step's length plays, D = fixed + rate * N * (overhead + 25 D), from the shortest step
         (fixed) and the observed cost of a flow token above it (rate; where N * rate * 25 nears 1 the vocoder
         cannot keep up, and D is held at 5 times its size without the audio). Unlike the observed steps, it knows
-        the streams that have just arrived: a burst on a replica whose last steps were light. times: the lane's
-        (default: the lane of a stream's second step)."""
-        times = times or self._second_step_times()
-        rate, fixed = times.seconds_per_step_token, times.min_step_seconds
+        the streams that have just arrived: a burst on a replica whose last steps were light."""
+        rate, fixed = self.seconds_per_step_token, self.min_step_seconds
         if rate is None or fixed is None:
             return None
         n = num_streams
@@ -301,10 +262,9 @@ class VocodeScheduler:
         `urgent_steps`, no more than that many of the longest recent step, so that where steps are short a stream
         does not take several small steps (each re-runs context and look-ahead) but one just in time."""
         p = self.policy
-        recent = (self._young_times() if self.lane(s) == "young" else self.times["main"]).recent
-        if p.urgent_steps is None or not recent:
+        if p.urgent_steps is None or not self.recent_steps:
             return p.low_water_s
-        return min(p.low_water_s, p.urgent_steps * max(recent))   # the longest, not the mean: under load
+        return min(p.low_water_s, p.urgent_steps * max(self.recent_steps))   # the longest, not the mean: under load
         # a mean let chunks run late (test_urgent_steps_keeps_streams_in_time_under_load)
 
     def _urgency(self, s: VocodeStream, now: float) -> tuple:
@@ -316,12 +276,11 @@ class VocodeScheduler:
             return (0, 0.0)
         return (1, s.seconds_left(now, self.sample_rate))
 
-    def take_ready(self, now: float, lane: str | None = None) -> list[StepPlan]:
-        """The streams to vocode in the next engine step, marked running; their token snapshots. lane: only the
-        streams of that lane's step loop (None: all; one loop)."""
+    def take_ready(self, now: float) -> list[StepPlan]:
+        """The streams to vocode in the next engine step, marked running; their token snapshots."""
         need = self._burst_need()
         reasons = {s.request_id: r for s in self.streams.values()
-                   if (lane is None or self.lane(s) == lane) and (r := self.ready_reason(s, now, need)) is not None}
+                   if (r := self.ready_reason(s, now, need)) is not None}
         ready = sorted((self.streams[i] for i in reasons), key=lambda s: self._urgency(s, now))
         if self.policy.first_steps_alone and any(_first_step(s) for s in ready):
             ready = [s for s in ready if _first_step(s)]   # the rest go in the next step, with more tokens each
@@ -329,12 +288,10 @@ class VocodeScheduler:
         budget = self.policy.max_batch_new_tokens
         stream_budget = self.policy.max_stream_batch_tokens
         stream_budget = budget if stream_budget is None else stream_budget
-        rate = self.times[lane or "main"].seconds_per_flow_token if self.policy.deadline_steps else None
+        rate = self.seconds_per_flow_token if self.policy.deadline_steps else None
         cost, deadline = 0, math.inf      # flow tokens taken; the least audio in hand among the streams taken (s)
         for s in ready:
             plan = StepPlan(s, list(s.tokens), finalize=s.t3_finished, reason=reasons[s.request_id])
-            if lane == "young":
-                plan = self._light(plan, need)
             if plans and (plan.num_new > budget or (s.streaming and plan.num_new > stream_budget)):
                 continue
             row_cost = self.row_cost(plan)
@@ -351,17 +308,6 @@ class VocodeScheduler:
             s.running = True
             plans.append(plan)
         return plans
-
-    def _light(self, plan: StepPlan, burst_need: int) -> StepPlan:
-        """A young-lane step vocodes at most the stream's target (a first step's size, or the burst's need): the
-        tokens T3 made beyond it, even all of a chunk T3 has finished, go to the stream's next step. Else a young
-        lane whose steps run long gets whole chunks as first steps, and longer steps still (measured: 1.1 s steps
-        of 22 streams at 64, bench/README.md)."""
-        s = plan.stream
-        cap = s.num_vocoded + max(s.target, burst_need) + LOOKAHEAD_TOKENS
-        if len(plan.tokens) <= cap:
-            return plan
-        return StepPlan(s, plan.tokens[:cap], finalize=False, reason=plan.reason)
 
     def finish_step(self, plan: StepPlan, num_samples: int, now: float, num_vocoded: int | None = None) -> None:
         """Book a step's result: tokens vocoded (the backend's own count when it keeps one: a step too small to
@@ -380,14 +326,11 @@ class VocodeScheduler:
         if plan.finalize:
             s.done = True
 
-    def next_wakeup(self, now: float, lane: str | None = None) -> float | None:
-        """Seconds until a waiting stream's buffer reaches the low-water mark (None: nothing to wait for); lane:
-        only that lane's streams."""
+    def next_wakeup(self, now: float) -> float | None:
+        """Seconds until a waiting stream's buffer reaches the low-water mark (None: nothing to wait for)."""
         soonest = None
         for s in self.streams.values():
             if s.running or s.done or not s.streaming or s.num_steps == 0 or s.t3_finished:
-                continue
-            if lane is not None and self.lane(s) != lane:
                 continue
             if s.usable() < self.policy.min_step_tokens:
                 continue   # its next block from T3 wakes the loop
