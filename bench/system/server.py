@@ -52,13 +52,31 @@ def _app_args(raw: dict, path: Path) -> dict:
     return apps[0].setdefault("args", {})
 
 
+def _in_place_user_config(raw: dict, dotted: str) -> tuple[dict, str] | None:
+    """(the `deployments:` entry holding a stage's user_config, the key below it) when `dotted` names a key of a
+    user_config the deploy file keeps there (s3gen.user_config.X -> S3GenStage's entry, X)."""
+    from serve_app.serving.config import IN_PLACE_USER_CONFIGS
+
+    for name, stage in IN_PLACE_USER_CONFIGS.items():
+        prefix = f"{stage}.user_config."
+        if dotted.startswith(prefix):
+            for entry in raw["applications"][0].get("deployments") or []:
+                if entry.get("name") == name and isinstance(entry.get("user_config"), dict):
+                    return entry, "user_config." + dotted[len(prefix):]
+    return None
+
+
 def with_overrides(raw: dict, overrides: Mapping[str, Any], path: Path = Path("deploy file")) -> dict:
     """A copy of a Ray Serve config file with `overrides` set inside its application's `args`.
-    Keys are dotted paths below `args`: {"router.settings.max_seconds_per_char": 0.07, "watermark": False}."""
+    Keys are dotted paths below `args`: {"router.settings.max_seconds_per_char": 0.07, "watermark": False}.
+    A key of a user_config the file keeps in its `deployments:` list (s3gen.user_config.*) is set there."""
     raw = copy.deepcopy(raw)
     args = _app_args(raw, path)
     for dotted, value in overrides.items():
         node = args
+        found = _in_place_user_config(raw, dotted)
+        if found is not None:
+            node, dotted = found
         *parents, leaf = dotted.split(".")
         for key in parents:
             if not isinstance(node.get(key), dict):

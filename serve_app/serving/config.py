@@ -5,8 +5,10 @@ and KubeRay's `serveConfigV2`); its application's `args` is a `ServeConfig`. Eve
 Serve has for our stages (replicas or autoscaling, actor resources, admission limits, `user_config`) lives
 here, so the YAML is the single source of truth and is checked before anything starts.
 
-`user_config` sections are re-applied at runtime through each deployment's `reconfigure`, so batch sizes and
-wait timeouts can be tuned with `serve deploy` without restarting replicas.
+S3Gen's `user_config` (its vocoder scheduler's knobs) lives in the application's `deployments:` list instead,
+where Serve applies a change through the replica's `reconfigure` without restarting it (`serve deploy`, KubeRay's
+serveConfigV2); anything under `args`, T3's user_config included, is part of the app's code version to Serve, so
+changing it restarts every replica.
 """
 from __future__ import annotations
 
@@ -347,8 +349,37 @@ class DeployFile(_Model):
     config: ServeConfig
 
 
+# Deployments whose `user_config` may live in the application's `deployments:` list, Serve's own place for it.
+# Serve hashes an application's `args` into its code version: a change there restarts every replica, while a
+# `deployments:` entry's user_config is a lightweight update (each replica's `reconfigure`, no restart).
+# T3's user_config is not among them: its max_batch_size sizes the KV cache when a replica starts.
+IN_PLACE_USER_CONFIGS = {"S3GenStage": "s3gen"}
+
+
+def _args_with_deployment_user_configs(app: dict, path: Path) -> dict:
+    """The application's args with each `deployments:` entry's user_config moved in below its stage, so that one
+    ServeConfig validates (and the CLI builds) what Serve will run. A user_config in both places is an error."""
+    args = dict(app.get("args") or {})
+    for entry in app.get("deployments") or []:
+        name = entry.get("name")
+        if "user_config" not in entry:
+            continue
+        stage = IN_PLACE_USER_CONFIGS.get(name)
+        if stage is None:
+            raise ValueError(f"{path}: deployments entry {name!r} has a user_config; only "
+                             f"{', '.join(IN_PLACE_USER_CONFIGS)} takes one there (T3Stage's max_batch_size sizes "
+                             "the KV cache at start: keep it under args.t3.user_config)")
+        settings = dict(args.get(stage) or {})
+        if "user_config" in settings:
+            raise ValueError(f"{path}: {stage}'s user_config is under both args.{stage} and the deployments entry "
+                             f"{name!r}; keep it in the deployments entry (applied without restarting replicas)")
+        args[stage] = {**settings, "user_config": entry["user_config"]}
+    return args
+
+
 def load_deploy_file(path: str | Path) -> DeployFile:
-    """Read a Ray Serve config file whose (single) application is ours and validate its args."""
+    """Read a Ray Serve config file whose (single) application is ours and validate its args (with the
+    user_config of its `deployments:` entries, IN_PLACE_USER_CONFIGS)."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text())
@@ -361,7 +392,7 @@ def load_deploy_file(path: str | Path) -> DeployFile:
         raise ValueError(f"{path}: expected exactly one application with import_path: {APP_IMPORT_PATH}")
     app = apps[0]
     http = raw.get("http_options") or {}
-    args = dict(app.get("args") or {})
+    args = _args_with_deployment_user_configs(app, path)
     args.setdefault("app_name", app.get("name", "chatterbox"))
     args.setdefault("route_prefix", app.get("route_prefix", "/"))
     return DeployFile(host=http.get("host", "127.0.0.1"), port=int(http.get("port", 8000)),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+from pathlib import Path
 
 import httpx
 import pytest
@@ -281,6 +282,25 @@ def test_overrides_go_below_the_apps_args_and_leave_the_original_alone():
     assert "settings" not in raw["applications"][0]["args"]["router"]
     with pytest.raises(ValueError, match="KEY=VALUE"):
         parse_override("watermark")
+
+
+def test_an_s3gen_user_config_override_goes_where_the_deploy_file_keeps_it(tmp_path):
+    """deploy/gpu-1x.yaml keeps S3Gen's user_config in its `deployments:` list: `--set s3gen.user_config.X=Y`
+    changes it there (not a second user_config under args, which the loader refuses), and the file loads."""
+    import yaml
+
+    from serve_app.serving.config import load_deploy_file
+
+    raw = yaml.safe_load((Path(__file__).resolve().parents[2] / "deploy" / "gpu-1x.yaml").read_text())
+    new = with_overrides(raw, dict([parse_override("s3gen.user_config.first_step_cover=1.0"),
+                                    parse_override("s3gen.deliver_per_call=false")]))
+    app = new["applications"][0]
+    assert "user_config" not in app["args"]["s3gen"] and app["args"]["s3gen"]["deliver_per_call"] is False
+    entry = next(d for d in app["deployments"] if d["name"] == "S3GenStage")
+    assert entry["user_config"]["first_step_cover"] == 1.0 and entry["user_config"]["urgent_steps"] == 3
+    path = tmp_path / "deploy.yaml"
+    path.write_text(yaml.safe_dump(new))
+    assert load_deploy_file(path).config.s3gen.user_config.first_step_cover == 1.0
 
 
 # -- the load generator against a fake app ----------------------------------------------------------------------

@@ -173,3 +173,60 @@ def test_a_stage_can_set_its_process_environment_through_ray():
     assert "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE" not in t3_env
     with pytest.raises(ValidationError):   # only env_vars: the rest of a runtime env belongs to the app
         ServeConfig.model_validate({"s3gen": {"ray_actor_options": {"runtime_env": {"pip": ["numpy"]}}}})
+
+
+def _gpu1x_raw() -> dict:
+    import yaml
+
+    return yaml.safe_load((DEPLOY / "gpu-1x.yaml").read_text())
+
+
+def _write(tmp_path: Path, raw: dict) -> Path:
+    import yaml
+
+    path = tmp_path / "deploy.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_s3gen_user_config_lives_in_deployments_and_is_validated_there(tmp_path):
+    """The deploy files keep S3Gen's user_config in the application's `deployments:` list; the loader validates it
+    as the stage's and refuses it in two places, a bad key, and T3's (its max_batch_size sizes the KV cache)."""
+    raw = _gpu1x_raw()
+    app = raw["applications"][0]
+    assert "user_config" not in app["args"]["s3gen"]
+    entry = next(d for d in app["deployments"] if d["name"] == "S3GenStage")
+    config = load_deploy_file(DEPLOY / "gpu-1x.yaml").config
+    assert config.s3gen.user_config.model_dump(exclude_unset=True) == entry["user_config"]
+
+    app["args"]["s3gen"]["user_config"] = {"max_batch_tokens": 100}
+    with pytest.raises(ValueError, match="under both args.s3gen and the deployments entry 'S3GenStage'"):
+        load_deploy_file(_write(tmp_path, raw))
+    del app["args"]["s3gen"]["user_config"]
+    entry["user_config"]["no_such_knob"] = 1
+    with pytest.raises(ValidationError, match="no_such_knob"):
+        load_deploy_file(_write(tmp_path, raw))
+    del entry["user_config"]["no_such_knob"]
+    app["deployments"].append({"name": "T3Stage", "user_config": {"max_batch_size": 8}})
+    with pytest.raises(ValueError, match="keep it under args.t3.user_config"):
+        load_deploy_file(_write(tmp_path, raw))
+
+
+def test_a_new_s3gen_user_config_is_an_in_place_update_to_serve():
+    """What Serve restarts replicas for: the application's code version (ray's get_app_code_version, used when a
+    config is deployed: `serve deploy`, KubeRay). A new S3Gen user_config in `deployments:` leaves it as it was,
+    so Serve only calls each replica's reconfigure; the same change under `args` would restart every replica."""
+    from ray.serve._private.deploy_utils import get_app_code_version
+    from ray.serve.schema import ServeDeploySchema
+
+    def code_version(raw: dict) -> str:
+        return get_app_code_version(ServeDeploySchema.model_validate(raw).applications[0])
+
+    raw = _gpu1x_raw()
+    tuned = _gpu1x_raw()
+    next(d for d in tuned["applications"][0]["deployments"] if d["name"] == "S3GenStage")["user_config"][
+        "first_step_cover"] = 1.0
+    assert code_version(tuned) == code_version(raw)
+    in_args = _gpu1x_raw()
+    in_args["applications"][0]["args"]["s3gen"]["deliver_per_call"] = False
+    assert code_version(in_args) != code_version(raw)

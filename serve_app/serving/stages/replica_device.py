@@ -6,6 +6,7 @@ replica caps its own allocator with `torch.cuda.set_per_process_memory_fraction(
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -45,7 +46,7 @@ class ReplicaDevice:
 
     def memory_report(self) -> dict:
         """Per-replica memory as the router's GET /v1/memory shows it."""
-        report: dict = {"stage": self.stage, "device": self.device, "dtype": self.dtype,
+        report: dict = {"stage": self.stage, "pid": os.getpid(), "device": self.device, "dtype": self.dtype,
                         "quantization": dict(self.quantization), "num_gpus": self.num_gpus}
         if self.device == "cuda":
             total = torch.cuda.get_device_properties(0).total_memory
