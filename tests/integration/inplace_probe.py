@@ -1,7 +1,8 @@
 """Run in a process of its own by test_inplace_update.py: a private Ray, the tiny app deployed from its Serve config
 file the way `serve deploy` and KubeRay deploy it (ServeControllerClient.deploy_apps), then deployed again twice:
 with S3Gen's user_config changed in the file's `deployments:` list, then with a change under `args`. Prints one JSON
-line: the S3Gen, T3 and router reports of GET /v1/memory after each deploy.
+line: the S3Gen and T3 reports of GET /v1/memory after each deploy, and a speech request's answer after the first
+change.
     python tests/integration/inplace_probe.py CHECKPOINT"""
 from __future__ import annotations
 
@@ -58,6 +59,10 @@ def main(checkpoint: str) -> dict:
         s3gen_entry["user_config"]["max_batch_tokens"] = 96
         client.deploy_apps(ServeDeploySchema.model_validate(raw))
         out["user_config_changed"] = memory(lambda m: m["s3gen"].get("max_batch_tokens") == 96, 120)
+        r = httpx.post(f"http://127.0.0.1:{http_port}/v1/audio/speech",   # the reconfigured replicas still serve
+                       json={"input": "After the change.", "response_format": "wav"}, timeout=300)
+        out["speech_after_change"] = {"status": r.status_code, "bytes": len(r.content),
+                                      "content_type": r.headers.get("content-type")}
         app["args"]["s3gen"]["max_cached_voices"] = 32
         client.deploy_apps(ServeDeploySchema.model_validate(raw))
         pid = out["user_config_changed"]["s3gen"]["pid"]

@@ -25,6 +25,8 @@ def test_a_new_s3gen_user_config_applies_in_place_and_a_new_arg_restarts(tiny_ch
     # a new user_config: the same processes, the new value
     assert tuned["s3gen"]["max_batch_tokens"] == 96
     assert tuned["s3gen"]["pid"] == first["s3gen"]["pid"] and tuned["t3"]["pid"] == first["t3"]["pid"]
+    speech = out["speech_after_change"]   # and they serve: a WAV of the capped length's order
+    assert speech["status"] == 200 and speech["content_type"].startswith("audio/wav") and speech["bytes"] > 10_000
     # a change under args is a new code version to Serve: new processes (what the test would see if the
     # user_config were kept under args), and the replica still runs the deployed user_config
     assert restarted["s3gen"]["pid"] != tuned["s3gen"]["pid"] and restarted["t3"]["pid"] != tuned["t3"]["pid"]
