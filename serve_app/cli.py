@@ -32,11 +32,14 @@ def serve(
     host: str = typer.Option("127.0.0.1", help="HTTP host for the API."),
     port: int = typer.Option(8000, help="HTTP port for the API."),
     checkpoint: Optional[str] = typer.Option(None, help="Override the config's checkpoint: a folder, 'hub' or 'random'."),
+    watch: bool = typer.Option(False, help="Deploy the config file again whenever it changes: S3Gen's user_config "
+                               "(its deployments: entry) is applied to the running replicas, a change under args "
+                               "restarts them."),
 ) -> None:
     """Start Ray Serve with the speech pipeline and block until Ctrl-C."""
     from serve_app.serving.launch.run import serve_main
 
-    serve_main(config, host=host, port=port, checkpoint=checkpoint)
+    serve_main(config, host=host, port=port, checkpoint=checkpoint, watch=watch)
 
 
 @app.command("make-checkpoint")

@@ -377,6 +377,17 @@ def _args_with_deployment_user_configs(app: dict, path: Path) -> dict:
     return args
 
 
+def to_deploy_file(config: ServeConfig, host: str, port: int) -> dict:
+    """The Ray Serve config file (a ServeDeploySchema mapping) that deploys `config`, load_deploy_file's inverse:
+    its args, with the user_config of IN_PLACE_USER_CONFIGS' stages in the application's `deployments:` list."""
+    args = config.model_dump(mode="json")
+    deployments = [{"name": name, "user_config": args[stage].pop("user_config")}
+                   for name, stage in IN_PLACE_USER_CONFIGS.items()]
+    app = {"name": config.app_name, "route_prefix": config.route_prefix, "import_path": APP_IMPORT_PATH,
+           "args": args, "deployments": deployments}
+    return {"proxy_location": "HeadOnly", "http_options": {"host": host, "port": port}, "applications": [app]}
+
+
 def load_deploy_file(path: str | Path) -> DeployFile:
     """Read a Ray Serve config file whose (single) application is ours and validate its args (with the
     user_config of its `deployments:` entries, IN_PLACE_USER_CONFIGS)."""

@@ -1,8 +1,9 @@
 """A running app's S3Gen scheduler knobs change without restarting a replica (issue: tuning on KubeRay).
 
 The deploy files keep S3Gen's user_config in their application's `deployments:` list, Serve's place for it: Serve
-applies a change there through each replica's `reconfigure`. The same app deployed from its config file in a Ray of
-its own (`inplace_probe.py`, a subprocess: the session's shared app runs in this process's Ray), then changed twice.
+applies a change there through each replica's `reconfigure`. The tiny app deployed as `chatterbox-serve serve
+--watch` deploys it, in a Ray of its own (`inplace_probe.py`, a subprocess: the session's shared app runs in this
+process's Ray), then its deploy file changed twice.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ def test_a_new_s3gen_user_config_applies_in_place_and_a_new_arg_restarts(tiny_ch
     # the config path applied the file's deployments entry, not the stage's defaults
     assert first["s3gen"]["max_batch_tokens"] == 64
     # a new user_config: the same processes, the new value
-    assert tuned["s3gen"]["max_batch_tokens"] == 96
+    assert tuned["s3gen"]["max_batch_tokens"] == 96 and tuned["s3gen"]["user_config"]["max_batch_tokens"] == 96
     assert tuned["s3gen"]["pid"] == first["s3gen"]["pid"] and tuned["t3"]["pid"] == first["t3"]["pid"]
     speech = out["speech_after_change"]   # and they serve: a WAV of the capped length's order
     assert speech["status"] == 200 and speech["content_type"].startswith("audio/wav") and speech["bytes"] > 10_000

@@ -230,3 +230,53 @@ def test_a_new_s3gen_user_config_is_an_in_place_update_to_serve():
     in_args = _gpu1x_raw()
     in_args["applications"][0]["args"]["s3gen"]["deliver_per_call"] = False
     assert code_version(in_args) != code_version(raw)
+
+
+@pytest.mark.parametrize("name", ["cpu-tiny", "default", "gpu-1x"])
+def test_to_deploy_file_is_load_deploy_files_inverse(name, tmp_path):
+    """What `chatterbox-serve serve` deploys through Serve's config path (to_deploy_file) validates with Ray's own
+    schema and loads back as the same config, S3Gen's user_config in its deployments entry."""
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from serve_app.serving.config import to_deploy_file
+
+    config = load_deploy_file(DEPLOY / f"{name}.yaml").config
+    raw = to_deploy_file(config, "127.0.0.1", 8123)
+    ServeDeploySchema.model_validate(raw)
+    app = raw["applications"][0]
+    assert "user_config" not in app["args"]["s3gen"] and app["deployments"][0]["name"] == "S3GenStage"
+    path = tmp_path / "deploy.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    back = load_deploy_file(path)
+    assert back.config == config and (back.host, back.port) == ("127.0.0.1", 8123)
+
+
+def test_serve_watch_deploys_the_file_again_when_it_changes(tmp_path, monkeypatch, caplog):
+    """`chatterbox-serve serve --watch`: a changed deploy file is deployed again (the CLI's checkpoint kept); an
+    unchanged one is not; one that does not validate is logged and the app keeps serving the last good one."""
+    import yaml
+
+    from serve_app.serving.launch import run
+
+    deployed = []
+    monkeypatch.setattr(run, "_deploy", lambda client, config, host, port: deployed.append(config))
+    raw = yaml.safe_load((DEPLOY / "cpu-tiny.yaml").read_text())
+    path = tmp_path / "deploy.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    started = load_deploy_file(path).config
+    started = started.model_copy(update={"checkpoint": started.checkpoint.model_copy(update={"source": "/ckpt"})})
+    watcher = run._Watcher(object(), path, started, "127.0.0.1", 8000)
+    watcher()
+    assert deployed == []
+    raw["applications"][0]["deployments"][0]["user_config"]["max_batch_tokens"] = 96
+    path.write_text(yaml.safe_dump(raw))
+    watcher()
+    watcher()
+    assert len(deployed) == 1 and deployed[0].s3gen.user_config.max_batch_tokens == 96
+    assert deployed[0].checkpoint.source == "/ckpt"
+    raw["applications"][0]["deployments"][0]["user_config"]["no_such_knob"] = 1
+    path.write_text(yaml.safe_dump(raw))
+    with caplog.at_level(logging.ERROR):
+        watcher()
+    assert len(deployed) == 1 and "does not validate" in caplog.text

@@ -16,36 +16,87 @@ import time
 from pathlib import Path
 from typing import Any
 
-from serve_app.serving.config import DeployFile, ServeConfig, load_deploy_file
+from serve_app.serving.config import DeployFile, ServeConfig, load_deploy_file, to_deploy_file
 from serve_app.serving.launch.local_ray import start_local_ray
 
 log = logging.getLogger(__name__)
 
 
 
-def run_app(config: ServeConfig, *, host: str, port: int, blocking: bool = False) -> Any:
-    """Serve `config` on a running Ray instance; returns the ingress handle."""
-    from ray import serve
+def run_app(config: ServeConfig, *, host: str, port: int, blocking: bool = False,
+            watch: Path | None = None) -> None:
+    """Deploy `config` on a running Ray instance and wait until it runs. Through Serve's config path, as `serve
+    deploy` and KubeRay do (`to_deploy_file`), so a later deploy that changes only S3Gen's user_config is applied
+    to the running replicas. blocking: then serve until interrupted; `watch`: meanwhile deploy that file again
+    whenever it changes (load_deploy_file's validation first; `config`'s checkpoint source kept)."""
+    from ray.serve._private.api import serve_start   # what `serve run config.yaml` uses; no dashboard needed
 
-    from serve_app.serving.launch.builder import build_app, resolve_checkpoint_for, resolve_config
-
-    config = resolve_config(config)
-    checkpoint = resolve_checkpoint_for(config)
-    serve.start(http_options={"host": host, "port": port}, proxy_location="HeadOnly")
-    handle = serve.run(build_app(config, checkpoint=checkpoint, resolve=False), name=config.app_name,
-                       route_prefix=config.route_prefix, blocking=False)
+    client = serve_start(http_options={"host": host, "port": port}, proxy_location="HeadOnly")
+    checkpoint = _deploy(client, config, host, port)
     log.info("serving %s on http://%s:%d%s", checkpoint.describe(), host, port, config.route_prefix)
     if blocking:
-        wait_forever()
-    return handle
+        wait_forever(None if watch is None else _Watcher(client, watch, config, host, port))
 
 
-def wait_forever() -> None:
+def _deploy(client: Any, config: ServeConfig, host: str, port: int) -> Any:
+    """Resolve, deploy and wait until the application runs; -> its checkpoint."""
+    from ray.serve.schema import ServeDeploySchema
+
+    from serve_app.serving.launch.builder import resolve_checkpoint_for, resolve_config
+
+    config = resolve_config(config)
+    checkpoint = resolve_checkpoint_for(config)   # here first: a random checkpoint is written once, by this process
+    client.deploy_apps(ServeDeploySchema.model_validate(to_deploy_file(config, host, port)))
+    wait_running(config.app_name)
+    return checkpoint
+
+
+def wait_running(app_name: str, poll_s: float = 0.5) -> None:
+    """Until Serve reports the application RUNNING; its message if it fails to deploy."""
+    from ray import serve
+
+    while True:
+        app = serve.status().applications.get(app_name)
+        status = str(getattr(app, "status", ""))
+        if status.endswith("RUNNING"):
+            return
+        if status.endswith("DEPLOY_FAILED") or status.endswith("UNHEALTHY"):
+            raise RuntimeError(f"application {app_name!r} {status}: {app.message}")
+        time.sleep(poll_s)
+
+
+class _Watcher:
+    """Deploys the deploy file again when its contents change (an invalid one is logged, not run). Called from
+    wait_forever's loop."""
+
+    def __init__(self, client: Any, path: Path, started: ServeConfig, host: str, port: int) -> None:
+        self.client, self.path, self.started, self.host, self.port = client, path, started, host, port
+        self.text = path.read_text()
+
+    def __call__(self) -> None:
+        text = self.path.read_text()
+        if text == self.text:
+            return
+        self.text = text
+        try:
+            config = load_deploy_file(self.path).config
+        except ValueError as exc:   # pydantic's ValidationError too
+            log.error("%s changed but does not validate; still serving the last good one: %s", self.path, exc)
+            return
+        config = config.model_copy(update={"checkpoint": self.started.checkpoint})
+        log.info("%s changed: deploying it (S3Gen's user_config is applied to the running replicas; a change "
+                 "under args restarts them)", self.path)
+        _deploy(self.client, config, self.host, self.port)
+
+
+def wait_forever(tick: Any = None, every_s: float = 0.5) -> None:
+    """Until SIGINT or SIGTERM; `tick()` every `every_s` meanwhile."""
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    while not stop.is_set():
-        time.sleep(0.5)
+    while not stop.wait(every_s):
+        if tick is not None:
+            tick()
 
 
 def local_num_cpus(config: ServeConfig) -> int:
@@ -62,9 +113,10 @@ def local_num_cpus(config: ServeConfig) -> int:
 
 def serve_main(config_path: str | Path, host: str | None = None, port: int | None = None, *,
                checkpoint: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None,
-               metrics_port: int | None = None) -> None:
+               metrics_port: int | None = None, watch: bool = False) -> None:
     """Validate the deploy file, start Ray, run the app and block. Arguments override the file (http_options for
-    host/port; `checkpoint` for the checkpoint source: a folder, 'hub' or 'random')."""
+    host/port; `checkpoint` for the checkpoint source: a folder, 'hub' or 'random'); `watch`: deploy the file
+    again whenever it changes."""
     if not logging.getLogger().handlers:
         from serve_app.envs import get_envs
 
@@ -81,7 +133,8 @@ def serve_main(config_path: str | Path, host: str | None = None, port: int | Non
         num_cpus = local_num_cpus(config)
     local = start_local_ray(num_cpus=num_cpus, num_gpus=num_gpus, metrics_port=metrics_port)
     try:
-        run_app(config, host=host or deploy.host, port=port or deploy.port, blocking=True)
+        run_app(config, host=host or deploy.host, port=port or deploy.port, blocking=True,
+                watch=Path(config_path) if watch else None)
     finally:
         from ray import serve
 

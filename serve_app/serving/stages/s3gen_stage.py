@@ -330,6 +330,7 @@ class S3GenReplica:
         fields = cfg.model_dump()   # the user_config is the policy's knobs, one name apart
         fields["max_batch_new_tokens"] = fields.pop("max_batch_tokens")
         self.scheduler.policy = VocodePolicy(**fields)
+        self._user_config = cfg.model_dump(exclude_defaults=True)
         log.info("S3Gen stage user_config: %s", cfg.model_dump())
 
     def invalidate_voice(self, voice_id: str) -> None:
@@ -337,7 +338,8 @@ class S3GenReplica:
 
     def memory_report(self) -> dict:
         return {**self.rd.memory_report(), "backend": self.backend.name, "num_streams": len(self.scheduler),
-                "max_batch_tokens": self.scheduler.policy.max_batch_new_tokens, "num_cached_voices": len(self.conds)}
+                "max_batch_tokens": self.scheduler.policy.max_batch_new_tokens, "user_config": self._user_config,
+                "num_cached_voices": len(self.conds)}
 
     def check_health(self) -> None:
         self.rd.export_metrics()
