@@ -98,6 +98,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--nostream-levels", default=None, help="closed-loop non-streaming concurrencies (default 64; "
                    "smoke 1; '' for none)")
     p.add_argument("--stream-modes", default="stream,nostream", help="which of stream,nostream to run")
+    p.add_argument("--variant", dest="variants", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE]",
+                   help="after the levels as deployed, run them again with S3Gen's user_config keys set, applied to "
+                   "the running replicas (no restart: the same app, the same machine), e.g. cover1:first_step_cover=1"
+                   " (repeatable; values are YAML)")
     p.add_argument("--rate", default=None, help="open-loop Poisson arrival rates, req/s, streaming (default none; "
                    "smoke 0.5)")
     p.add_argument("--duration-s", type=float, default=None, help="seconds each level sends requests (default 20; "
@@ -150,12 +154,33 @@ def parse_args(argv=None) -> argparse.Namespace:
     a.max_wall_s = a.max_wall_s or (900.0 if s else 540.0)
     a.ray_stop_force = (a.ray_stop_force or ("off" if s else "on")) == "on"
     a.device = "cpu" if s else "cuda"
+    try:
+        a.variants = [parse_variant(v) for v in a.variants]
+    except ValueError as e:
+        p.error(str(e))
+    if a.variants and a.server_url:
+        p.error("--variant rewrites the config file of the app the bench starts: not with --server-url")
     floor = min_wall_s(a)
     if floor and a.max_wall_s < floor and not a.allow_short_wall:
         p.error(f"--max-wall-s {a.max_wall_s:g} counts the app's start (up to ~{APP_START_S:g} s on an H200), "
                 f"{'' if a.skip_upstream else 'upstream (~45 s), '}the {RESERVE_S:g} s teardown reserve and the "
                 f"warm-up: the first level would be skipped. Use >= {floor:g} (or --allow-short-wall)")
     return a
+
+
+def parse_variant(text: str) -> tuple[str, dict]:
+    """`cover1:first_step_cover=1.0,urgent_steps=2` -> ("cover1", {...}): keys of S3Gen's user_config."""
+    from serve_app.serving.config import S3GenUserConfig
+
+    name, sep, body = text.partition(":")
+    pairs = [parse_override(item) for item in body.split(",") if item.strip()] if sep else []
+    if not name.strip() or not pairs:
+        raise ValueError(f"--variant {text!r}: use NAME:KEY=VALUE[,KEY=VALUE], e.g. cover1:first_step_cover=1.0")
+    unknown = sorted(k for k, _ in pairs if k not in S3GenUserConfig.model_fields)
+    if unknown:
+        raise ValueError(f"--variant {text!r}: {', '.join(unknown)} not among S3Gen's user_config keys "
+                         f"({', '.join(S3GenUserConfig.model_fields)})")
+    return name.strip(), dict(pairs)
 
 
 APP_START_S = 130.0   # the app's start on an H200: 77-131 s in the committed runs (bench/README.md)
@@ -320,7 +345,7 @@ def main(argv=None) -> int:
             base_url, metrics_url = a.server_url.rstrip("/"), a.metrics_url
         else:
             server = AppServer(config_path, log_path=out / f"{RESULT_NAME}_server.log", checkpoint=a.checkpoint,
-                               port=a.port, ray_stop_force=a.ray_stop_force)
+                               port=a.port, ray_stop_force=a.ray_stop_force, watch=bool(a.variants))
             server.start()
             server.wait_ready(min(a.ready_timeout_s, max(30.0, budget.left())))
             base_url, metrics_url = server.base_url, server.metrics_url
@@ -350,7 +375,12 @@ def main(argv=None) -> int:
                 server.remember_tree()
             write_results(result, out)
 
-        asyncio.run(run_levels(a, runner, budget, result, after_level))
+        variants = None
+        if a.variants:   # the deployed config first, then each variant's user_config on the same replicas
+            variants = [("base", None)] + [
+                (name, lambda uc=uc: server.apply_user_config(deploy, uc)) for name, uc in a.variants]
+            result["variant_user_configs"] = {name: uc for name, uc in a.variants}
+        asyncio.run(run_levels(a, runner, budget, result, after_level, variants))
     except BaseException as e:   # the results so far are still written below; SIGTERM and Ctrl-C re-raised
         log.exception("bench_system stopped early")
         result["error"] = f"{type(e).__name__}: {e}"

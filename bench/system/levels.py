@@ -240,16 +240,27 @@ def _r(x):
 
 
 async def run_levels(a, runner: LevelRunner, budget: Budget, result: dict,
-                     after_level: Callable[[], None]) -> None:
+                     after_level: Callable[[], None],
+                     variants: list[tuple[str, Callable[[], dict] | None]] | None = None) -> None:
     """Warm-up, then every planned level that fits the budget (the others go to result["skipped_levels"]);
-    `after_level` runs after each level (the caller writes the results so far)."""
+    `after_level` runs after each level (the caller writes the results so far). variants: [(name, apply)]: the
+    planned levels once per variant, `apply()` (in a thread; -> what it did, kept in result["variants"]) before
+    its levels; each level then carries "variant" and the name as a suffix."""
     async with make_client(runner.base_url) as client:
         if a.warmup_requests:
             result["warmup"] = await runner.warmup(client, a.warmup_requests,
                                                    min(a.max_drain_s + 60, max(10.0, budget.left())))
             await asyncio.sleep(a.metrics_settle_s)   # the warm-up's metrics reach Ray's endpoint before level 1
         longest_e2e = (result.get("warmup") or {}).get("e2e_max_s") or 10.0
-        for level in plan_levels(a):
+        planned = []
+        for name, apply in variants or [(None, None)]:
+            planned += [(name, apply if i == 0 else None,
+                         {**lv, **({"variant": name, "name": f"{lv['name']}-{name}"} if name else {})})
+                        for i, lv in enumerate(plan_levels(a))]
+        for variant, apply, level in planned:
+            if apply is not None:
+                result.setdefault("variants", {})[variant] = await asyncio.to_thread(apply)
+                log.info("variant %s applied: %s", variant, result["variants"][variant])
             need = a.duration_s + min(a.max_drain_s, longest_e2e) + a.metrics_settle_s
             if budget.left() < need:
                 reason = f"{budget.left():.0f} s left of --max-wall-s, needs ~{need:.0f} s"

@@ -23,10 +23,23 @@ def _errors(level: dict) -> str:
     return f"{level['errors']} ({by})"
 
 
+def _variant_lines(result: dict) -> list[str]:
+    """--variant: what each variant set, applied to the running S3Gen replicas after the levels before it."""
+    configs = result.get("variant_user_configs") or {}
+    if not configs:
+        return []
+    applied = result.get("variants") or {}
+    parts = [f"`{name}` {uc}" + (f" (applied in {applied[name].get('seconds')} s; S3Gen pid "
+                                  f"{applied[name].get('s3gen_pid_before')} -> {applied[name].get('s3gen_pid_after')})"
+                                  if name in applied else " (not applied)")
+             for name, uc in configs.items()]
+    return ["Variants, in order (S3Gen's user_config set on the running replicas; [base] = as deployed): "
+            + "; ".join(parts) + ".", ""]
+
+
 def _load(level: dict) -> str:
-    if level.get("load") == "open":
-        return f"open {level['arrival_rate_per_s']:g}/s"
-    return str(level["concurrency"])
+    load = f"open {level['arrival_rate_per_s']:g}/s" if level.get("load") == "open" else str(level["concurrency"])
+    return f"{load} [{level['variant']}]" if level.get("variant") else load
 
 
 def markdown(result: dict) -> str:
@@ -52,6 +65,7 @@ def markdown(result: dict) -> str:
         f"{app.get('max_seconds_per_char')} s per character (max {app.get('max_new_tokens')} tokens); "
         f"router admits {app.get('max_active_speech_requests')} speech requests at once.",
         "",
+        *_variant_lines(result),
         "Upstream (`ChatterboxTTS`, sequential, same checkpoint and caps): "
         + (f"{_f(up_rate)} s of audio/s over {up.get('requests')} requests (e2e p50 {_f(up.get('e2e_p50_s'))} s)."
            if up_rate else f"not measured ({up.get('error') or up.get('skipped') or 'skipped'})."),
@@ -154,7 +168,8 @@ def _concurrency_axis(ax, levels: list[dict]) -> None:
 
 
 def plots(result: dict, out_dir: Path) -> list[str]:
-    """Throughput and TTFA against concurrency (closed-loop levels); -> the files written."""
+    """Throughput and TTFA against concurrency (closed-loop levels; with --variant, the base variant's); -> the
+    files written."""
     try:
         import matplotlib
 
@@ -163,7 +178,8 @@ def plots(result: dict, out_dir: Path) -> list[str]:
     except ImportError as e:
         log.warning("no plots: %s", e)
         return []
-    closed = [lv for lv in result.get("levels", []) if lv.get("load") == "closed" and lv.get("ok")]
+    closed = [lv for lv in result.get("levels", []) if lv.get("load") == "closed" and lv.get("ok")
+              and lv.get("variant") in (None, "base")]
     written = []
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))

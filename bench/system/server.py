@@ -147,8 +147,9 @@ class AppServer:
 
     def __init__(self, config_path: Path, *, log_path: Path, checkpoint: str | None = None,
                  host: str = "127.0.0.1", port: int | None = None, metrics_port: int | None = None,
-                 metrics_report_interval_ms: int = 1000, ray_stop_force: bool = False):
+                 metrics_report_interval_ms: int = 1000, ray_stop_force: bool = False, watch: bool = False):
         self.config_path = config_path
+        self.watch = watch             # `serve --watch`: a rewritten config file is deployed again (apply_user_config)
         self.log_path = log_path
         self.checkpoint = checkpoint
         self.host = host
@@ -173,7 +174,31 @@ class AppServer:
     def command(self) -> list[str]:
         cmd = [sys.executable, "-m", "serve_app.cli", "serve", "--config", str(self.config_path),
                "--host", self.host, "--port", str(self.port)]
-        return cmd + (["--checkpoint", self.checkpoint] if self.checkpoint else [])
+        return cmd + (["--checkpoint", self.checkpoint] if self.checkpoint else []) + (["--watch"] if self.watch else [])
+
+    def apply_user_config(self, raw: dict, user_config: Mapping[str, Any], timeout_s: float = 180.0) -> dict:
+        """Rewrite the app's config file with S3Gen's user_config keys set (the app runs with --watch and deploys
+        it again: the running replicas reconfigure) and wait until S3Gen reports them in GET /v1/memory.
+        -> {"s3gen_pid_before", "s3gen_pid_after", "seconds"}: a changed pid means the replica was restarted."""
+        before = self._s3gen_report()
+        new = with_overrides(raw, {f"s3gen.user_config.{k}": v for k, v in user_config.items()}, self.config_path)
+        self.config_path.write_text(yaml.safe_dump(new, sort_keys=False))
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout_s:
+            report = self._s3gen_report()
+            applied = (report or {}).get("user_config") or {}
+            if all(applied.get(k) == v for k, v in user_config.items()):
+                return {"s3gen_pid_before": (before or {}).get("pid"), "s3gen_pid_after": report.get("pid"),
+                        "seconds": round(time.monotonic() - t0, 1)}
+            time.sleep(0.5)
+        raise TimeoutError(f"S3Gen did not report user_config {dict(user_config)} within {timeout_s:.0f} s")
+
+    def _s3gen_report(self) -> dict | None:
+        try:
+            r = httpx.get(f"{self.base_url}/v1/memory", timeout=10)
+            return r.json().get("stages", {}).get("s3gen") if r.status_code == 200 else None
+        except (httpx.HTTPError, ValueError):
+            return None
 
     def start(self) -> None:
         self.ray_tmp = tempfile.mkdtemp(prefix="cbsys-", dir="/tmp")   # Unix socket paths are length-limited

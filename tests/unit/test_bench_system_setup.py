@@ -91,3 +91,26 @@ def test_a_wall_budget_that_leaves_no_level_after_the_apps_start_is_refused(caps
     canonical = ["--levels", "1,8,16,32,64,128", "--nostream-levels", "64", "--duration-s", "15",
                  "--upstream-requests", "3", "--max-wall-s", "420"]   # bench/README.md's canonical command
     assert parse_args(canonical).max_wall_s == 420
+
+
+def test_variants_parse_to_s3gen_user_configs_and_label_their_levels():
+    """--variant NAME:KEY=VALUE,...: keys of S3Gen's user_config only; the app is then started with --watch, and
+    the report labels each variant's levels and says what was applied."""
+    from bench.bench_system import parse_args, parse_variant
+    from bench.system.report import markdown
+    from bench.system.server import AppServer
+
+    assert parse_variant("cover1:first_step_cover=1.0,urgent_steps=2") == (
+        "cover1", {"first_step_cover": 1.0, "urgent_steps": 2})
+    for bad in ("cover1", "cover1:", ":first_step_cover=1", "x:no_such_knob=1"):
+        with pytest.raises(ValueError):
+            parse_variant(bad)
+    with pytest.raises(SystemExit):
+        parse_args(["--smoke", "--variant", "x:first_step_cover=1", "--server-url", "http://127.0.0.1:1"])
+    assert "--watch" in AppServer(Path("d.yaml"), log_path=Path("l"), watch=True).command()
+    assert "--watch" not in AppServer(Path("d.yaml"), log_path=Path("l")).command()
+    level = {"concurrency": 64, "stream": True, "requests": 1, "ok": 1, "errors": 0, "variant": "cover1"}
+    md = markdown({"levels": [level], "upstream": {}, "variant_user_configs": {"cover1": {"first_step_cover": 1.0}},
+                   "variants": {"cover1": {"seconds": 1.5, "s3gen_pid_before": 7, "s3gen_pid_after": 7}}})
+    assert "| 64 [cover1] | yes |" in md
+    assert "`cover1` {'first_step_cover': 1.0} (applied in 1.5 s; S3Gen pid 7 -> 7)" in md
