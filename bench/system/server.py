@@ -182,7 +182,9 @@ class AppServer:
         -> {"s3gen_pid_before", "s3gen_pid_after", "seconds"}: a changed pid means the replica was restarted."""
         before = self._s3gen_report()
         new = with_overrides(raw, {f"s3gen.user_config.{k}": v for k, v in user_config.items()}, self.config_path)
-        self.config_path.write_text(yaml.safe_dump(new, sort_keys=False))
+        tmp = self.config_path.with_suffix(".tmp")   # whole or not at all: the app's watcher reads it any time
+        tmp.write_text(yaml.safe_dump(new, sort_keys=False))
+        os.replace(tmp, self.config_path)
         t0 = time.monotonic()
         while time.monotonic() - t0 < timeout_s:
             report = self._s3gen_report()

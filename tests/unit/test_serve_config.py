@@ -260,7 +260,7 @@ def test_serve_watch_deploys_the_file_again_when_it_changes(tmp_path, monkeypatc
     from serve_app.serving.launch import run
 
     deployed = []
-    monkeypatch.setattr(run, "_deploy", lambda client, config, host, port: deployed.append(config))
+    monkeypatch.setattr(run, "_deploy", lambda client, config, host, port, wait: deployed.append((config, wait)))
     raw = yaml.safe_load((DEPLOY / "cpu-tiny.yaml").read_text())
     path = tmp_path / "deploy.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -273,10 +273,22 @@ def test_serve_watch_deploys_the_file_again_when_it_changes(tmp_path, monkeypatc
     path.write_text(yaml.safe_dump(raw))
     watcher()
     watcher()
-    assert len(deployed) == 1 and deployed[0].s3gen.user_config.max_batch_tokens == 96
-    assert deployed[0].checkpoint.source == "/ckpt"
+    assert len(deployed) == 1 and deployed[0][0].s3gen.user_config.max_batch_tokens == 96
+    assert deployed[0][0].checkpoint.source == "/ckpt" and deployed[0][1] is False   # never blocks the loop
     raw["applications"][0]["deployments"][0]["user_config"]["no_such_knob"] = 1
     path.write_text(yaml.safe_dump(raw))
     with caplog.at_level(logging.ERROR):
         watcher()
-    assert len(deployed) == 1 and "does not validate" in caplog.text
+        path.write_text("applications: [{name: chatterbox")   # a half-written file
+        watcher()
+    assert len(deployed) == 1 and caplog.text.count("does not validate") == 2
+
+    def refused(*_):
+        raise RuntimeError("the controller said no")
+
+    monkeypatch.setattr(run, "_deploy", refused)
+    del raw["applications"][0]["deployments"][0]["user_config"]["no_such_knob"]
+    path.write_text(yaml.safe_dump(raw))
+    with caplog.at_level(logging.ERROR):
+        watcher()   # logged, not raised: the CLI keeps serving
+    assert "deploying" in caplog.text and "failed" in caplog.text

@@ -38,8 +38,8 @@ def run_app(config: ServeConfig, *, host: str, port: int, blocking: bool = False
         wait_forever(None if watch is None else _Watcher(client, watch, config, host, port))
 
 
-def _deploy(client: Any, config: ServeConfig, host: str, port: int) -> Any:
-    """Resolve, deploy and wait until the application runs; -> its checkpoint."""
+def _deploy(client: Any, config: ServeConfig, host: str, port: int, wait: bool = True) -> Any:
+    """Resolve, deploy and (wait) wait until the application runs; -> its checkpoint."""
     from ray.serve.schema import ServeDeploySchema
 
     from serve_app.serving.launch.builder import resolve_checkpoint_for, resolve_config
@@ -47,7 +47,8 @@ def _deploy(client: Any, config: ServeConfig, host: str, port: int) -> Any:
     config = resolve_config(config)
     checkpoint = resolve_checkpoint_for(config)   # here first: a random checkpoint is written once, by this process
     client.deploy_apps(ServeDeploySchema.model_validate(to_deploy_file(config, host, port)))
-    wait_running(config.app_name)
+    if wait:
+        wait_running(config.app_name)
     return checkpoint
 
 
@@ -67,7 +68,8 @@ def wait_running(app_name: str, poll_s: float = 0.5) -> None:
 
 class _Watcher:
     """Deploys the deploy file again when its contents change (an invalid one is logged, not run). Called from
-    wait_forever's loop."""
+    wait_forever's loop, so it never blocks on the deploy (its progress: GET /readyz, the replicas' logs) and never
+    raises: the app keeps serving what it runs."""
 
     def __init__(self, client: Any, path: Path, started: ServeConfig, host: str, port: int) -> None:
         self.client, self.path, self.started, self.host, self.port = client, path, started, host, port
@@ -80,13 +82,16 @@ class _Watcher:
         self.text = text
         try:
             config = load_deploy_file(self.path).config
-        except ValueError as exc:   # pydantic's ValidationError too
+        except Exception as exc:  # noqa: BLE001 - YAML or validation errors (pydantic's are ValueErrors)
             log.error("%s changed but does not validate; still serving the last good one: %s", self.path, exc)
             return
         config = config.model_copy(update={"checkpoint": self.started.checkpoint})
         log.info("%s changed: deploying it (S3Gen's user_config is applied to the running replicas; a change "
                  "under args restarts them)", self.path)
-        _deploy(self.client, config, self.host, self.port)
+        try:
+            _deploy(self.client, config, self.host, self.port, wait=False)
+        except Exception:  # noqa: BLE001 - a refused deploy leaves the running app as it is
+            log.exception("deploying %s failed; still serving the last good one", self.path)
 
 
 def wait_forever(tick: Any = None, every_s: float = 0.5) -> None:
