@@ -330,7 +330,7 @@ class S3GenReplica:
         fields = cfg.model_dump()   # the user_config is the policy's knobs, one name apart
         fields["max_batch_new_tokens"] = fields.pop("max_batch_tokens")
         self.scheduler.policy = VocodePolicy(**fields)
-        self._user_config = cfg.model_dump(exclude_defaults=True)
+        self._user_config = cfg.model_dump()
         log.info("S3Gen stage user_config: %s", cfg.model_dump())
 
     def invalidate_voice(self, voice_id: str) -> None:
