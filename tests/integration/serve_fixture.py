@@ -45,7 +45,7 @@ def test_config(checkpoint: Path, voices_dir: Path) -> ServeConfig:
     data = base.model_dump(mode="json")
     data["checkpoint"]["source"] = str(checkpoint)
     data["voice"]["voices_dir"] = str(voices_dir)
-    data["api_keys"] = [API_KEY]
+    data["api_keys"] = None   # from CHATTERBOX_API_KEYS in Ray's environment (start_serve): never in a config
     data["watermark"] = False
     # max_stall_s: a stalled stage surfaces as an error well inside the tests' 120-150 s client bounds
     data["router"]["settings"].update(max_new_tokens=MAX_NEW_TOKENS, max_input_chars=1000,
@@ -62,7 +62,7 @@ def start_serve(checkpoint: Path) -> ServeInstance:
     http_port, metrics_port = free_ports(2)
     t0 = time.monotonic()
     local = start_local_ray(num_cpus=4, temp_dir=str(root / "ray"), metrics_port=metrics_port,
-                            log_file=root / "ray-head.log")
+                            log_file=root / "ray-head.log", env={"CHATTERBOX_API_KEYS": API_KEY})
     try:
         run_app(config, host="127.0.0.1", port=http_port)
     except BaseException:

@@ -86,7 +86,7 @@ class LocalRay:
 
 def start_local_ray(*, num_cpus: float | None = None, num_gpus: int | None = None, temp_dir: str | None = None,
                     metrics_port: int | None = None, host: str = "127.0.0.1", timeout_s: float = 300.0,
-                    log_file: str | Path | None = None) -> LocalRay:
+                    log_file: str | Path | None = None, env: dict[str, str] | None = None) -> LocalRay:
     """Start the head, wait until it accepts a driver, connect this process to it (`ray.init`)."""
     import ray
 
@@ -113,8 +113,10 @@ def start_local_ray(*, num_cpus: float | None = None, num_gpus: int | None = Non
         cmd.append(f"--temp-dir={temp_dir}")
     # `ray start` turns token authentication on unless told otherwise, while a connecting driver reads
     # RAY_AUTH_MODE (default off) when ray is imported: give the head the driver's setting so both agree.
+    extra_env = env or {}   # for the head and so its workers (e.g. CHATTERBOX_API_KEYS: a secret stays out of configs)
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
     env.update(ray_head_env(os.environ))
+    env.update(extra_env)
     out = open(log_file, "ab") if log_file else subprocess.DEVNULL
     log.info("starting a private Ray head: %s", " ".join(cmd))
     proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)

@@ -39,13 +39,17 @@ def run_app(config: ServeConfig, *, host: str, port: int, blocking: bool = False
 
 
 def _deploy(client: Any, config: ServeConfig, host: str, port: int, wait: bool = True) -> Any:
-    """Resolve, deploy and (wait) wait until the application runs; -> its checkpoint."""
+    """Deploy and (wait) wait until the application runs; -> its checkpoint. The config goes as it is: the
+    app's builder fills env defaults (CHATTERBOX_API_KEYS among them) and the device choice in Serve's build task,
+    so a key from the environment is never written into the Serve config, which Ray logs and shows."""
     from ray.serve.schema import ServeDeploySchema
 
     from serve_app.serving.launch.builder import resolve_checkpoint_for, resolve_config
 
-    config = resolve_config(config)
-    checkpoint = resolve_checkpoint_for(config)   # here first: a random checkpoint is written once, by this process
+    if config.api_keys:
+        log.warning("api_keys in the deploy file go into the Serve config, which Ray logs and shows; "
+                    "set CHATTERBOX_API_KEYS in the environment instead")
+    checkpoint = resolve_checkpoint_for(resolve_config(config))   # here first: a random one is written once
     client.deploy_apps(ServeDeploySchema.model_validate(to_deploy_file(config, host, port)))
     if wait:
         wait_running(config.app_name)
