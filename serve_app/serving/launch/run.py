@@ -31,29 +31,28 @@ def run_app(config: ServeConfig, *, host: str, port: int, blocking: bool = False
     whenever it changes (load_deploy_file's validation first; `config`'s checkpoint source kept)."""
     from ray.serve._private.api import serve_start   # what `serve run config.yaml` uses; no dashboard needed
 
-    client = serve_start(http_options={"host": host, "port": port}, proxy_location="HeadOnly")
-    checkpoint = _deploy(client, config, host, port)
-    log.info("serving %s on http://%s:%d%s", checkpoint.describe(), host, port, config.route_prefix)
-    if blocking:
-        wait_forever(None if watch is None else _Watcher(client, watch, config, host, port))
-
-
-def _deploy(client: Any, config: ServeConfig, host: str, port: int, wait: bool = True) -> Any:
-    """Deploy and (wait) wait until the application runs; -> its checkpoint. The config goes as it is: the
-    app's builder fills env defaults (CHATTERBOX_API_KEYS among them) and the device choice in Serve's build task,
-    so a key from the environment is never written into the Serve config, which Ray logs and shows."""
-    from ray.serve.schema import ServeDeploySchema
-
     from serve_app.serving.launch.builder import resolve_checkpoint_for, resolve_config
 
     if config.api_keys:
         log.warning("api_keys in the deploy file go into the Serve config, which Ray logs and shows; "
                     "set CHATTERBOX_API_KEYS in the environment instead")
     checkpoint = resolve_checkpoint_for(resolve_config(config))   # here first: a random one is written once
+    client = serve_start(http_options={"host": host, "port": port}, proxy_location="HeadOnly")
+    _deploy(client, config, host, port)
+    log.info("serving %s on http://%s:%d%s", checkpoint.describe(), host, port, config.route_prefix)
+    if blocking:
+        wait_forever(None if watch is None else _Watcher(client, watch, config, host, port))
+
+
+def _deploy(client: Any, config: ServeConfig, host: str, port: int, wait: bool = True) -> None:
+    """Deploy and (wait) wait until the application runs. The config goes as it is: the app's builder fills env
+    defaults (CHATTERBOX_API_KEYS among them) and the device choice in Serve's build task, so a key from the
+    environment is never written into the Serve config, which Ray logs and shows."""
+    from ray.serve.schema import ServeDeploySchema
+
     client.deploy_apps(ServeDeploySchema.model_validate(to_deploy_file(config, host, port)))
     if wait:
         wait_running(config.app_name)
-    return checkpoint
 
 
 def wait_running(app_name: str, poll_s: float = 0.5) -> None:

@@ -149,10 +149,6 @@ class EngineS3GenBackend:
         inputs = [VocodeInput(it.tokens, it.conds, it.seed, it.finalize, it.state) for it in items]
         return [(np.asarray(audio, np.float32).reshape(-1), state) for audio, state in self.engine.step(inputs)]
 
-    def capture_graphs(self, max_tokens: int, max_frames: int) -> int:
-        """The engine's graph grid (`S3GenEngine.capture_graphs`)."""
-        return self.engine.capture_graphs(max_tokens, max_frames)
-
     def vocode_batch_groups(self, items: list[VocodeItem]) -> Iterator[list[tuple[int, tuple[np.ndarray, Any]]]]:
         """`vocode_batch`'s results one flow call at a time (`S3GenEngine.step_groups`): [(item index, (audio,
         state))] per call, the call with the earliest item first. Worker thread."""

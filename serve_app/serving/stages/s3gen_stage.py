@@ -5,8 +5,7 @@ starts the chunk's T3 stream itself (tokens arrive in blocks and never pass thro
 chunk's vocoder state for its whole life, and one loop runs every ready stream step and one-shot decode of all
 its chunks together in one engine step (`VocodeScheduler` decides what is ready); with `deliver_per_call` each
 flow call's audio goes out as that call ends. Closing the caller's stream cancels the T3 request and drops the
-state. (The Perth watermark is applied by the router, where the final
-audio is assembled.)
+state. (The Perth watermark is applied by the router, where the final audio is assembled.)
 """
 from __future__ import annotations
 
@@ -74,7 +73,7 @@ def warm_up(backend: S3GenBackend, checkpoint: Any, settings: S3GenSettings, dev
     if settings.warmup_graph_tokens or settings.warmup_graph_frames:
         t0 = time.perf_counter()
         try:
-            n = backend.capture_graphs(settings.warmup_graph_tokens, settings.warmup_graph_frames)
+            n = backend.engine.capture_graphs(settings.warmup_graph_tokens, settings.warmup_graph_frames)
             log.info("S3Gen warm-up: %d CUDA graphs captured in %.1fs", n, time.perf_counter() - t0)
         except Exception:  # an optimization: shapes are captured when first seen instead
             log.exception("S3Gen graph capture failed; continuing, shapes are captured when first seen")
@@ -220,7 +219,7 @@ class S3GenReplica:
             self._loop_task = asyncio.get_running_loop().create_task(self._run_loop())
 
     async def _run_loop(self) -> None:
-        loop, backend, wake = asyncio.get_running_loop(), self.backend, self._wake
+        loop, backend, wake = asyncio.get_running_loop(), self.backend, self._wake   # (backend: new stream states)
         while True:
             timeout = self.scheduler.next_wakeup(time.monotonic())
             try:
@@ -249,7 +248,7 @@ class S3GenReplica:
 
             per_call = self.settings.deliver_per_call and hasattr(backend, "vocode_batch_groups")
             try:
-                results = await loop.run_in_executor(self._executor, self._step, backend, items,
+                results = await loop.run_in_executor(self._executor, self._step, items,
                                                      (lambda g: loop.call_soon_threadsafe(deliver, g))
                                                      if per_call else None)
                 if results is not None:
@@ -291,14 +290,14 @@ class S3GenReplica:
                                     if first_audio else None))
         return num_new
 
-    def _step(self, backend: S3GenBackend, items: list[VocodeItem], hand_out: Any = None) -> list | None:
+    def _step(self, items: list[VocodeItem], hand_out: Any = None) -> list | None:
         """One engine step, in the worker thread (where the profiler, when on, records it).
         hand_out: each flow call's results go to it as they are ready (`vocode_batch_groups`); -> None then."""
         if hand_out is None:
-            results = backend.vocode_batch(items)
+            results = self.backend.vocode_batch(items)
         else:
             results = None
-            for group in backend.vocode_batch_groups(items):
+            for group in self.backend.vocode_batch_groups(items):
                 hand_out(group)
         self._profiler.step_done(len(items))
         return results
